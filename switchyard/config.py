@@ -1,0 +1,176 @@
+"""Configuration as data: one pydantic model per component, shared by the CLI, the operator and the CRDs.
+
+A component receives its own section (``EngineConfig``, ``RouterConfig``, ...), never the
+root. Field docstrings say the unit and why the default is what it is; they become the CRD
+schema descriptions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+__all__ = [
+    "EngineConfig",
+    "GatewayConfig",
+    "RouterConfig",
+    "ServeConfig",
+    "SimConfig",
+    "StrictModel",
+]
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, field docstrings are descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class SimConfig(StrictModel):
+    """Parameters of the simulated engine (a performance model, not inference)."""
+
+    profile: str = "llama3.1-8b-h100"
+    """Name of the GPU cost profile (``switchyard/workers/profiles``); each cites its sources."""
+
+    time_mode: Literal["real", "virtual"] = "real"
+    """``real`` sleeps for each simulated step; ``virtual`` advances an injected clock (benchmarks)."""
+
+    num_kv_blocks: int | None = Field(default=None, ge=1)
+    """KV blocks of the simulated instance; None takes the profile's capacity."""
+
+    max_num_seqs: int = Field(default=256, ge=1)
+    """Most requests in one batch (vLLM's default on GPU)."""
+
+    max_num_batched_tokens: int = Field(default=8192, ge=1)
+    """Token budget of one step, prefill chunks included (vLLM V1's chunked-prefill default)."""
+
+    vocab_size: int = Field(default=32000, ge=2)
+    """Range of the token IDs the simulator emits (deterministic per request)."""
+
+
+class EngineConfig(StrictModel):
+    """How each engine instance is built."""
+
+    kind: Literal["vllm", "sim"] = "vllm"
+    """``vllm`` runs real inference; ``sim`` runs the simulator (for scale tests and benchmarks)."""
+
+    model: Path | None = None
+    """A local Hugging Face model directory. None builds the tiny random-weight smoke-test model."""
+
+    served_model_name: str | None = None
+    """Name clients use in ``model``; defaults to the directory name (or ``switchyard-tiny``)."""
+
+    dtype: str = "auto"
+    """Weights dtype passed to vLLM (``auto`` keeps the checkpoint's; the CPU build needs float32/bfloat16)."""
+
+    block_size: int = Field(default=32, ge=1)
+    """Tokens per KV block. The CPU attention backend needs a multiple of 32."""
+
+    max_model_len: int | None = Field(default=None, ge=16)
+    """Context length; None takes the model's own."""
+
+    max_num_seqs: int = Field(default=16, ge=1)
+    """Most requests in one batch per instance."""
+
+    enable_prefix_caching: bool = True
+    """Reuse KV of shared prefixes; cache-affinity routing depends on it."""
+
+    prefix_caching_hash_algo: Literal["sha256", "sha256_cbor"] = "sha256"
+    """Block-hash function; routers reproduce it, so it must be a deterministic one."""
+
+    enforce_eager: bool = True
+    """Skip torch.compile: start-up drops from ~35 s to ~12 s on CPU."""
+
+    seed: int = 0
+    """Engine seed, so greedy and seeded runs repeat."""
+
+    cpu_kvcache_space_gib: int = Field(default=1, ge=1)
+    """KV cache memory per instance on the CPU build (``VLLM_CPU_KVCACHE_SPACE``)."""
+
+    extra_args: dict[str, Any] = Field(default_factory=dict)
+    """Further ``AsyncEngineArgs`` fields, passed through unchanged."""
+
+    sim: SimConfig = Field(default_factory=SimConfig)
+    """Simulator settings, used when ``kind`` is ``sim``."""
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size_is_power_of_two_multiple(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"block_size must be a power of two, got {v}")
+        return v
+
+
+class RouterConfig(StrictModel):
+    """The router core: which policy decides, and how it learns instance load."""
+
+    policy: str = "least_load"
+    """Registered policy name (``round_robin``, ``least_load``, ...)."""
+
+    policy_params: dict[str, Any] = Field(default_factory=dict)
+    """Parameters of the chosen policy, validated by the policy's own model."""
+
+    load_report_interval_s: float = Field(default=0.05, gt=0, le=10)
+    """How often instances push load reports (50 ms keeps routing fresh at little cost)."""
+
+    grpc_host: str = "127.0.0.1"
+    """Address the router's gRPC service binds to."""
+
+    grpc_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the router's gRPC service; 0 picks a free one."""
+
+    max_failover_attempts: int = Field(default=3, ge=0, le=16)
+    """How often one request may move to another instance after its instance died."""
+
+    first_token_timeout_s: float = Field(default=600.0, gt=0)
+    """Give up on a request whose instance produced nothing for this long."""
+
+    decision_log_size: int = Field(default=256, ge=0)
+    """Recent routing decisions kept for the debug view."""
+
+
+class GatewayConfig(StrictModel):
+    """The OpenAI-compatible HTTP front door."""
+
+    host: str = "127.0.0.1"
+    """Listen address; loopback by default so nothing is exposed by accident."""
+
+    port: int = Field(default=8000, ge=0, le=65535)
+    """Listen port; 0 picks a free one (tests)."""
+
+    api_keys: tuple[SecretStr, ...] = ()
+    """Accepted bearer keys; empty disables auth (local use). Never logged."""
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest request body accepted (413 above it); 4 MiB fits any prompt the context allows."""
+
+    max_stop_strings: int = Field(default=16, ge=0)
+    """Most stop strings per request."""
+
+
+class ServeConfig(StrictModel):
+    """Everything ``switchyard serve`` starts on one machine."""
+
+    instances: int = Field(default=2, ge=1, le=256)
+    """Engine instances to start."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+
+    ray_address: str | None = None
+    """Join this Ray cluster; None starts a local one."""
+
+    ray_num_cpus: int | None = Field(default=None, ge=1)
+    """CPUs the local Ray cluster advertises; None lets Ray count them."""
+
+    restart_backoff_s: float = Field(default=1.0, ge=0)
+    """Wait before restarting a dead instance, so a crash loop does not spin."""
+
+    @model_validator(mode="after")
+    def _sim_needs_no_model(self) -> ServeConfig:
+        if self.engine.kind == "sim" and self.engine.model is not None:
+            raise ValueError("engine.model is only used by the vllm engine; drop it with engine.kind=sim")
+        return self

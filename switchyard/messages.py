@@ -1,0 +1,136 @@
+"""Typed messages passed between Switchyard's components inside one process.
+
+The gateway, the router core, the worker clients and the engines speak these; the wire form
+(protobuf, in ``switchyard/api``) is converted to and from them in ``switchyard/wire.py`` only.
+They are frozen, slotted dataclasses: cheap to build on the hot path and safe to share.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "EngineOutput",
+    "EngineRequest",
+    "FinishReason",
+    "InstanceInfo",
+    "LoadReport",
+    "Membership",
+    "RoutingRequest",
+    "SamplingOptions",
+]
+
+
+class FinishReason(enum.StrEnum):
+    """Why a request stopped generating (OpenAI's ``finish_reason`` plus ``abort``)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingOptions:
+    """The sampling parameters Switchyard forwards to an engine.
+
+    The gateway has validated every value; engines may trust them.
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One generation request as an engine receives it: token IDs in, token IDs out."""
+
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    sampling: SamplingOptions
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingRequest:
+    """A tokenized request as the router core receives it from a gateway (HTTP or gRPC)."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: Sequence[int]
+    sampling: SamplingOptions
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOutput:
+    """A delta of one request's output stream.
+
+    ``token_ids`` holds only the tokens produced since the previous output of the same
+    request. The first output carries ``num_prompt_tokens`` and ``num_cached_tokens`` (prompt
+    tokens served from the prefix cache); later ones repeat them unchanged.
+    """
+
+    request_id: str
+    token_ids: Sequence[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    instance_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What an instance tells routers about its load, pushed every ~50-100 ms.
+
+    Counters ending in ``_total`` are cumulative since the engine started, so a router can
+    difference two reports without losing anything between them.
+    """
+
+    instance_id: str
+    timestamp: float  # seconds, the reporting engine's monotonic clock
+    num_running: int = 0
+    num_waiting: int = 0
+    waiting_prefill_tokens: int = 0  # prompt tokens of waiting requests not yet computed
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    step_time_s: float = 0.0  # recent mean duration of one engine step
+    prefix_cache_queries_total: int = 0  # tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # tokens found there
+    num_preemptions_total: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use (0 when the engine reports no capacity)."""
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    """Identity and static facts of one engine instance, as membership publishes them."""
+
+    instance_id: str
+    address: str  # host:port of the instance's Worker gRPC service
+    model: str  # the served model name
+    engine: str = "vllm"  # "vllm" or "sim"
+    role: str = "unified"  # "unified", "prefill" or "decode"
+    block_size: int = 32
+    max_model_len: int = 2048
+    incarnation: int = 0  # bumped each time the supervisor restarts this instance
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """A versioned snapshot of the live instances; versions only grow."""
+
+    version: int
+    instances: tuple[InstanceInfo, ...] = field(default_factory=tuple)
