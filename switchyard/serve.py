@@ -1,0 +1,139 @@
+"""``switchyard serve``: engines, router and gateway on one machine, in one command.
+
+The composition root. It resolves the model (building the tiny smoke-test model when none is
+given), starts the engine pool on Ray, starts the router core and its gRPC service, puts the
+OpenAI gateway in front, and on cancellation (Ctrl-C) stops them in reverse order so that no
+request is left running on an engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from switchyard.config import ServeConfig
+from switchyard.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunningStack", "resolve_model", "run_serve", "start_stack"]
+
+
+def resolve_model(config: ServeConfig) -> tuple[Path, str, bool]:
+    """Return (model dir, served model name, is the tiny smoke-test model).
+
+    The simulator produces token IDs, not text from a model, but the gateway still needs a
+    tokenizer and chat template: it uses the tiny model's, which is built locally in seconds.
+    """
+    from switchyard.workers.tiny_model import TINY_MODEL_NAME, build_tiny_model
+
+    model = config.engine.model
+    if model is None:
+        path, tiny = build_tiny_model(), True
+        default_name = TINY_MODEL_NAME if config.engine.kind == "vllm" else "switchyard-sim"
+    else:
+        path, tiny = model.expanduser().resolve(), False
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {model}: not a Hugging Face model directory (no config.json in {path})")
+        default_name = path.name
+    return path, config.engine.served_model_name or default_name, tiny
+
+
+@dataclass
+class RunningStack:
+    """Handles of everything ``start_stack`` started, for tests and for shutdown."""
+
+    core: Any
+    pool: Any
+    gateway_server: Any
+    gateway_task: asyncio.Task[Any]
+    gateway_port: int
+    router_server: Any
+    router_port: int
+    model_name: str
+
+    async def stop(self) -> None:
+        """Stop accepting (gateway, router gRPC), then the router core, then the engines."""
+        self.gateway_server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.gateway_task, 10)
+        with contextlib.suppress(Exception):
+            await self.router_server.stop(2.0)
+        with contextlib.suppress(Exception):
+            await self.core.close()
+        await self.pool.stop()
+
+
+async def start_stack(config: ServeConfig) -> RunningStack:
+    """Start the whole local stack and return once the gateway accepts requests."""
+    from switchyard.router.core import RouterCore
+    from switchyard.router.gateway import TokenizerAdapter, build_gateway_app, serve_gateway
+    from switchyard.router.grpc_server import start_router_server
+    from switchyard.workers.local_cluster import start_local_pool
+    from switchyard.workers.supervisor import PoolSpec
+
+    model_dir, model_name, tiny = resolve_model(config)
+    if tiny and config.engine.kind == "vllm":
+        logger.warning("no --model given: serving %s, a tiny RANDOM-WEIGHT smoke-test model built in %s; "
+                       "its output is gibberish. Pass --model DIR to serve a real model.", model_name, model_dir)
+    if config.engine.kind == "sim":
+        logger.warning("--engine sim: serving the SIMULATOR (a performance model, no inference); "
+                       "token IDs are synthetic")
+    tokenizer = await asyncio.to_thread(TokenizerAdapter.from_pretrained, model_dir)
+    spec = PoolSpec(
+        name="pool",
+        instances=config.instances,
+        engine=config.engine,
+        model_dir=str(model_dir) if config.engine.kind == "vllm" else None,
+        served_model_name=model_name,
+        restart_backoff_s=config.restart_backoff_s,
+    )
+    pool = await start_local_pool(spec, ray_address=config.ray_address, num_cpus=config.ray_num_cpus)
+    core = RouterCore(config.router)
+    try:
+        await core.start()
+        pool.follow(core.apply_membership)
+        router_server, router_port = await start_router_server(
+            core, host=config.router.grpc_host, port=config.router.grpc_port
+        )
+        app = build_gateway_app(core, tokenizers={model_name: tokenizer}, config=config.gateway)
+        gateway_server, gateway_task, gateway_port = await serve_gateway(app, config.gateway)
+    except BaseException:
+        await core.close()
+        await pool.stop()
+        raise
+    return RunningStack(core=core, pool=pool, gateway_server=gateway_server, gateway_task=gateway_task,
+                        gateway_port=gateway_port, router_server=router_server, router_port=router_port,
+                        model_name=model_name)
+
+
+@contextlib.asynccontextmanager
+async def running_stack(config: ServeConfig) -> AsyncIterator[RunningStack]:
+    """``start_stack`` as a context manager that always stops what it started."""
+    stack = await start_stack(config)
+    try:
+        yield stack
+    finally:
+        await stack.stop()
+
+
+async def run_serve(config: ServeConfig) -> int:
+    """Serve until cancelled (the CLI cancels on SIGINT/SIGTERM), then shut down cleanly."""
+    async with running_stack(config) as stack:
+        host = config.gateway.host
+        print(f"Switchyard serving model '{stack.model_name}' on {config.instances} "
+              f"{config.engine.kind} instance(s), policy {config.router.policy}\n"
+              f"  OpenAI API:  http://{host}:{stack.gateway_port}/v1\n"
+              f"  metrics:     http://{host}:{stack.gateway_port}/metrics\n"
+              f"  router gRPC: {config.router.grpc_host}:{stack.router_port}\n"
+              f"Press Ctrl-C to stop.", flush=True)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            logger.info("shutting down")
+    return 0

@@ -1,0 +1,142 @@
+"""The Ray actor that hosts one engine instance (Llumnix calls it a llumlet).
+
+It stays thin on purpose: it builds one ``Engine``, serves it over the Worker gRPC service
+(routers talk gRPC, never Ray, so a router needs no Ray to dispatch), and reports its own
+death in a way the supervisor can await. Routing and migration logic live elsewhere.
+
+Death detection: ``run_until_stopped`` never returns while the instance is healthy. The
+supervisor keeps one call of it outstanding per actor; when the actor process dies (killed,
+OOM, engine crash that ends the actor) the call raises ``RayActorError`` at once, with no
+polling interval to wait out. When the engine dies but the process lives, the actor notices
+through its own health loop and exits, which turns into the same signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from switchyard.config import EngineConfig
+from switchyard.errors import ConfigError, EngineDeadError
+from switchyard.messages import InstanceInfo
+from switchyard.workers.engine import Engine
+
+if TYPE_CHECKING:
+    import grpc
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["InstanceActor", "build_engine"]
+
+# How often the actor checks that its engine still serves; a dead engine is noticed within this.
+_HEALTH_INTERVAL_S = 1.0
+
+
+async def build_engine(cfg: EngineConfig, *, instance_id: str, model_dir: Path | None) -> Engine:
+    """Start the engine ``cfg.kind`` names. vLLM is imported only when it is asked for."""
+    if cfg.kind == "vllm":
+        if model_dir is None:
+            raise ConfigError("the vllm engine needs a model directory")
+        from switchyard.workers.vllm_engine import VLLMEngine
+
+        return await VLLMEngine.start(cfg, instance_id=instance_id, model_dir=model_dir)
+    from switchyard.workers.sim_engine import SimEngine
+
+    return SimEngine.from_config(cfg, instance_id=instance_id)
+
+
+class _InstanceActorImpl:
+    """One engine plus its Worker gRPC server, inside a Ray actor process."""
+
+    def __init__(self) -> None:
+        self._engine: Engine | None = None
+        self._server: grpc.aio.Server | None = None
+        self._info: InstanceInfo | None = None
+        self._stopped = asyncio.Event()
+        self._health_task: asyncio.Task[None] | None = None
+
+    async def start(
+        self,
+        cfg: EngineConfig,
+        *,
+        instance_id: str,
+        incarnation: int,
+        model_dir: str | None,
+        host: str,
+        served_model_name: str,
+        role: str = "unified",
+    ) -> InstanceInfo:
+        """Build the engine, serve it, and return the facts membership publishes."""
+        from switchyard.workers.worker_server import start_worker_server
+
+        path = Path(model_dir) if model_dir else None
+        self._engine = await build_engine(cfg, instance_id=instance_id, model_dir=path)
+        info = InstanceInfo(
+            instance_id=instance_id,
+            address="",
+            model=served_model_name,
+            engine=cfg.kind,
+            role=role,
+            block_size=self._engine.block_size,
+            max_model_len=self._engine.max_model_len,
+            incarnation=incarnation,
+        )
+        self._server, port = await start_worker_server(self._engine, info, host=host, port=0)
+        self._info = InstanceInfo(
+            instance_id=info.instance_id,
+            address=f"{host}:{port}",
+            model=info.model,
+            engine=info.engine,
+            role=info.role,
+            block_size=info.block_size,
+            max_model_len=info.max_model_len,
+            incarnation=info.incarnation,
+        )
+        self._health_task = asyncio.create_task(self._watch_engine_health())
+        logger.info("instance %s (incarnation %d) serving on %s", instance_id, incarnation, self._info.address)
+        return self._info
+
+    async def run_until_stopped(self) -> None:
+        """Returns only on a clean stop; raises RayActorError in the caller if the actor dies."""
+        await self._stopped.wait()
+
+    async def ping(self) -> str:
+        """Liveness probe: the instance id once started."""
+        return self._info.instance_id if self._info else ""
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop serving: the gRPC server first (in-flight streams get ``grace_s``), then the engine."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+        if self._engine is not None:
+            await self._engine.close()
+        self._stopped.set()
+
+    async def _watch_engine_health(self) -> None:
+        engine = self._engine
+        assert engine is not None
+        while True:
+            await asyncio.sleep(_HEALTH_INTERVAL_S)
+            try:
+                check = getattr(engine, "check_health", None)
+                if check is not None:
+                    await check()
+            except EngineDeadError:
+                logger.error("engine of %s died; exiting so the supervisor restarts the instance",
+                             self._info.instance_id if self._info else "?")
+                # A dead engine cannot be closed cleanly; ending the process is what turns into
+                # the supervisor's death signal (and frees whatever the engine still holds).
+                os._exit(1)
+
+
+# ``ray.remote`` is applied here rather than as a decorator so the plain class stays importable
+# and typed; num_cpus=0 because the engine's own processes do the work (and a 2-core machine
+# must host several instances).
+InstanceActor: Any = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1000)(_InstanceActorImpl)

@@ -1,0 +1,208 @@
+"""The supervisor: keeps a pool's engine instances alive and publishes who they are.
+
+One supervisor (a Ray actor) per pool starts N instance actors, notices when one dies, starts
+a replacement (same instance id, next incarnation) after a back-off, and keeps a versioned
+membership that routers follow by long-polling ``watch``. Long-polling instead of pushing
+means routers can come and go (several replicas, restarts) without the supervisor knowing
+them, and a router that missed versions simply gets the latest snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from pydantic import Field
+from ray.exceptions import RayActorError
+
+from switchyard.config import EngineConfig, StrictModel
+from switchyard.messages import InstanceInfo, Membership
+from switchyard.workers.instance_actor import InstanceActor
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PoolSpec", "Supervisor", "follow_membership"]
+
+# Cap of the exponential back-off between failed restarts: a crash-looping instance costs
+# one start attempt per minute, not a spinning CPU.
+_MAX_RESTART_BACKOFF_S = 60.0
+
+
+class PoolSpec(StrictModel):
+    """What one supervisor keeps running."""
+
+    name: str = "default"
+    """Pool name; prefixes instance ids and Ray actor names."""
+
+    role: str = "unified"
+    """Role the pool's instances advertise to routers."""
+
+    instances: int = Field(default=2, ge=0)
+    """Instances to keep alive."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    """How each instance's engine is built."""
+
+    model_dir: str | None = None
+    """Model directory every instance loads (vLLM); None for the simulator."""
+
+    served_model_name: str
+    """Model name instances advertise; the gateway's tokenizer map is keyed by it."""
+
+    host: str = "127.0.0.1"
+    """Address instances bind their Worker gRPC service to."""
+
+    restart_backoff_s: float = Field(default=1.0, ge=0)
+    """First wait before restarting a dead instance; doubles per failed attempt."""
+
+    start_timeout_s: float = Field(default=600.0, gt=0)
+    """Give up on an instance whose engine has not started in this long."""
+
+
+class _SupervisorImpl:
+    def __init__(self, spec: PoolSpec) -> None:
+        self._spec = spec
+        self._actors: dict[str, Any] = {}
+        self._infos: dict[str, InstanceInfo] = {}
+        self._incarnation: dict[str, int] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._version = 0
+        self._changed = asyncio.Event()
+        self._stopping = False
+        self.restarts = 0
+
+    def _bump(self) -> None:
+        self._version += 1
+        # Waking every waiter and replacing the event keeps ``watch`` free of lost wake-ups.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _membership(self) -> Membership:
+        return Membership(version=self._version, instances=tuple(self._infos[k] for k in sorted(self._infos)))
+
+    async def start(self) -> Membership:
+        """Start every instance; raises the first start failure (nothing left running then)."""
+        ids = [f"{self._spec.name}-{i}" for i in range(self._spec.instances)]
+        results = await asyncio.gather(*(self._start_instance(i, 0) for i in ids), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.stop()
+            raise errors[0]
+        return self._membership()
+
+    async def _start_instance(self, instance_id: str, incarnation: int) -> None:
+        spec = self._spec
+        actor = InstanceActor.options(name=f"{instance_id}.{incarnation}").remote()
+        try:
+            info: InstanceInfo = await asyncio.wait_for(
+                actor.start.remote(
+                    spec.engine,
+                    instance_id=instance_id,
+                    incarnation=incarnation,
+                    model_dir=spec.model_dir,
+                    host=spec.host,
+                    served_model_name=spec.served_model_name,
+                    role=spec.role,
+                ),
+                timeout=spec.start_timeout_s,
+            )
+        except BaseException:
+            ray.kill(actor, no_restart=True)
+            raise
+        if self._stopping:
+            ray.kill(actor, no_restart=True)
+            return
+        self._actors[instance_id] = actor
+        self._infos[instance_id] = info
+        self._incarnation[instance_id] = incarnation
+        self._watchers[instance_id] = asyncio.create_task(self._watch_instance(instance_id, actor))
+        self._bump()
+
+    async def _watch_instance(self, instance_id: str, actor: Any) -> None:
+        try:
+            await actor.run_until_stopped.remote()
+            return  # clean stop
+        except RayActorError as exc:
+            if self._stopping:
+                return
+            logger.warning("instance %s died (%s); restarting it", instance_id, type(exc).__name__)
+        self._infos.pop(instance_id, None)
+        self._actors.pop(instance_id, None)
+        self._bump()
+        await self._restart(instance_id)
+
+    async def _restart(self, instance_id: str) -> None:
+        backoff = self._spec.restart_backoff_s
+        while not self._stopping:
+            await asyncio.sleep(backoff)
+            incarnation = self._incarnation.get(instance_id, 0) + 1
+            self._incarnation[instance_id] = incarnation
+            try:
+                await self._start_instance(instance_id, incarnation)
+                self.restarts += 1
+                logger.info("instance %s restarted (incarnation %d)", instance_id, incarnation)
+                return
+            except Exception:
+                logger.exception("restart of %s failed; retrying in %.1f s", instance_id, backoff * 2)
+                backoff = min(max(backoff * 2, 0.5), _MAX_RESTART_BACKOFF_S)
+
+    async def membership(self) -> Membership:
+        """The current membership snapshot."""
+        return self._membership()
+
+    async def watch(self, since_version: int, timeout_s: float = 30.0) -> Membership:
+        """Return the membership once its version is above ``since_version`` (or at the timeout)."""
+        if self._version <= since_version:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        return self._membership()
+
+    async def instance_handle(self, instance_id: str) -> Any:
+        """The Ray actor handle of a live instance (for operations and tests), or None."""
+        return self._actors.get(instance_id)
+
+    async def restart_count(self) -> int:
+        """How many instances were restarted since the supervisor started."""
+        return self.restarts
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop every instance gracefully, then forget them."""
+        self._stopping = True
+        actors = list(self._actors.values())
+        self._actors.clear()
+        self._infos.clear()
+        self._bump()
+        await asyncio.gather(*(a.stop.remote(grace_s) for a in actors), return_exceptions=True)
+        for task in self._watchers.values():
+            task.cancel()
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+
+
+Supervisor: Any = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1000)(_SupervisorImpl)
+
+
+async def follow_membership(
+    supervisor: Any, apply: Callable[[Membership], None], *, retry_s: float = 1.0
+) -> None:
+    """Feed every membership change of ``supervisor`` to ``apply`` until cancelled.
+
+    Runs in the router's process; a supervisor that is briefly unreachable is retried rather
+    than ending the router.
+    """
+    version = 0
+    while True:
+        try:
+            membership: Membership = await supervisor.watch.remote(version)
+        except RayActorError:
+            logger.error("supervisor unreachable; retrying in %.1f s", retry_s)
+            await asyncio.sleep(retry_s)
+            continue
+        if membership.version != version:
+            version = membership.version
+            apply(membership)
