@@ -49,6 +49,10 @@ class SimConfig(StrictModel):
     vocab_size: int = Field(default=32000, ge=2)
     """Range of the token IDs the simulator emits (deterministic per request)."""
 
+    compute_derate: float = Field(default=1.0, gt=0, le=1)
+    """Divides the profile's compute rates; 1.0 is the calibration, the profile's
+    ``sustained_prefill_compute_derate`` (0.7 on H100) the conservative variant to compare with."""
+
 
 class EngineConfig(StrictModel):
     """How each engine instance is built."""

@@ -1,0 +1,467 @@
+"""A synchronous, clock-free performance model of one vLLM V1 instance (a simulator, not inference).
+
+The control plane's behaviour at scale (routing, rebalancing, SLO switches) depends on what an
+instance does with the requests it gets: how it batches them, when its KV cache fills, which
+prefixes it still holds, when it preempts. ``SimInstance`` reproduces those mechanics of vLLM
+V1 so that dozens of instances can be run without GPUs, and prices each step with the
+calibrated ``StepCostModel``:
+
+* **Scheduling** (vLLM V1, FCFS): running requests first, in order, then waiting ones, within a
+  token budget (``max_num_batched_tokens``) and ``max_num_seqs``; prefills are chunked to fit
+  the budget; waiting requests are admitted only in steps without a preemption.
+* **Paged KV** of ``block_size`` tokens; a request holds ``ceil(computed/block_size)`` blocks.
+* **Prefix cache**: full blocks are keyed by chained hashes of their tokens; freed blocks stay
+  cached in an LRU free queue and are evicted, least recently freed first, only when a block is
+  needed. A hit skips the linear-layer work of its tokens (they still count as attention keys).
+  At least the last prompt token is always recomputed, as in vLLM.
+* **Preemption** (recompute): when a running request needs a block and none is free, the last
+  running request gives up its blocks and goes back to the head of the waiting queue; it later
+  recomputes prompt + output so far (possibly hitting its own still-cached blocks).
+
+Time is not read here: ``step()`` returns the modeled duration and the caller advances its own
+clock (``SimEngine`` sleeps it, ``SimFleet`` adds it to a virtual clock). A step's effects are
+applied when it is computed; callers deliver its outputs after its duration. Emitted token IDs
+are a deterministic function of (request_id, position), so a recomputed or migrated request
+produces the same tokens. Per-step work is proportional to the batch, never to all requests.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import itertools
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from switchyard.config import EngineConfig
+from switchyard.errors import ConfigError, ContextLengthError, EngineRequestError, InvalidRequestError
+from switchyard.messages import EngineOutput, EngineRequest, FinishReason, LoadReport
+from switchyard.workers.sim_cost import StepCostModel, StepWork, load_profile, prefill_pairs
+
+__all__ = ["SimInstance", "StepResult", "simulated_token_id"]
+
+_MASK64 = (1 << 64) - 1
+_ROOT_HASH = 0x5157_4954_4348_5944  # parent of the first block in every hash chain
+_STEP_TIME_WINDOW = 16  # steps averaged into LoadReport.step_time_s
+
+
+def simulated_token_id(request_id: str, index: int, vocab_size: int) -> int:
+    """The ``index``-th output token the simulator emits for ``request_id``."""
+    return _token_at(_request_seed(request_id), index, vocab_size)
+
+
+def _request_seed(request_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little")
+
+
+def _token_at(seed: int, index: int, vocab_size: int) -> int:
+    """splitmix64 of (seed, index): cheap, stable across processes and Python versions."""
+    x = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) % vocab_size
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One simulated engine step: how long it takes, what it computed, what it emitted."""
+
+    duration_s: float
+    outputs: tuple[EngineOutput, ...]
+    work: StepWork
+    num_preempted: int = 0
+
+
+class _Status(enum.Enum):
+    WAITING = 1
+    RUNNING = 2
+    DONE = 3  # finished or aborted; lazily dropped from the waiting queue
+
+
+@dataclass(slots=True, eq=False)
+class _SimRequest:
+    """Mutable per-request state of the model (prompt + outputs, KV progress, blocks)."""
+
+    request_id: str
+    tokens: list[int]  # prompt + outputs so far
+    num_prompt: int
+    max_tokens: int
+    min_tokens: int
+    stop_ids: frozenset[int]
+    seed: int  # of the emitted token IDs
+    status: _Status = _Status.WAITING
+    num_computed: int = 0  # tokens whose KV is in blocks
+    prefill_len: int = 0  # len(tokens) at the last admission; decoding once computed past it
+    num_cached_tokens: int = -1  # prefix hit of the first admission (-1: not admitted yet)
+    num_registered: int = 0  # leading blocks already published in the prefix cache
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks of tokens
+
+    @classmethod
+    def of(cls, req: EngineRequest) -> _SimRequest:
+        s = req.sampling
+        # The simulator has no EOS of its own; stop IDs stand in for it, so ignore_eos skips them.
+        stop_ids = frozenset[int]() if s.ignore_eos else frozenset(s.stop_token_ids)
+        prompt = list(req.prompt_token_ids)
+        return cls(
+            req.request_id,
+            prompt,
+            len(prompt),
+            s.max_tokens,
+            s.min_tokens,
+            stop_ids,
+            _request_seed(req.request_id),
+        )
+
+    def block_hashes(self, n: int, block_size: int) -> list[int]:
+        """Chained hashes of the first ``n`` full blocks (computed once, extended on demand)."""
+        hashes, tokens = self.hashes, self.tokens
+        parent = hashes[-1] if hashes else _ROOT_HASH
+        for i in range(len(hashes), n):
+            parent = hash((parent, tuple(tokens[i * block_size : (i + 1) * block_size])))
+            hashes.append(parent)
+        return hashes
+
+    def pending_prefill(self) -> int:
+        """Tokens still to prefill: all of them while waiting, the rest of the chunks while running."""
+        if self.status is _Status.WAITING:
+            return len(self.tokens)
+        return max(0, self.prefill_len - self.num_computed)
+
+
+class _KvBlockPool:
+    """Paged KV blocks with a prefix cache over chained block hashes and an LRU free queue.
+
+    Free blocks sit in one queue, least recently freed first (vLLM's ``FreeKVCacheBlockQueue``);
+    a free block keeps its hash, so it can still be hit until it is handed out again, which is
+    what evicts it. All operations are O(blocks touched).
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._ref = [0] * num_blocks
+        self._hash: list[int | None] = [None] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._cached: dict[int, int] = {}  # block hash -> block id
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks findable by hash, in use or free."""
+        return len(self._cached)
+
+    def lookup(self, hashes: list[int], limit: int) -> list[int]:
+        """Block ids of the longest cached prefix of ``hashes[:limit]``."""
+        hit: list[int] = []
+        for h in itertools.islice(hashes, limit):
+            block = self._cached.get(h)
+            if block is None:
+                break
+            hit.append(block)
+        return hit
+
+    def allocate(self, blocks: list[int], hit: list[int], num_new: int) -> bool:
+        """Append ``hit`` (taking a reference) and ``num_new`` fresh blocks to ``blocks``, or do nothing."""
+        ref, free = self._ref, self._free
+        if num_new > len(free) - sum(1 for b in hit if ref[b] == 0):
+            return False
+        for b in hit:
+            if ref[b] == 0:
+                del free[b]
+            ref[b] += 1
+            blocks.append(b)
+        for _ in range(num_new):
+            b, _none = free.popitem(last=False)
+            h = self._hash[b]
+            if h is not None:  # evict: the least recently freed cached block goes first
+                self._hash[b] = None
+                if self._cached.get(h) == b:
+                    del self._cached[h]
+            ref[b] = 1
+            blocks.append(b)
+        return True
+
+    def register(self, block: int, block_hash: int) -> None:
+        """Publish a full, computed block; a hash already cached keeps its first block."""
+        if block_hash not in self._cached:
+            self._cached[block_hash] = block
+            self._hash[block] = block_hash
+
+    def release(self, blocks: list[int]) -> None:
+        """Drop one reference per block; tail blocks enter the free queue first (evicted first)."""
+        ref, free = self._ref, self._free
+        for b in reversed(blocks):
+            ref[b] -= 1
+            if ref[b] == 0:
+                free[b] = None
+
+
+class SimInstance:
+    """Continuous-batching scheduler, paged KV and prefix cache of one simulated vLLM V1 instance.
+
+    Not thread-safe and never blocking: callers (one event loop, or the virtual-time fleet)
+    interleave ``add_request``/``abort`` with ``step``.
+    """
+
+    def __init__(
+        self,
+        cost: StepCostModel,
+        *,
+        instance_id: str = "sim-0",
+        block_size: int = 16,
+        num_kv_blocks: int,
+        max_model_len: int,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        vocab_size: int = 32000,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        if max_model_len > num_kv_blocks * block_size:
+            raise ConfigError(
+                f"max_model_len {max_model_len} does not fit {num_kv_blocks} KV blocks of {block_size} "
+                "tokens; raise num_kv_blocks or lower max_model_len"
+            )
+        self.instance_id = instance_id
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self._cost = cost
+        self._max_num_seqs = max_num_seqs
+        self._max_num_batched_tokens = max_num_batched_tokens
+        self._prefix_caching = enable_prefix_caching
+        self._pool = _KvBlockPool(num_kv_blocks)
+        self._requests: dict[str, _SimRequest] = {}
+        self._running: list[_SimRequest] = []
+        self._waiting: deque[_SimRequest] = deque()
+        self._num_waiting = 0
+        self._pending_prefill = 0
+        self._step_times: deque[float] = deque(maxlen=_STEP_TIME_WINDOW)
+        self.prefix_cache_queries_total = 0  # tokens looked up at admissions
+        self.prefix_cache_hits_total = 0  # tokens found cached at admissions
+        self.num_preemptions_total = 0
+        self.num_computed_tokens_total = 0  # tokens actually computed (prefill chunks + decodes)
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig, *, instance_id: str = "sim-0") -> SimInstance:
+        """Build from ``EngineConfig`` (its ``sim`` section, block size, context and prefix caching)."""
+        sim = cfg.sim
+        profile = load_profile(sim.profile)
+        num_blocks = sim.num_kv_blocks or profile.engine.kv_cache_tokens // cfg.block_size
+        return cls(
+            StepCostModel.from_profile(profile, compute_derate=sim.compute_derate),
+            instance_id=instance_id,
+            block_size=cfg.block_size,
+            num_kv_blocks=num_blocks,
+            max_model_len=cfg.max_model_len or min(profile.model.max_model_len, num_blocks * cfg.block_size),
+            max_num_seqs=sim.max_num_seqs,
+            max_num_batched_tokens=sim.max_num_batched_tokens,
+            vocab_size=sim.vocab_size,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+        )
+
+    @property
+    def cost(self) -> StepCostModel:
+        return self._cost
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running) or self._num_waiting > 0
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks not referenced by any request (free cached blocks included)."""
+        return self._pool.num_free
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return self._pool.num_cached
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._requests
+
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue ``req`` behind the waiting requests; raises on an unusable request."""
+        n = len(req.prompt_token_ids)
+        if req.request_id in self._requests:
+            raise EngineRequestError(f"request {req.request_id!r} is already in {self.instance_id}")
+        if n == 0:
+            raise InvalidRequestError("the prompt must hold at least one token", param="prompt")
+        if n > self.max_model_len:
+            raise ContextLengthError(f"prompt of {n} tokens exceeds max_model_len {self.max_model_len}")
+        sreq = _SimRequest.of(req)
+        self._requests[req.request_id] = sreq
+        self._waiting.append(sreq)
+        self._num_waiting += 1
+        self._pending_prefill += n
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its blocks; False when it is unknown or already finished."""
+        sreq = self._requests.pop(request_id, None)
+        if sreq is None:
+            return False
+        self._pending_prefill -= sreq.pending_prefill()
+        if sreq.status is _Status.WAITING:
+            self._num_waiting -= 1  # left in the deque, skipped when it reaches the head
+        else:
+            self._running.remove(sreq)  # O(batch)
+            self._pool.release(sreq.blocks)
+            sreq.blocks = []
+        sreq.status = _Status.DONE
+        return True
+
+    def load(self, now: float) -> LoadReport:
+        """Load as of ``now`` (the caller's clock).
+
+        ``waiting_prefill_tokens`` also counts the unprefilled rest of running chunked prefills,
+        since a router's queueing estimate must wait for those too; prefix-cache queries and hits
+        are counted per admission, re-admissions after preemption included (as vLLM does).
+        """
+        times = self._step_times
+        return LoadReport(
+            instance_id=self.instance_id,
+            timestamp=now,
+            num_running=len(self._running),
+            num_waiting=self._num_waiting,
+            waiting_prefill_tokens=self._pending_prefill,
+            kv_blocks_used=self._pool.num_blocks - self._pool.num_free,
+            kv_blocks_total=self._pool.num_blocks,
+            step_time_s=sum(times) / len(times) if times else 0.0,
+            prefix_cache_queries_total=self.prefix_cache_queries_total,
+            prefix_cache_hits_total=self.prefix_cache_hits_total,
+            num_preemptions_total=self.num_preemptions_total,
+        )
+
+    def step(self) -> StepResult:
+        """Schedule one batch, apply it, and return its modeled duration and output deltas."""
+        budget = self._max_num_batched_tokens
+        scheduled: list[tuple[_SimRequest, int]] = []
+        preempted = 0
+        running, bs = self._running, self.block_size
+        i = 0
+        while i < len(running) and budget > 0:
+            sreq = running[i]
+            num_new = min(len(sreq.tokens) - sreq.num_computed, budget)
+            end = sreq.num_computed + num_new
+            while end > len(sreq.blocks) * bs and not self._grow(sreq, end):
+                victim = running.pop()  # FCFS: the latest running request yields its blocks
+                self._preempt(victim)
+                preempted += 1
+                if victim is sreq:
+                    break
+            else:
+                scheduled.append((sreq, num_new))
+                budget -= num_new
+                i += 1
+        if not preempted:
+            self._admit(scheduled, budget)
+        return self._execute(scheduled, preempted)
+
+    def _grow(self, sreq: _SimRequest, end: int) -> bool:
+        """Give ``sreq`` blocks for KV up to token ``end``; False when the pool is short."""
+        return self._pool.allocate(sreq.blocks, [], -(-end // self.block_size) - len(sreq.blocks))
+
+    def _preempt(self, sreq: _SimRequest) -> None:
+        self._pending_prefill += len(sreq.tokens) - sreq.pending_prefill()
+        self._pool.release(sreq.blocks)
+        sreq.blocks = []
+        sreq.num_computed = sreq.num_registered = 0
+        sreq.status = _Status.WAITING
+        self._waiting.appendleft(sreq)
+        self._num_waiting += 1
+        self.num_preemptions_total += 1
+
+    def _admit(self, scheduled: list[tuple[_SimRequest, int]], budget: int) -> None:
+        """Move waiting requests into the batch, head first, until budget, seats or blocks run out."""
+        waiting, bs = self._waiting, self.block_size
+        while waiting and budget > 0 and len(self._running) < self._max_num_seqs:
+            sreq = waiting[0]
+            if sreq.status is not _Status.WAITING:
+                waiting.popleft()  # aborted while waiting
+                continue
+            total = len(sreq.tokens)
+            hit: list[int] = []
+            if self._prefix_caching:  # at least the last token is recomputed, to sample from it
+                limit = (total - 1) // bs
+                hit = self._pool.lookup(sreq.block_hashes(limit, bs), limit)
+            computed = len(hit) * bs
+            num_new = min(total - computed, budget)
+            if not self._pool.allocate(sreq.blocks, hit, -(-(computed + num_new) // bs) - len(hit)):
+                break
+            waiting.popleft()
+            self._num_waiting -= 1
+            self._pending_prefill -= computed
+            sreq.status = _Status.RUNNING
+            sreq.num_computed = computed
+            sreq.num_registered = len(hit)
+            sreq.prefill_len = total
+            if sreq.num_cached_tokens < 0:
+                sreq.num_cached_tokens = computed
+            self.prefix_cache_queries_total += total
+            self.prefix_cache_hits_total += computed
+            self._running.append(sreq)
+            scheduled.append((sreq, num_new))
+            budget -= num_new
+
+    def _execute(self, scheduled: list[tuple[_SimRequest, int]], preempted: int) -> StepResult:
+        """Advance every scheduled request, sample where a request caught up, price the step."""
+        bs = self.block_size
+        num_tokens = num_sampled = decode_context = 0
+        pairs = 0.0
+        outputs: list[EngineOutput] = []
+        for sreq, n in scheduled:
+            k = sreq.num_computed
+            if k < sreq.prefill_len:
+                pairs += prefill_pairs(n, k)
+                self._pending_prefill -= n
+            else:
+                decode_context += k + 1
+            num_tokens += n
+            sreq.num_computed = k + n
+            full = sreq.num_computed // bs
+            if self._prefix_caching and full > sreq.num_registered:
+                hashes = sreq.block_hashes(full, bs)
+                for b in range(sreq.num_registered, full):
+                    self._pool.register(sreq.blocks[b], hashes[b])
+                sreq.num_registered = full
+            if sreq.num_computed == len(sreq.tokens):
+                num_sampled += 1
+                outputs.append(self._sample(sreq))
+        if any(out.finished for out in outputs):
+            self._running = [s for s in self._running if s.status is _Status.RUNNING]
+        work = StepWork(num_tokens, num_sampled, pairs, decode_context, len(scheduled))
+        duration = self._cost.step_time_s(work)
+        if scheduled:
+            self._step_times.append(duration)
+        self.num_computed_tokens_total += num_tokens
+        return StepResult(duration, tuple(outputs), work, preempted)
+
+    def _sample(self, sreq: _SimRequest) -> EngineOutput:
+        index = len(sreq.tokens) - sreq.num_prompt
+        token = _token_at(sreq.seed, index, self.vocab_size)
+        sreq.tokens.append(token)
+        reason: FinishReason | None = None
+        if token in sreq.stop_ids and index + 1 >= sreq.min_tokens:
+            reason = FinishReason.STOP
+        elif index + 1 >= sreq.max_tokens or len(sreq.tokens) >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            sreq.status = _Status.DONE
+            self._pool.release(sreq.blocks)
+            sreq.blocks = []
+            del self._requests[sreq.request_id]
+        return EngineOutput(
+            request_id=sreq.request_id,
+            token_ids=(token,),
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=sreq.num_prompt,
+            num_cached_tokens=sreq.num_cached_tokens,
+            instance_id=self.instance_id,
+        )
