@@ -1,0 +1,138 @@
+"""Every Prometheus metric Switchyard exports, declared once.
+
+Framework code (router core, worker service, actors, operator) records these; policies and
+engines only return data and never import ``prometheus_client`` (llm-d's split), so a metric's
+name, labels and buckets are decided here and nowhere else. Names live under ``switchyard_``
+and follow Prometheus conventions (``_seconds``, ``_total``, ``_ratio``).
+
+The metrics hang off a module-level ``REGISTRY`` rather than prometheus_client's global one:
+the gateway serves exactly Switchyard's series from ``/metrics`` (``render_latest``), and
+libraries that register into the global default registry cannot collide with ours.
+
+Cost note: ``Metric.labels(...)`` takes a lock and hashes the label tuple. Hot paths resolve
+their label children once (per model/policy/instance) and reuse them; ``observe``/``inc`` on
+a resolved child is a few hundred nanoseconds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = [
+    "FAILOVERS",
+    "INSTANCES",
+    "INSTANCE_KV_USAGE",
+    "INSTANCE_RUNNING",
+    "INSTANCE_WAITING",
+    "REGISTRY",
+    "REQUESTS",
+    "REQUEST_E2E",
+    "REQUEST_TPOT",
+    "REQUEST_TTFT",
+    "ROUTER_DECISION_LATENCY",
+    "ROUTING_DECISIONS",
+    "forget_instance",
+    "render_latest",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+"""Switchyard's own registry; ``render_latest`` serialises it for ``/metrics``."""
+
+# Buckets: TTFT spans a cached short prompt (ms) to a long queue (tens of s); TPOT is one
+# decode step (ms) up to a badly overloaded batch; e2e covers long generations.
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+# A policy decision is pure CPU over in-memory state: microseconds, or it is a bug.
+_DECISION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
+
+REQUEST_TTFT = Histogram(
+    "switchyard_request_ttft_seconds",
+    "Time from the router receiving a request to its first output token.",
+    ["model", "policy"],
+    buckets=_TTFT_BUCKETS,
+    registry=REGISTRY,
+)
+REQUEST_TPOT = Histogram(
+    "switchyard_request_tpot_seconds",
+    "Mean time per output token after the first, one sample per request.",
+    ["model", "policy"],
+    buckets=_TPOT_BUCKETS,
+    registry=REGISTRY,
+)
+REQUEST_E2E = Histogram(
+    "switchyard_request_e2e_seconds",
+    "Time from the router receiving a request to its end, whatever the outcome.",
+    ["model", "policy"],
+    buckets=_E2E_BUCKETS,
+    registry=REGISTRY,
+)
+REQUESTS = Counter(
+    "switchyard_requests",
+    "Requests that ended, by outcome (finished, aborted, cancelled, error).",
+    ["model", "outcome"],
+    registry=REGISTRY,
+)
+ROUTING_DECISIONS = Counter(
+    "switchyard_routing_decisions",
+    "Routing decisions by policy and outcome (affinity, slo_switch, load).",
+    ["policy", "outcome"],
+    registry=REGISTRY,
+)
+ROUTER_DECISION_LATENCY = Histogram(
+    "switchyard_router_decision_latency_seconds",
+    "Time a policy took to choose an instance for one request.",
+    ["policy"],
+    buckets=_DECISION_BUCKETS,
+    registry=REGISTRY,
+)
+FAILOVERS = Counter(
+    "switchyard_failovers",
+    "Requests resubmitted to another instance after theirs died mid-request.",
+    ["model"],
+    registry=REGISTRY,
+)
+INSTANCES = Gauge(
+    "switchyard_instances",
+    "Instances in the router's current membership, per served model.",
+    ["model"],
+    registry=REGISTRY,
+)
+INSTANCE_RUNNING = Gauge(
+    "switchyard_instance_running_requests",
+    "Requests running on an instance, as of its latest load report.",
+    ["instance_id"],
+    registry=REGISTRY,
+)
+INSTANCE_WAITING = Gauge(
+    "switchyard_instance_waiting_requests",
+    "Requests queued on an instance, as of its latest load report.",
+    ["instance_id"],
+    registry=REGISTRY,
+)
+INSTANCE_KV_USAGE = Gauge(
+    "switchyard_instance_kv_usage_ratio",
+    "Fraction of an instance's KV-cache blocks in use, as of its latest load report.",
+    ["instance_id"],
+    registry=REGISTRY,
+)
+
+_PER_INSTANCE = (INSTANCE_RUNNING, INSTANCE_WAITING, INSTANCE_KV_USAGE)
+
+
+def forget_instance(instance_id: str) -> None:
+    """Drop a departed instance's series, so dashboards do not show stale load forever."""
+    for gauge in _PER_INSTANCE:
+        gauge.remove(instance_id)
+
+
+def render_latest() -> tuple[bytes, str]:
+    """The body and ``Content-Type`` of a ``/metrics`` response (text exposition format)."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

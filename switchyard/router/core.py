@@ -1,0 +1,396 @@
+"""The router core: membership in, one routing decision and one output stream per request out.
+
+Both front doors (the HTTP gateway and ``Router.Generate`` over gRPC) call ``generate``. The
+core resolves the model, asks the policy for an instance, dispatches over that instance's
+``WorkerClient`` and forwards the output deltas. It owns the things policies must not do:
+I/O, metrics, and recovery.
+
+Recovery is failover by recompute: when the instance dies mid-request (``EngineDeadError``),
+the request is resubmitted elsewhere as its prompt plus the tokens already streamed, with
+``max_tokens``/``min_tokens`` reduced by as many, so the client's stream continues with no
+token lost or repeated. (Greedy decoding continues exactly; a sampled request continues
+from the same text with fresh randomness.) Load arrives by push: one subscription task per
+instance feeds the registry, which also counts what this router dispatched since.
+
+NOTE FOR DEVELOPERS: ``_stream`` is the per-chunk hot path. Per delta it extends one list,
+touches a few locals and forwards the worker's ``EngineOutput`` unchanged; it builds a new
+one only after a failover (to restate the original prompt length). Per request it makes one
+policy call (O(instances) at most), two registry updates (O(1)) and one bounded deque append.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+from switchyard import metrics
+from switchyard.config import RouterConfig
+from switchyard.errors import (
+    CapacityError,
+    EngineDeadError,
+    EngineRequestError,
+    ModelNotFoundError,
+    SwitchyardError,
+)
+from switchyard.messages import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    InstanceInfo,
+    Membership,
+    RoutingRequest,
+)
+from switchyard.router.policies import RoutingDecision, RoutingOutcome, make_policy
+from switchyard.router.registry import InstanceRegistry, InstanceState
+from switchyard.router.worker_client import WorkerClient
+
+__all__ = ["RouterCore"]
+
+logger = logging.getLogger(__name__)
+
+_LOAD_RETRY_MIN_S = 0.1
+_LOAD_RETRY_MAX_S = 2.0
+_OUTCOMES = ("finished", "aborted", "cancelled", "error")  # label values of switchyard_requests_total
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _DecisionRecord:
+    """One entry of the debug ring; turned into a dict only when someone asks."""
+
+    wall_time: float
+    request_id: str
+    model: str
+    attempt: int
+    decision: RoutingDecision
+    latency_s: float
+
+
+class _ModelMetrics:
+    """Label children resolved once per model, so the hot path never calls ``labels()``."""
+
+    def __init__(self, model: str, policy: str) -> None:
+        self.ttft = metrics.REQUEST_TTFT.labels(model, policy)
+        self.tpot = metrics.REQUEST_TPOT.labels(model, policy)
+        self.e2e = metrics.REQUEST_E2E.labels(model, policy)
+        self.failovers = metrics.FAILOVERS.labels(model)
+        self.requests = {o: metrics.REQUESTS.labels(model, o) for o in _OUTCOMES}
+
+
+class RouterCore:
+    """Routes token-level requests over a changing fleet of Worker instances."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        connector: Callable[[InstanceInfo], WorkerClient] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._connector = connector or WorkerClient.for_instance
+        self._clock = clock
+        self._registry = InstanceRegistry(clock=clock)
+        self._policy = make_policy(config.policy, config.policy_params, clock=clock)
+        self._policy_name = config.policy
+        self._clients: dict[str, WorkerClient] = {}
+        self._load_tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()  # set and replaced on every membership change
+        self._decisions: deque[_DecisionRecord] = deque(maxlen=config.decision_log_size)
+        self._model_metrics: dict[str, _ModelMetrics] = {}
+        self._decision_latency = metrics.ROUTER_DECISION_LATENCY.labels(config.policy)
+        self._decision_counts = {
+            o: metrics.ROUTING_DECISIONS.labels(config.policy, o.value) for o in RoutingOutcome
+        }
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Begin following the load of every member (also those applied before start)."""
+        self._started = True
+        for iid, client in self._clients.items():
+            self._start_load(iid, client)
+
+    async def close(self) -> None:
+        """Drop every instance (their in-flight requests fail) and stop background work."""
+        if self._closed:
+            return
+        self.apply_membership(Membership(version=self._registry.membership.version + 1))
+        self._closed = True
+        self._changed.set()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    @property
+    def ready(self) -> bool:
+        """At least one live instance has reported its load."""
+        return self._registry.ready
+
+    @property
+    def registry(self) -> InstanceRegistry:
+        """The instance registry (read-only use: debug views and tests)."""
+        return self._registry
+
+    # -- membership ---------------------------------------------------------------------------
+
+    @property
+    def membership(self) -> Membership:
+        return self._registry.membership
+
+    def apply_membership(self, m: Membership) -> None:
+        """Adopt a newer membership: connect new instances, drop departed ones and their load.
+
+        Call it from the event loop. Requests still streaming from a departed instance fail
+        over. A membership that is not newer than the current one is ignored.
+        """
+        diff = self._registry.apply(m)
+        if diff is None:
+            current = self._registry.membership
+            if m.version != current.version or m.instances != current.instances:
+                logger.warning("ignoring membership v%s: not newer than v%s", m.version, current.version)
+            return
+        for info in diff.removed:
+            self._drop(info.instance_id)
+        for info in diff.added:
+            client = self._clients[info.instance_id] = self._connector(info)
+            if self._started:
+                self._start_load(info.instance_id, client)
+        self._policy.on_membership(sorted(m.instances, key=lambda i: i.instance_id))
+        metrics.INSTANCES.clear()
+        for model, n in Counter(i.model for i in m.instances).items():
+            metrics.INSTANCES.labels(model).set(n)
+        n_added, n_removed = len(diff.added), len(diff.removed)
+        logger.info("membership v%s: %d instances (+%d -%d)", m.version, len(m.instances), n_added, n_removed)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_membership_change(self, since_version: int) -> Membership:
+        """The membership once its version exceeds ``since_version`` (at once if it already does)."""
+        while self._registry.membership.version <= since_version:
+            if self._closed:
+                raise CapacityError("the router is shutting down")
+            await self._changed.wait()
+        return self._registry.membership
+
+    def served_models(self) -> dict[str, InstanceInfo]:
+        """Served model name -> one of its instances (for ``/v1/models`` and context limits)."""
+        return self._registry.models()
+
+    def _drop(self, instance_id: str) -> None:
+        task = self._load_tasks.pop(instance_id, None)
+        if task is not None:
+            task.cancel()
+        client = self._clients.pop(instance_id, None)
+        if client is not None:
+            self._spawn(client.close())
+        metrics.forget_instance(instance_id)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def _start_load(self, instance_id: str, client: WorkerClient) -> None:
+        if instance_id not in self._load_tasks:
+            self._load_tasks[instance_id] = self._spawn(self._follow_load(instance_id, client))
+
+    async def _follow_load(self, instance_id: str, client: WorkerClient) -> None:
+        """Feed one instance's load reports into the registry, resubscribing after failures."""
+        running = metrics.INSTANCE_RUNNING.labels(instance_id)
+        waiting = metrics.INSTANCE_WAITING.labels(instance_id)
+        kv_usage = metrics.INSTANCE_KV_USAGE.labels(instance_id)
+        backoff = _LOAD_RETRY_MIN_S
+        while True:
+            try:
+                async for report in client.stream_load(self._config.load_report_interval_s):
+                    if self._registry.on_load_report(instance_id, report) is None:
+                        return  # departed; the task is being cancelled anyway
+                    running.set(report.num_running)
+                    waiting.set(report.num_waiting)
+                    kv_usage.set(report.kv_usage)
+                    backoff = _LOAD_RETRY_MIN_S
+                reason = "stream ended"
+            except SwitchyardError as exc:
+                reason = str(exc)
+            except Exception:
+                logger.exception("instance %s: load stream failed unexpectedly", instance_id)
+                reason = "unexpected error"
+            if self._registry.mark_down(instance_id):
+                logger.warning("instance %s: load stream lost (%s); routing around it", instance_id, reason)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _LOAD_RETRY_MAX_S)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def generate(self, req: RoutingRequest) -> AsyncGenerator[EngineOutput, None]:
+        """Route ``req`` and stream its output deltas, each stamped with its instance id.
+
+        Raises at once ``ModelNotFoundError`` (unknown model; ``""`` means the only served one)
+        and ``CapacityError`` (no live instance). While streaming: ``EngineDeadError`` once
+        failover attempts are used up, ``CapacityError`` when no instance is left to fail over
+        to, and the instance's own errors. Closing or cancelling the iterator aborts the
+        request on its instance.
+        """
+        model = self._resolve_model(req.model)
+        if not self._registry.fleet(model).instances:
+            raise CapacityError(f"no live instance serves model {model!r} right now")
+        return self._stream(req, model)
+
+    def _resolve_model(self, name: str) -> str:
+        if self._registry.serves(name):
+            return name
+        served = sorted(self._registry.models())
+        if not served:
+            raise CapacityError("no instances are registered yet")
+        if not name and len(served) == 1:
+            return served[0]
+        raise ModelNotFoundError(
+            f"model {name!r} is not served here; served models: {', '.join(served)}", param="model"
+        )
+
+    def _choose(self, req: RoutingRequest, model: str, attempt: int) -> tuple[InstanceState, RoutingDecision]:
+        fleet = self._registry.fleet(model)
+        if not fleet.instances:
+            raise CapacityError(f"no live instance serves model {model!r} right now")
+        t0 = time.perf_counter()
+        decision = self._policy.choose(req, fleet)
+        latency = time.perf_counter() - t0
+        state = fleet.get(decision.instance_id)
+        if state is None:
+            raise EngineRequestError(
+                f"policy {self._policy_name} chose {decision.instance_id!r}, not a live instance of {model!r}"
+            )
+        self._decision_latency.observe(latency)
+        self._decision_counts[decision.outcome].inc()
+        self._decisions.append(
+            _DecisionRecord(time.time(), req.request_id, model, attempt, decision, latency)
+        )
+        return state, decision
+
+    async def _stream(self, req: RoutingRequest, model: str) -> AsyncGenerator[EngineOutput, None]:
+        mm = self._model_metrics.get(model) or self._model_metrics.setdefault(
+            model, _ModelMetrics(model, self._policy_name)
+        )
+        clock = self._clock
+        t_start = clock()
+        t_first = t_last = 0.0
+        generated: list[int] = []  # every token the client has received; the failover prompt
+        num_prompt = num_cached = -1  # as the client first saw them
+        outcome = "error"
+        attempt = 0
+        try:
+            while True:
+                engine_req = _resubmission(req, generated)
+                if engine_req is None:  # the instance died after the last token, before "finished"
+                    outcome = "finished"
+                    yield EngineOutput(
+                        req.request_id, (), True, FinishReason.LENGTH, num_prompt, num_cached, ""
+                    )
+                    return
+                state, decision = self._choose(req, model, attempt)
+                iid = decision.instance_id
+                n_in = len(engine_req.prompt_token_ids)
+                epoch = self._registry.on_dispatched(state, n_in)
+                self._policy.on_dispatched(req, decision)
+                stream = self._clients[iid].generate(engine_req)
+                prefilled = False
+                cached = 0
+                try:
+                    anext_ = stream.__anext__
+                    while True:
+                        if prefilled:
+                            out = await anext_()
+                        else:
+                            async with asyncio.timeout(self._config.first_token_timeout_s):
+                                out = await anext_()
+                        if not prefilled:
+                            prefilled = True
+                            cached = out.num_cached_tokens
+                            self._registry.on_first_token(state, epoch, n_in)
+                        if num_prompt < 0:
+                            num_prompt, num_cached = out.num_prompt_tokens, out.num_cached_tokens
+                        if out.token_ids:
+                            t_last = clock()
+                            if not generated:
+                                t_first = t_last
+                                mm.ttft.observe(t_first - t_start)
+                            generated.extend(out.token_ids)
+                        if attempt or out.instance_id != iid:
+                            out = EngineOutput(
+                                req.request_id, out.token_ids, out.finished, out.finish_reason,
+                                num_prompt, num_cached, iid,
+                            )  # fmt: skip
+                        if out.finished:
+                            outcome = "aborted" if out.finish_reason is FinishReason.ABORT else "finished"
+                            if len(generated) > 1:
+                                mm.tpot.observe((t_last - t_first) / (len(generated) - 1))
+                        yield out
+                        if out.finished:
+                            return
+                except StopAsyncIteration:
+                    exc: EngineDeadError | None = EngineDeadError(f"instance {iid} ended the stream early")
+                except TimeoutError as err:
+                    raise EngineRequestError(
+                        f"instance {iid} produced nothing for {self._config.first_token_timeout_s:g} s"
+                    ) from err
+                except EngineDeadError as err:
+                    exc = err
+                finally:
+                    self._registry.on_finished(state, epoch, n_in, prefilled=prefilled)
+                    self._policy.on_finished(req.request_id, iid, num_cached_tokens=cached)
+                    await stream.aclose()  # cancels the RPC if still open: the worker aborts
+                # Only EngineDeadError (or an early end) gets here: fail over or give up.
+                self._registry.mark_down(iid)
+                if attempt >= self._config.max_failover_attempts:
+                    assert exc is not None
+                    raise exc
+                attempt += 1
+                mm.failovers.inc()
+                logger.warning(
+                    "request %s: instance %s died after %d tokens (%s); failover %d/%d",
+                    req.request_id, iid, len(generated), exc, attempt, self._config.max_failover_attempts,
+                )  # fmt: skip
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            mm.e2e.observe(clock() - t_start)
+            mm.requests[outcome].inc()
+
+    # -- debug view ---------------------------------------------------------------------------
+
+    def recent_decisions(self) -> list[dict[str, Any]]:
+        """The last ``decision_log_size`` routing decisions, oldest first, JSON-ready."""
+        return [
+            {
+                "time": r.wall_time,
+                "request_id": r.request_id,
+                "model": r.model,
+                "policy": self._policy_name,
+                "attempt": r.attempt,
+                "decision_latency_s": r.latency_s,
+                **r.decision.as_dict(),
+            }
+            for r in self._decisions
+        ]
+
+
+def _resubmission(req: RoutingRequest, generated: list[int]) -> EngineRequest | None:
+    """The engine request for the next attempt: the original, or its continuation after
+    ``generated`` tokens (None when nothing is left to generate)."""
+    if not generated:
+        return EngineRequest(req.request_id, req.prompt_token_ids, req.sampling)
+    s = req.sampling
+    remaining = s.max_tokens - len(generated)
+    if remaining <= 0:
+        return None
+    sampling = dataclasses.replace(s, max_tokens=remaining, min_tokens=max(0, s.min_tokens - len(generated)))
+    return EngineRequest(req.request_id, [*req.prompt_token_ids, *generated], sampling)

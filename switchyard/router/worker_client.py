@@ -1,0 +1,159 @@
+"""The router's client for one instance's Worker gRPC service.
+
+This is the boundary where gRPC errors enter Switchyard, so they are translated here, once,
+into our error tree (``_translate``), with ``raise ... from exc``; nothing above this module
+sees a ``grpc`` type. The important distinction for the router is ``EngineDeadError`` (the
+instance is gone: fail the request over) versus everything else (the request itself failed).
+
+Cancellation is the abort path: closing or cancelling a ``generate`` iterator cancels the RPC,
+gRPC cancels the worker's handler, and the worker aborts the request on its engine. A
+channel closed under a live stream (the instance left the membership) surfaces in gRPC as a
+bare ``CancelledError``; that is reported as ``EngineDeadError`` so the request moves instead
+of looking like a client cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Iterator
+from types import TracebackType
+
+import grpc
+
+from switchyard import wire
+from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
+from switchyard.errors import (
+    GRPC_CODE_TO_ERROR,
+    EngineDeadError,
+    EngineRequestError,
+    SwitchyardError,
+)
+from switchyard.messages import EngineOutput, EngineRequest, InstanceInfo, LoadReport
+
+__all__ = ["CHANNEL_OPTIONS", "UNARY_TIMEOUT_S", "WorkerClient"]
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Ping idle connections every 10 s and give up after 5 s without an answer, so a worker
+    # that vanished without closing its socket (node loss, partition) is noticed within ~15 s
+    # and its requests fail over. Workers permit this rate (worker_server.SERVER_OPTIONS).
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect quickly after a worker restart; the load stream retries on its own schedule.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    # gRPC's transparent retries could replay a Generate; the router decides about resubmission.
+    ("grpc.enable_retries", 0),
+)
+
+UNARY_TIMEOUT_S = 5.0
+"""Deadline of Abort and GetInstanceInfo: both are in-memory operations on the worker."""
+
+# Codes whose meaning differs from the shared reverse table when they come from a worker:
+# a CANCELLED we did not ask for means the server went away mid-call, and a missed deadline
+# on an in-memory call means the worker stopped answering.
+_WORKER_CODE_TO_ERROR: dict[str, type[SwitchyardError]] = {
+    **GRPC_CODE_TO_ERROR,
+    "CANCELLED": EngineDeadError,
+    "DEADLINE_EXCEEDED": EngineDeadError,
+}
+
+
+class WorkerClient:
+    """One channel to one instance; every call translates gRPC failures into our errors."""
+
+    def __init__(self, address: str, *, instance_id: str = "") -> None:
+        self.address = address
+        self.instance_id = instance_id or address
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._closed = False
+
+    @classmethod
+    def for_instance(cls, info: InstanceInfo) -> WorkerClient:
+        """The default connector: a client for the address membership publishes."""
+        return cls(info.address, instance_id=info.instance_id)
+
+    def __repr__(self) -> str:
+        return f"WorkerClient({self.instance_id!r} at {self.address!r})"
+
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
+        """Stream ``req``'s output deltas; closing or cancelling the iterator cancels the RPC.
+
+        Raises ``EngineDeadError`` when the instance is unreachable or goes away mid-stream.
+        """
+        call = self._stub.Generate(wire.engine_request_to_pb(req))
+        try:
+            with self._translate("Generate"):
+                # Hot path: one conversion per delta; gRPC's read is the only await.
+                async for chunk in call:
+                    yield wire.output_from_pb(chunk)
+        finally:
+            call.cancel()  # no-op once the stream has ended; otherwise the worker aborts
+
+    async def abort(self, request_id: str) -> bool:
+        """Ask the worker to stop a request; False when it had already finished."""
+        with self._translate("Abort"):
+            reply = await self._stub.Abort(
+                worker_pb2.AbortRequest(request_id=request_id), timeout=UNARY_TIMEOUT_S
+            )
+        return bool(reply.found)
+
+    async def stream_load(self, interval_s: float) -> AsyncGenerator[LoadReport, None]:
+        """Subscribe to the worker's load reports, one every ``interval_s`` seconds."""
+        call = self._stub.StreamLoad(
+            worker_pb2.LoadReportRequest(interval_ms=max(1, round(interval_s * 1000)))
+        )
+        try:
+            with self._translate("StreamLoad"):
+                async for pb in call:
+                    yield wire.load_report_from_pb(pb)
+        finally:
+            call.cancel()
+
+    async def get_info(self) -> InstanceInfo:
+        """The instance's identity as the worker itself reports it."""
+        with self._translate("GetInstanceInfo"):
+            pb = await self._stub.GetInstanceInfo(worker_pb2.InstanceInfoRequest(), timeout=UNARY_TIMEOUT_S)
+        return wire.instance_info_from_pb(pb)
+
+    async def close(self) -> None:
+        """Close the channel; streams still open on it end with ``EngineDeadError``."""
+        self._closed = True
+        await self._channel.close()
+
+    async def __aenter__(self) -> WorkerClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @contextlib.contextmanager
+    def _translate(self, method: str) -> Iterator[None]:
+        """The one gRPC-to-Switchyard translation table for calls to a worker."""
+        try:
+            yield
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+            err_cls = _WORKER_CODE_TO_ERROR.get(code, EngineRequestError)
+            details = exc.details() or code
+            if err_cls is EngineDeadError:
+                message = (
+                    f"instance {self.instance_id} at {self.address} is unavailable ({method}: {details})"
+                )
+            else:
+                message = details
+            raise err_cls(message) from exc
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if self._closed and task is not None and task.cancelling() == 0:
+                # Nobody cancelled us: our own channel was closed under the call.
+                raise EngineDeadError(f"instance {self.instance_id} was removed ({method} cut off)") from exc
+            raise

@@ -1,0 +1,253 @@
+"""The one place where protobuf messages become Switchyard messages and back.
+
+Servicers and clients never touch protobuf fields themselves: they call these converters, so
+a change to the wire contract (``protos/switchyard/v1``) is absorbed here and nowhere else.
+The outgoing error translation for gRPC (our error tree to a status code) lives here too,
+because both servicers need exactly the same table.
+
+Cost note: the per-chunk converters (``output_to_pb``/``output_from_pb``) run once per
+streamed delta on the hot path; they copy only the delta's token IDs (a handful per chunk)
+and build one object, nothing else.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from switchyard.api.v1 import router_pb2, worker_pb2
+from switchyard.errors import SwitchyardError, grpc_code_name
+from switchyard.messages import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    InstanceInfo,
+    LoadReport,
+    Membership,
+    RoutingRequest,
+    SamplingOptions,
+)
+
+__all__ = [
+    "engine_request_from_pb",
+    "engine_request_to_pb",
+    "instance_info_from_pb",
+    "instance_info_to_pb",
+    "load_report_from_pb",
+    "load_report_to_pb",
+    "membership_from_pb",
+    "membership_to_pb",
+    "output_from_pb",
+    "output_to_pb",
+    "routing_request_from_pb",
+    "routing_request_to_pb",
+    "sampling_from_pb",
+    "sampling_to_pb",
+    "status_for_error",
+]
+
+_FINISH_REASONS: dict[str, FinishReason] = {r.value: r for r in FinishReason}
+
+
+def _f32(value: float) -> float:
+    """Undo float32 widening: 0.7 travels as 0.699999988 and comes back as 0.7.
+
+    Sampling floats are ``float`` fields in the proto (float32); seven significant digits are
+    all a float32 holds, so this recovers the value the sender wrote.
+    """
+    return float(f"{value:.7g}")
+
+
+# -- sampling and requests ----------------------------------------------------------------
+
+
+def sampling_to_pb(s: SamplingOptions) -> worker_pb2.SamplingParams:
+    """Sampling options as the wire's ``SamplingParams``; ``seed`` stays unset when None."""
+    pb = worker_pb2.SamplingParams(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        ignore_eos=s.ignore_eos,
+        stop_token_ids=s.stop_token_ids,
+        min_tokens=s.min_tokens,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty,
+    )
+    if s.seed is not None:
+        pb.seed = s.seed
+    return pb
+
+
+def sampling_from_pb(pb: worker_pb2.SamplingParams) -> SamplingOptions:
+    """The inverse of ``sampling_to_pb``."""
+    return SamplingOptions(
+        max_tokens=pb.max_tokens,
+        temperature=_f32(pb.temperature),
+        top_p=_f32(pb.top_p),
+        top_k=pb.top_k,
+        seed=pb.seed if pb.HasField("seed") else None,
+        ignore_eos=pb.ignore_eos,
+        stop_token_ids=tuple(pb.stop_token_ids),
+        min_tokens=pb.min_tokens,
+        presence_penalty=_f32(pb.presence_penalty),
+        frequency_penalty=_f32(pb.frequency_penalty),
+        repetition_penalty=_f32(pb.repetition_penalty),
+    )
+
+
+def engine_request_to_pb(req: EngineRequest) -> worker_pb2.GenerateRequest:
+    """An engine request as the Worker service's ``GenerateRequest``."""
+    return worker_pb2.GenerateRequest(
+        request_id=req.request_id,
+        prompt_token_ids=req.prompt_token_ids,
+        sampling=sampling_to_pb(req.sampling),
+    )
+
+
+def engine_request_from_pb(pb: worker_pb2.GenerateRequest) -> EngineRequest:
+    """The inverse of ``engine_request_to_pb``; token IDs are copied out of the message."""
+    return EngineRequest(
+        request_id=pb.request_id,
+        prompt_token_ids=list(pb.prompt_token_ids),
+        sampling=sampling_from_pb(pb.sampling),
+    )
+
+
+def routing_request_to_pb(req: RoutingRequest) -> router_pb2.RouteRequest:
+    """A routing request as the Router service's ``RouteRequest``."""
+    return router_pb2.RouteRequest(
+        request_id=req.request_id,
+        model=req.model,
+        prompt_token_ids=req.prompt_token_ids,
+        sampling=sampling_to_pb(req.sampling),
+    )
+
+
+def routing_request_from_pb(pb: router_pb2.RouteRequest, *, request_id: str | None = None) -> RoutingRequest:
+    """The inverse of ``routing_request_to_pb``; ``request_id`` overrides the message's (assigned ids)."""
+    return RoutingRequest(
+        request_id=pb.request_id if request_id is None else request_id,
+        model=pb.model,
+        prompt_token_ids=list(pb.prompt_token_ids),
+        sampling=sampling_from_pb(pb.sampling),
+    )
+
+
+# -- streamed outputs (hot path) ------------------------------------------------------------
+
+
+def output_to_pb(out: EngineOutput, *, instance_id: str | None = None) -> worker_pb2.GenerateChunk:
+    """One output delta as a ``GenerateChunk``; ``instance_id`` overrides the output's own."""
+    return worker_pb2.GenerateChunk(
+        request_id=out.request_id,
+        token_ids=out.token_ids,
+        finished=out.finished,
+        finish_reason=out.finish_reason.value if out.finish_reason is not None else "",
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+        instance_id=out.instance_id if instance_id is None else instance_id,
+    )
+
+
+def output_from_pb(pb: worker_pb2.GenerateChunk) -> EngineOutput:
+    """The inverse of ``output_to_pb``; an empty ``finish_reason`` means still running."""
+    return EngineOutput(
+        request_id=pb.request_id,
+        token_ids=list(pb.token_ids),
+        finished=pb.finished,
+        finish_reason=_FINISH_REASONS.get(pb.finish_reason) if pb.finish_reason else None,
+        num_prompt_tokens=pb.num_prompt_tokens,
+        num_cached_tokens=pb.num_cached_tokens,
+        instance_id=pb.instance_id,
+    )
+
+
+# -- load, identity, membership ---------------------------------------------------------------
+
+
+def load_report_to_pb(r: LoadReport, *, instance_id: str | None = None) -> worker_pb2.LoadReport:
+    """A load report on the wire; ``instance_id`` fills in for engines that do not know theirs."""
+    return worker_pb2.LoadReport(
+        instance_id=r.instance_id or (instance_id or ""),
+        timestamp=r.timestamp,
+        num_running=r.num_running,
+        num_waiting=r.num_waiting,
+        waiting_prefill_tokens=r.waiting_prefill_tokens,
+        kv_blocks_used=r.kv_blocks_used,
+        kv_blocks_total=r.kv_blocks_total,
+        step_time_s=r.step_time_s,
+        prefix_cache_queries_total=r.prefix_cache_queries_total,
+        prefix_cache_hits_total=r.prefix_cache_hits_total,
+        num_preemptions_total=r.num_preemptions_total,
+    )
+
+
+def load_report_from_pb(pb: worker_pb2.LoadReport) -> LoadReport:
+    """The inverse of ``load_report_to_pb``."""
+    return LoadReport(
+        instance_id=pb.instance_id,
+        timestamp=pb.timestamp,
+        num_running=pb.num_running,
+        num_waiting=pb.num_waiting,
+        waiting_prefill_tokens=pb.waiting_prefill_tokens,
+        kv_blocks_used=pb.kv_blocks_used,
+        kv_blocks_total=pb.kv_blocks_total,
+        step_time_s=pb.step_time_s,
+        prefix_cache_queries_total=pb.prefix_cache_queries_total,
+        prefix_cache_hits_total=pb.prefix_cache_hits_total,
+        num_preemptions_total=pb.num_preemptions_total,
+    )
+
+
+def instance_info_to_pb(info: InstanceInfo) -> worker_pb2.InstanceInfo:
+    """Identity and static facts of an instance on the wire."""
+    return worker_pb2.InstanceInfo(
+        instance_id=info.instance_id,
+        address=info.address,
+        model=info.model,
+        engine=info.engine,
+        role=info.role,
+        block_size=info.block_size,
+        max_model_len=info.max_model_len,
+        incarnation=info.incarnation,
+    )
+
+
+def instance_info_from_pb(pb: worker_pb2.InstanceInfo) -> InstanceInfo:
+    """The inverse of ``instance_info_to_pb``."""
+    return InstanceInfo(
+        instance_id=pb.instance_id,
+        address=pb.address,
+        model=pb.model,
+        engine=pb.engine,
+        role=pb.role,
+        block_size=pb.block_size,
+        max_model_len=pb.max_model_len,
+        incarnation=pb.incarnation,
+    )
+
+
+def membership_to_pb(m: Membership) -> router_pb2.InstanceList:
+    """A membership snapshot as the Router service's ``InstanceList``."""
+    return router_pb2.InstanceList(version=m.version, instances=[instance_info_to_pb(i) for i in m.instances])
+
+
+def membership_from_pb(pb: router_pb2.InstanceList) -> Membership:
+    """The inverse of ``membership_to_pb``."""
+    return Membership(version=pb.version, instances=tuple(instance_info_from_pb(i) for i in pb.instances))
+
+
+# -- errors leaving a servicer ------------------------------------------------------------------
+
+
+def status_for_error(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and details a servicer sends for ``exc`` (the one outgoing table).
+
+    Our own errors map through ``errors.grpc_code_name`` and keep their message, which was
+    written for clients. Anything else is a bug on this side: it becomes ``INTERNAL`` with a
+    generic message, so internals (paths, reprs) never leak to callers; the servicer logs it.
+    """
+    if isinstance(exc, SwitchyardError):
+        return grpc.StatusCode[grpc_code_name(exc)], exc.message
+    return grpc.StatusCode.INTERNAL, "internal error"

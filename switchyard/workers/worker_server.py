@@ -1,0 +1,183 @@
+"""The Worker gRPC service: any ``Engine`` made reachable by routers.
+
+One server per engine instance. It converts protobuf to messages and back (``switchyard.wire``)
+and adds no logic of its own, so the vLLM engine, the simulator and test fakes all serve
+through the same code. Errors leave through the one table (``wire.status_for_error``).
+
+Streaming handlers are coroutines that ``await context.write(...)`` rather than async
+generators that ``yield``: when a client cancels, gRPC cancels the handler task, and with a
+coroutine the ``CancelledError`` always lands inside our own code (in the engine's
+``__anext__`` or in ``write``), so the ``finally`` that aborts the engine request runs at once.
+An async-generator handler suspended at ``yield`` would leave that cleanup to the garbage
+collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from switchyard import wire
+from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
+from switchyard.messages import EngineOutput, InstanceInfo
+from switchyard.workers.engine import Engine
+
+__all__ = [
+    "DEFAULT_LOAD_INTERVAL_S",
+    "SERVER_OPTIONS",
+    "WorkerServicer",
+    "start_worker_server",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LOAD_INTERVAL_S = 0.05
+"""Load-report period when the subscriber asks for 0 (50 ms keeps routing fresh cheaply)."""
+
+MIN_LOAD_INTERVAL_S = 0.005
+"""Floor on the load-report period, so a bad request cannot make the worker spin."""
+
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Routers ping every 10 s (router/worker_client.CHANNEL_OPTIONS); accept that, or gRPC's
+    # default 5-minute floor answers with GOAWAY "too_many_pings" and drops live streams.
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # One server per port: never share a port with a stale process (SO_REUSEPORT).
+    ("grpc.so_reuseport", 0),
+)
+
+SERVICE_NAME = "switchyard.v1.Worker"
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
+    """Serves one engine: Generate, Abort, StreamLoad and GetInstanceInfo."""
+
+    def __init__(
+        self, engine: Engine, info: InstanceInfo, *, load_interval_s: float = DEFAULT_LOAD_INTERVAL_S
+    ) -> None:
+        self._engine = engine
+        self._info = info
+        self._info_pb = wire.instance_info_to_pb(info)
+        self._load_interval_s = load_interval_s
+
+    @property
+    def info(self) -> InstanceInfo:
+        """The identity this worker reports (its address includes the bound port)."""
+        return self._info
+
+    async def Generate(self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        """Stream the engine's output deltas; a client cancel aborts the engine request."""
+        req = wire.engine_request_from_pb(request)
+        instance_id = self._info.instance_id
+        stream: AsyncIterator[EngineOutput] | None = None
+        finished = False
+        try:
+            stream = self._engine.generate(req)
+            # Hot path: one conversion and one write per delta, nothing else.
+            async for out in stream:
+                await context.write(wire.output_to_pb(out, instance_id=instance_id))
+                if out.finished:
+                    finished = True
+                    break
+        except Exception as exc:
+            await _abort(context, exc, "Generate %s", req.request_id)
+        finally:
+            # Close the engine's generator now rather than leaving it to the garbage collector.
+            # Unfinished (client cancel, closed stream, error), that is the abort: GeneratorExit
+            # inside the engine's generate aborts per the Engine contract, and abort() covers
+            # engines whose generator had already ended.
+            if stream is not None:
+                await _release(self._engine, stream, req.request_id, aborted=not finished)
+
+    async def Abort(
+        self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.AbortReply:
+        """Stop a request; ``found`` is False when it had already finished."""
+        try:
+            found = await self._engine.abort(request.request_id)
+        except Exception as exc:
+            await _abort(context, exc, "Abort %s", request.request_id)
+        return worker_pb2.AbortReply(found=found)
+
+    async def StreamLoad(
+        self, request: worker_pb2.LoadReportRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Push ``engine.load()`` every interval until the subscriber goes away."""
+        interval = request.interval_ms / 1000 if request.interval_ms else self._load_interval_s
+        interval = max(interval, MIN_LOAD_INTERVAL_S)
+        instance_id = self._info.instance_id
+        try:
+            while True:
+                await context.write(wire.load_report_to_pb(self._engine.load(), instance_id=instance_id))
+                await asyncio.sleep(interval)
+        except Exception as exc:
+            await _abort(context, exc, "StreamLoad")
+
+    async def GetInstanceInfo(
+        self, request: worker_pb2.InstanceInfoRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.InstanceInfo:
+        """Identity and static facts of this instance."""
+        return self._info_pb
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, what: str, *args: object) -> NoReturn:
+    """End the RPC with the status our one error table gives for ``exc``."""
+    code, details = wire.status_for_error(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        logger.exception("worker RPC " + what + " failed", *args)
+    else:
+        logger.info("worker RPC " + what + " failed: %s", *args, exc)
+    await context.abort(code, details)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+async def _release(
+    engine: Engine, stream: AsyncIterator[EngineOutput], request_id: str, *, aborted: bool
+) -> None:
+    """Close an engine stream and, if it did not finish, abort its request; never raises."""
+    try:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if aborted:
+            await engine.abort(request_id)
+    except Exception:
+        logger.exception("releasing request %s on the engine failed", request_id)
+
+
+async def start_worker_server(
+    engine: Engine,
+    info_factory_or_info: InstanceInfo | Callable[[int], InstanceInfo],
+    *,
+    host: str,
+    port: int = 0,
+    load_interval_s: float = DEFAULT_LOAD_INTERVAL_S,
+) -> tuple[grpc.aio.Server, int]:
+    """Build, bind and start a Worker server; return it with the bound port.
+
+    ``info_factory_or_info`` is either the instance's ``InstanceInfo`` or a function of the
+    bound port that builds it, since with ``port=0`` the address is known only after binding.
+    ``grpc_health.v1`` reports SERVING for ``""`` and ``switchyard.v1.Worker`` once started.
+    Stop it with ``await server.stop(grace)``; in-flight requests are then cancelled, which
+    aborts them on the engine.
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the worker gRPC server to {host}:{port}")
+    info = info_factory_or_info(bound) if callable(info_factory_or_info) else info_factory_or_info
+    worker_pb2_grpc.add_WorkerServicer_to_server(
+        WorkerServicer(engine, info, load_interval_s=load_interval_s), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("worker %s serving on %s:%s", info.instance_id, host, bound)
+    return server, bound

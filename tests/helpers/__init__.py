@@ -1,0 +1,1 @@
+"""Test fakes and builders shared by unit and integration tests."""
