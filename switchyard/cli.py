@@ -12,8 +12,9 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -31,11 +32,19 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run engines, the router and the OpenAI gateway on this machine")
-    serve.add_argument("--model", type=Path, default=None,
-                       help="local Hugging Face model directory (default: build the tiny smoke-test model)")
+    serve.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="local Hugging Face model directory (default: build the tiny smoke-test model)",
+    )
     serve.add_argument("--served-model-name", default=None, help="model name clients send")
-    serve.add_argument("--engine", choices=["vllm", "sim"], default="vllm",
-                       help="vllm: real inference; sim: the simulator (no inference, for scale tests)")
+    serve.add_argument(
+        "--engine",
+        choices=["vllm", "sim"],
+        default="vllm",
+        help="vllm: real inference; sim: the simulator (no inference, for scale tests)",
+    )
     serve.add_argument("--sim-profile", default=None, help="simulator cost profile (with --engine sim)")
     serve.add_argument("--instances", type=int, default=2, help="engine instances (default 2)")
     serve.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
@@ -43,8 +52,12 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--router-port", type=int, default=0, help="router gRPC port (default: any free)")
     serve.add_argument("--policy", default="least_load", help="routing policy")
     serve.add_argument("--max-model-len", type=int, default=None, help="context length per instance")
-    serve.add_argument("--api-key", action="append", default=[],
-                       help="accepted bearer key (repeatable; default: no auth). Also SWITCHYARD_API_KEY.")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted bearer key (repeatable; default: no auth). Also SWITCHYARD_API_KEY.",
+    )
     serve.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (413 above)")
 
     tiny = sub.add_parser("build-tiny-model", help="build the tiny random-weight model and print its path")
@@ -58,8 +71,11 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     keys = list(args.api_key)
     if os.environ.get("SWITCHYARD_API_KEY"):
         keys.append(os.environ["SWITCHYARD_API_KEY"])
-    engine: dict[str, object] = {"kind": args.engine, "model": args.model,
-                                 "served_model_name": args.served_model_name}
+    engine: dict[str, object] = {
+        "kind": args.engine,
+        "model": args.model,
+        "served_model_name": args.served_model_name,
+    }
     if args.max_model_len is not None:
         engine["max_model_len"] = args.max_model_len
     if args.sim_profile is not None:
@@ -113,17 +129,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _run_until_signal(main_coro: object) -> int:
+def _run_until_signal(main_coro: Coroutine[Any, Any, int]) -> int:
     """Run ``main_coro`` and turn SIGINT/SIGTERM into a cancellation it can clean up after."""
 
     async def runner() -> int:
-        task = asyncio.ensure_future(main_coro)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(main_coro)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
         try:
-            result = await task
-            return int(result) if isinstance(result, int) else 0
+            return await task
         except asyncio.CancelledError:
             return 0
 

@@ -67,7 +67,7 @@ class EngineConfig(StrictModel):
     """Name clients use in ``model``; defaults to the directory name (or ``switchyard-tiny``)."""
 
     dtype: str = "auto"
-    """Weights dtype passed to vLLM (``auto`` keeps the checkpoint's; the CPU build needs float32/bfloat16)."""
+    """Weights dtype for vLLM; ``auto`` keeps the checkpoint's (the CPU build runs float32/bfloat16)."""
 
     block_size: int = Field(default=32, ge=1)
     """Tokens per KV block. The CPU attention backend needs a multiple of 32."""

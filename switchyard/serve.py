@@ -39,7 +39,9 @@ def resolve_model(config: ServeConfig) -> tuple[Path, str, bool]:
     else:
         path, tiny = model.expanduser().resolve(), False
         if not (path / "config.json").is_file():
-            raise ConfigError(f"--model {model}: not a Hugging Face model directory (no config.json in {path})")
+            raise ConfigError(
+                f"--model {model}: not a Hugging Face model directory (no config.json in {path})"
+            )
         default_name = path.name
     return path, config.engine.served_model_name or default_name, tiny
 
@@ -79,12 +81,17 @@ async def start_stack(config: ServeConfig) -> RunningStack:
 
     model_dir, model_name, tiny = resolve_model(config)
     if tiny and config.engine.kind == "vllm":
-        logger.warning("no --model given: serving %s, a tiny RANDOM-WEIGHT smoke-test model built in %s; "
-                       "its output is gibberish. Pass --model DIR to serve a real model.", model_name, model_dir)
+        logger.warning(
+            "no --model given: serving %s, a tiny RANDOM-WEIGHT smoke-test model built in %s; "
+            "its output is gibberish. Pass --model DIR to serve a real model.",
+            model_name,
+            model_dir,
+        )
     if config.engine.kind == "sim":
-        logger.warning("--engine sim: serving the SIMULATOR (a performance model, no inference); "
-                       "token IDs are synthetic")
-    tokenizer = await asyncio.to_thread(TokenizerAdapter.from_pretrained, model_dir)
+        logger.warning(
+            "--engine sim: serving the SIMULATOR (a performance model, no inference); token IDs are synthetic"
+        )
+    tokenizer = await asyncio.to_thread(TokenizerAdapter.from_model_dir, model_dir)
     spec = PoolSpec(
         name="pool",
         instances=config.instances,
@@ -107,9 +114,16 @@ async def start_stack(config: ServeConfig) -> RunningStack:
         await core.close()
         await pool.stop()
         raise
-    return RunningStack(core=core, pool=pool, gateway_server=gateway_server, gateway_task=gateway_task,
-                        gateway_port=gateway_port, router_server=router_server, router_port=router_port,
-                        model_name=model_name)
+    return RunningStack(
+        core=core,
+        pool=pool,
+        gateway_server=gateway_server,
+        gateway_task=gateway_task,
+        gateway_port=gateway_port,
+        router_server=router_server,
+        router_port=router_port,
+        model_name=model_name,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -126,12 +140,15 @@ async def run_serve(config: ServeConfig) -> int:
     """Serve until cancelled (the CLI cancels on SIGINT/SIGTERM), then shut down cleanly."""
     async with running_stack(config) as stack:
         host = config.gateway.host
-        print(f"Switchyard serving model '{stack.model_name}' on {config.instances} "
-              f"{config.engine.kind} instance(s), policy {config.router.policy}\n"
-              f"  OpenAI API:  http://{host}:{stack.gateway_port}/v1\n"
-              f"  metrics:     http://{host}:{stack.gateway_port}/metrics\n"
-              f"  router gRPC: {config.router.grpc_host}:{stack.router_port}\n"
-              f"Press Ctrl-C to stop.", flush=True)
+        print(
+            f"Switchyard serving model '{stack.model_name}' on {config.instances} "
+            f"{config.engine.kind} instance(s), policy {config.router.policy}\n"
+            f"  OpenAI API:  http://{host}:{stack.gateway_port}/v1\n"
+            f"  metrics:     http://{host}:{stack.gateway_port}/metrics\n"
+            f"  router gRPC: {config.router.grpc_host}:{stack.router_port}\n"
+            f"Press Ctrl-C to stop.",
+            flush=True,
+        )
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:

@@ -76,29 +76,26 @@ class _InstanceActorImpl:
 
         path = Path(model_dir) if model_dir else None
         self._engine = await build_engine(cfg, instance_id=instance_id, model_dir=path)
-        info = InstanceInfo(
-            instance_id=instance_id,
-            address="",
-            model=served_model_name,
-            engine=cfg.kind,
-            role=role,
-            block_size=self._engine.block_size,
-            max_model_len=self._engine.max_model_len,
-            incarnation=incarnation,
-        )
-        self._server, port = await start_worker_server(self._engine, info, host=host, port=0)
-        self._info = InstanceInfo(
-            instance_id=info.instance_id,
-            address=f"{host}:{port}",
-            model=info.model,
-            engine=info.engine,
-            role=info.role,
-            block_size=info.block_size,
-            max_model_len=info.max_model_len,
-            incarnation=info.incarnation,
-        )
+        engine = self._engine
+
+        def info_for(port: int) -> InstanceInfo:
+            return InstanceInfo(
+                instance_id=instance_id,
+                address=f"{host}:{port}",
+                model=served_model_name,
+                engine=cfg.kind,
+                role=role,
+                block_size=engine.block_size,
+                max_model_len=engine.max_model_len,
+                incarnation=incarnation,
+            )
+
+        self._server, port = await start_worker_server(engine, info_for, host=host, port=0)
+        self._info = info_for(port)
         self._health_task = asyncio.create_task(self._watch_engine_health())
-        logger.info("instance %s (incarnation %d) serving on %s", instance_id, incarnation, self._info.address)
+        logger.info(
+            "instance %s (incarnation %d) serving on %s", instance_id, incarnation, self._info.address
+        )
         return self._info
 
     async def run_until_stopped(self) -> None:
@@ -129,8 +126,10 @@ class _InstanceActorImpl:
                 if check is not None:
                     await check()
             except EngineDeadError:
-                logger.error("engine of %s died; exiting so the supervisor restarts the instance",
-                             self._info.instance_id if self._info else "?")
+                logger.error(
+                    "engine of %s died; exiting so the supervisor restarts the instance",
+                    self._info.instance_id if self._info else "?",
+                )
                 # A dead engine cannot be closed cleanly; ending the process is what turns into
                 # the supervisor's death signal (and frees whatever the engine still holds).
                 os._exit(1)

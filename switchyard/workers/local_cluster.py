@@ -35,10 +35,12 @@ def engine_environment(spec: PoolSpec) -> dict[str, str]:
     """
     env: dict[str, str] = {}
     if spec.engine.kind == "vllm":
-        from switchyard.workers.vllm_env import vllm_environment
+        from switchyard.workers.vllm_env import vllm_env
 
-        cache_root = Path(os.environ.get("SWITCHYARD_CACHE_DIR") or Path(tempfile.gettempdir()) / "switchyard")
-        env.update(vllm_environment(spec.engine, cache_dir=cache_root))
+        cache_root = Path(
+            os.environ.get("SWITCHYARD_CACHE_DIR") or Path(tempfile.gettempdir()) / "switchyard"
+        )
+        env.update(vllm_env(spec.engine, cache_dir=cache_root))
     # Pass through the cache location so restarted instances find the same models.
     if os.environ.get("SWITCHYARD_CACHE_DIR"):
         env["SWITCHYARD_CACHE_DIR"] = os.environ["SWITCHYARD_CACHE_DIR"]

@@ -10,6 +10,7 @@ them, and a router that missed versions simply gets the latest snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -156,10 +157,8 @@ class _SupervisorImpl:
     async def watch(self, since_version: int, timeout_s: float = 30.0) -> Membership:
         """Return the membership once its version is above ``since_version`` (or at the timeout)."""
         if self._version <= since_version:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
-            except TimeoutError:
-                pass
         return self._membership()
 
     async def instance_handle(self, instance_id: str) -> Any:

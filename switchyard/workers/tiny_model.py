@@ -58,12 +58,58 @@ def default_cache_dir() -> Path:
 
 def _corpus() -> list[str]:
     """A deterministic synthetic corpus: enough variety for a 512-token BPE vocabulary."""
-    words = (
-        "the quick brown fox jumps over lazy dog switchyard routes requests to engines with "
-        "cache affinity and live migration of running requests between instances prefill decode "
-        "kubernetes operator pools tokens blocks prefix hash ring load balance latency throughput "
-        "hello world system user assistant question answer code python function return value"
-    ).split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "switchyard",
+        "routes",
+        "requests",
+        "to",
+        "engines",
+        "with",
+        "cache",
+        "affinity",
+        "and",
+        "live",
+        "migration",
+        "of",
+        "running",
+        "requests",
+        "between",
+        "instances",
+        "prefill",
+        "decode",
+        "kubernetes",
+        "operator",
+        "pools",
+        "tokens",
+        "blocks",
+        "prefix",
+        "hash",
+        "ring",
+        "load",
+        "balance",
+        "latency",
+        "throughput",
+        "hello",
+        "world",
+        "system",
+        "user",
+        "assistant",
+        "question",
+        "answer",
+        "code",
+        "python",
+        "function",
+        "return",
+        "value",
+    ]
     lines = []
     for i in range(2000):
         n = 5 + i % 11

@@ -21,6 +21,7 @@ import ray
 
 from switchyard.config import EngineConfig, GatewayConfig, RouterConfig, ServeConfig
 from switchyard.serve import RunningStack, start_stack
+from tests.helpers.waiting import eventually
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.asyncio(loop_scope="module")]
 
@@ -28,28 +29,24 @@ MAX_MODEL_LEN = 1024
 PROMPT = "the quick brown fox jumps over the lazy dog and switchyard routes requests"
 
 
-async def eventually(check: object, timeout: float = 30.0, interval: float = 0.05) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():  # type: ignore[operator]
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tiny_model_dir: Path) -> AsyncIterator[RunningStack]:
     config = ServeConfig(
         instances=2,
-        engine=EngineConfig(kind="vllm", model=tiny_model_dir, served_model_name="switchyard-tiny",
-                            max_model_len=MAX_MODEL_LEN, max_num_seqs=8),
+        engine=EngineConfig(
+            kind="vllm",
+            model=tiny_model_dir,
+            served_model_name="switchyard-tiny",
+            max_model_len=MAX_MODEL_LEN,
+            max_num_seqs=8,
+        ),
         router=RouterConfig(policy="round_robin"),
         gateway=GatewayConfig(port=0, max_body_bytes=64 * 1024),
         ray_num_cpus=2,
     )
     running = await start_stack(config)
     try:
-        await eventually(lambda: running.core.ready, timeout=60)
+        await eventually(lambda: running.core.ready, within_s=60)
         yield running
     finally:
         await running.stop()
@@ -65,7 +62,7 @@ def _client(stack: RunningStack) -> openai.AsyncOpenAI:
 
 
 def _running_everywhere(stack: RunningStack) -> int:
-    return sum(r.num_running + r.num_waiting for r in stack.core.loads().values())
+    return sum(s.num_running + s.num_waiting for s in stack.core.registry)
 
 
 async def test_models_lists_the_served_model(stack: RunningStack) -> None:
@@ -77,7 +74,8 @@ async def test_models_lists_the_served_model(stack: RunningStack) -> None:
 async def test_non_streamed_completion_has_text_and_usage(stack: RunningStack) -> None:
     """A non-streamed completion returns text, finish_reason length, and exact usage counts."""
     resp = await _client(stack).completions.create(
-        model="switchyard-tiny", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        model="switchyard-tiny", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     choice = resp.choices[0]
     assert choice.finish_reason == "length"
     assert isinstance(choice.text, str) and choice.text
@@ -91,10 +89,17 @@ async def test_streamed_completion_equals_non_streamed(stack: RunningStack) -> N
     """Greedy decoding: the SSE stream concatenates to the same text as the non-streamed answer."""
     client = _client(stack)
     full = await client.completions.create(
-        model="switchyard-tiny", prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+        model="switchyard-tiny", prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
     stream = await client.completions.create(
-        model="switchyard-tiny", prompt=PROMPT, max_tokens=24, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model="switchyard-tiny",
+        prompt=PROMPT,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     parts, usage, chunks = [], None, 0
     async for chunk in stream:
         chunks += 1
@@ -112,13 +117,22 @@ async def test_chat_completion_streamed_and_not(stack: RunningStack) -> None:
     client = _client(stack)
     messages = [{"role": "user", "content": "hello world"}]
     full = await client.chat.completions.create(
-        model="switchyard-tiny", messages=messages, max_tokens=10, temperature=0,  # type: ignore[arg-type]
-        extra_body={"ignore_eos": True})
+        model="switchyard-tiny",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,  # type: ignore[arg-type]
+        extra_body={"ignore_eos": True},
+    )
     assert full.choices[0].message.role == "assistant"
     assert full.usage is not None and full.usage.completion_tokens == 10
     stream = await client.chat.completions.create(
-        model="switchyard-tiny", messages=messages, max_tokens=10, temperature=0, stream=True,  # type: ignore[arg-type]
-        extra_body={"ignore_eos": True})
+        model="switchyard-tiny",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+        extra_body={"ignore_eos": True},
+    )
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == full.choices[0].message.content
 
@@ -130,14 +144,24 @@ async def test_greedy_output_equals_vllm_own_output(stack: RunningStack, tiny_mo
     from vllm.v1.engine.async_llm import AsyncLLM
 
     resp = await _client(stack).completions.create(
-        model="switchyard-tiny", prompt=PROMPT, max_tokens=32, temperature=0, extra_body={"ignore_eos": True})
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=str(tiny_model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN, block_size=32,
-        enforce_eager=True, seed=0, max_num_seqs=2))
+        model="switchyard-tiny", prompt=PROMPT, max_tokens=32, temperature=0, extra_body={"ignore_eos": True}
+    )
+    llm = AsyncLLM.from_engine_args(
+        AsyncEngineArgs(
+            model=str(tiny_model_dir),
+            dtype="float32",
+            max_model_len=MAX_MODEL_LEN,
+            block_size=32,
+            enforce_eager=True,
+            seed=0,
+            max_num_seqs=2,
+        )
+    )
     try:
         text = ""
-        async for out in llm.generate(PROMPT, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
-                                      request_id="reference"):
+        async for out in llm.generate(
+            PROMPT, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True), request_id="reference"
+        ):
             text = out.outputs[0].text
     finally:
         llm.shutdown()
@@ -147,18 +171,26 @@ async def test_greedy_output_equals_vllm_own_output(stack: RunningStack, tiny_mo
 async def test_client_disconnect_aborts_engine_request(stack: RunningStack) -> None:
     """Closing the HTTP stream mid-generation aborts the request: the engines' running count returns to 0
     long before the requested 900 tokens could have been generated."""
-    body = {"model": "switchyard-tiny", "prompt": "hello", "max_tokens": 900, "temperature": 0,
-            "stream": True, "ignore_eos": True}
-    async with httpx.AsyncClient(base_url=_base_url(stack), timeout=30) as http:
-        async with http.stream("POST", "/v1/completions", json=body) as resp:
-            assert resp.status_code == 200
-            seen = 0
-            async for line in resp.aiter_lines():
-                if line.startswith("data: "):
-                    seen += 1
-                if seen >= 3:
-                    break
-    await eventually(lambda: _running_everywhere(stack) == 0, timeout=10)
+    body = {
+        "model": "switchyard-tiny",
+        "prompt": "hello",
+        "max_tokens": 900,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    async with (
+        httpx.AsyncClient(base_url=_base_url(stack), timeout=30) as http,
+        http.stream("POST", "/v1/completions", json=body) as resp,
+    ):
+        assert resp.status_code == 200
+        seen = 0
+        async for line in resp.aiter_lines():
+            if line.startswith("data: "):
+                seen += 1
+            if seen >= 3:
+                break
+    await eventually(lambda: _running_everywhere(stack) == 0, within_s=10)
     aborted = [d for d in stack.core.recent_decisions() if d.get("request_id", "").startswith("cmpl-")]
     assert aborted, "the routing decision of the aborted request should be in the debug view"
 
@@ -169,16 +201,38 @@ async def test_client_disconnect_aborts_engine_request(stack: RunningStack) -> N
         (b"{not json", 400, "json"),
         (json.dumps({"prompt": "x", "max_tokens": 4}).encode(), 400, "model"),
         (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "nope"),
-        (json.dumps({"model": "switchyard-tiny", "prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens"),
-        (json.dumps({"model": "switchyard-tiny", "prompt": "x", "temperature": -1}).encode(), 400, "temperature"),
+        (
+            json.dumps({"model": "switchyard-tiny", "prompt": "x", "max_tokens": 0}).encode(),
+            400,
+            "max_tokens",
+        ),
+        (
+            json.dumps({"model": "switchyard-tiny", "prompt": "x", "temperature": -1}).encode(),
+            400,
+            "temperature",
+        ),
         (json.dumps({"model": "switchyard-tiny", "prompt": "x", "n": 2}).encode(), 400, "n"),
-        (json.dumps({"model": "switchyard-tiny", "prompt": "hello " * 1500}).encode(), 400, str(MAX_MODEL_LEN)),
+        (
+            json.dumps({"model": "switchyard-tiny", "prompt": "hello " * 1500}).encode(),
+            400,
+            str(MAX_MODEL_LEN),
+        ),
         (json.dumps({"model": "switchyard-tiny", "prompt": "x" * 70000}).encode(), 413, "bytes"),
     ],
-    ids=["malformed-json", "missing-model", "unknown-model", "max-tokens-0", "negative-temperature", "n-2",
-         "prompt-too-long", "body-too-large"],
+    ids=[
+        "malformed-json",
+        "missing-model",
+        "unknown-model",
+        "max-tokens-0",
+        "negative-temperature",
+        "n-2",
+        "prompt-too-long",
+        "body-too-large",
+    ],
 )
-async def test_bad_input_gets_status_and_message(stack: RunningStack, body: bytes, status: int, needle: str) -> None:
+async def test_bad_input_gets_status_and_message(
+    stack: RunningStack, body: bytes, status: int, needle: str
+) -> None:
     """Each bad request gets the OpenAI error shape, the right status and a message naming the problem."""
     async with httpx.AsyncClient(base_url=_base_url(stack), timeout=30) as http:
         resp = await http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
@@ -192,11 +246,25 @@ async def test_killed_vllm_instance_restarts_and_serves(stack: RunningStack) -> 
     """Killing a vLLM instance actor: the supervisor restarts it, the router follows, requests succeed."""
     victim = stack.core.membership.instances[0]
     ray.kill(await stack.pool.instance_handle(victim.instance_id), no_restart=True)
-    await eventually(lambda: any(i.instance_id == victim.instance_id and i.incarnation == victim.incarnation + 1
-                                 for i in stack.core.membership.instances), timeout=120)
-    await eventually(lambda: stack.core.ready, timeout=30)
+    await eventually(
+        lambda: any(
+            i.instance_id == victim.instance_id and i.incarnation == victim.incarnation + 1
+            for i in stack.core.membership.instances
+        ),
+        within_s=120,
+    )
+    await eventually(lambda: stack.core.ready, within_s=30)
     client = _client(stack)
-    results = await asyncio.gather(*(client.completions.create(
-        model="switchyard-tiny", prompt=f"{PROMPT} {uuid.uuid4().hex[:4]}", max_tokens=4, temperature=0,
-        extra_body={"ignore_eos": True}) for _ in range(4)))
+    results = await asyncio.gather(
+        *(
+            client.completions.create(
+                model="switchyard-tiny",
+                prompt=f"{PROMPT} {uuid.uuid4().hex[:4]}",
+                max_tokens=4,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            for _ in range(4)
+        )
+    )
     assert all(r.usage is not None and r.usage.completion_tokens == 4 for r in results)

@@ -7,8 +7,7 @@ the uninterrupted sequence.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -25,6 +24,7 @@ from switchyard.router.grpc_server import start_router_server
 from switchyard.router.worker_client import WorkerClient
 from switchyard.workers.worker_server import start_worker_server
 from tests.helpers.scripted_engine import ScriptedEngine
+from tests.helpers.waiting import eventually
 
 MODEL = "scripted-model"
 PROMPT = [5, 6, 7]
@@ -61,13 +61,6 @@ class Fleet:
 
     def engine_of(self, instance_id: str) -> ScriptedEngine:
         return self.workers[instance_id].engine
-
-
-async def eventually(check: Callable[[], bool], within_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

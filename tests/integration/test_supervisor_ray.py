@@ -6,7 +6,6 @@ code path hosts vLLM instances (exercised in tests/e2e).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -18,25 +17,22 @@ from switchyard.messages import Membership, RoutingRequest, SamplingOptions
 from switchyard.router.core import RouterCore
 from switchyard.workers.local_cluster import LocalPool, start_local_pool
 from switchyard.workers.supervisor import PoolSpec
+from tests.helpers.waiting import eventually
 
 pytestmark = [pytest.mark.ray, pytest.mark.asyncio(loop_scope="module")]
 
 MODEL = "sim-model"
 
 
-async def eventually(check: object, timeout: float = 30.0, interval: float = 0.05) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():  # type: ignore[operator]
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def pool_and_core() -> AsyncIterator[tuple[LocalPool, RouterCore]]:
-    spec = PoolSpec(name="sim", instances=2, engine=EngineConfig(kind="sim"), served_model_name=MODEL,
-                    restart_backoff_s=0.2)
+    spec = PoolSpec(
+        name="sim",
+        instances=2,
+        engine=EngineConfig(kind="sim"),
+        served_model_name=MODEL,
+        restart_backoff_s=0.2,
+    )
     pool = await start_local_pool(spec, num_cpus=2)
     core = RouterCore(RouterConfig(policy="round_robin", load_report_interval_s=0.05))
     await core.start()
@@ -51,8 +47,12 @@ async def pool_and_core() -> AsyncIterator[tuple[LocalPool, RouterCore]]:
 
 
 def _request(rid: str, max_tokens: int = 8) -> RoutingRequest:
-    return RoutingRequest(request_id=rid, model=MODEL, prompt_token_ids=list(range(1, 40)),
-                          sampling=SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    return RoutingRequest(
+        request_id=rid,
+        model=MODEL,
+        prompt_token_ids=list(range(1, 40)),
+        sampling=SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+    )
 
 
 async def _collect(core: RouterCore, req: RoutingRequest) -> tuple[list[int], set[str]]:
@@ -64,9 +64,11 @@ async def _collect(core: RouterCore, req: RoutingRequest) -> tuple[list[int], se
     return tokens, instances
 
 
-async def test_pool_starts_and_router_sees_both_instances(pool_and_core: tuple[LocalPool, RouterCore]) -> None:
+async def test_pool_starts_and_router_sees_both_instances(
+    pool_and_core: tuple[LocalPool, RouterCore],
+) -> None:
     """Two instances start, publish membership, and serve requests through the router."""
-    pool, core = pool_and_core
+    _, core = pool_and_core
     membership: Membership = core.membership
     assert sorted(i.instance_id for i in membership.instances) == ["sim-0", "sim-1"]
     assert all(i.model == MODEL and i.address for i in membership.instances)
@@ -74,16 +76,23 @@ async def test_pool_starts_and_router_sees_both_instances(pool_and_core: tuple[L
     assert len(tokens) == 8
 
 
-async def test_killed_instance_is_restarted_and_router_follows(pool_and_core: tuple[LocalPool, RouterCore]) -> None:
+async def test_killed_instance_is_restarted_and_router_follows(
+    pool_and_core: tuple[LocalPool, RouterCore],
+) -> None:
     """ray.kill on an instance actor: membership drops it, the supervisor restarts it with the next
     incarnation, the router sees the new address, and new requests succeed on it."""
     pool, core = pool_and_core
     before = {i.instance_id: i for i in core.membership.instances}
     handle = await pool.instance_handle("sim-0")
     ray.kill(handle, no_restart=True)
-    await eventually(lambda: "sim-0" not in {i.instance_id for i in core.membership.instances}, timeout=15)
-    await eventually(lambda: any(i.instance_id == "sim-0" and i.incarnation == before["sim-0"].incarnation + 1
-                                 for i in core.membership.instances), timeout=30)
+    await eventually(lambda: "sim-0" not in {i.instance_id for i in core.membership.instances}, within_s=15)
+    await eventually(
+        lambda: any(
+            i.instance_id == "sim-0" and i.incarnation == before["sim-0"].incarnation + 1
+            for i in core.membership.instances
+        ),
+        within_s=30,
+    )
     assert await pool.supervisor.restart_count.remote() >= 1
     await eventually(lambda: core.ready)
     served = set()

@@ -24,9 +24,9 @@ def test_generated_modules_match_proto_sources(tmp_path: Path) -> None:
     written = gen.generate(tmp_path)  # type: ignore[attr-defined]
     committed = ROOT / "switchyard" / "api" / "v1"
     names = sorted(p.name for p in written)
-    assert names == sorted(p.name for p in committed.iterdir() if p.is_file() and p.suffix in {".py", ".pyi"}), (
-        "generated file set differs from switchyard/api/v1; run `make protos`"
-    )
+    assert names == sorted(
+        p.name for p in committed.iterdir() if p.is_file() and p.suffix in {".py", ".pyi"}
+    ), "generated file set differs from switchyard/api/v1; run `make protos`"
     for path in written:
         assert path.read_text() == (committed / path.name).read_text(), (
             f"switchyard/api/v1/{path.name} is out of date with protos/; run `make protos`"
