@@ -23,10 +23,18 @@ def generate(out_dir: Path) -> list[Path]:
     """Write the generated modules into ``out_dir`` and return their paths."""
     from grpc_tools import protoc
 
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "switchyard" / "v1").glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "switchyard" / "v1").glob("*.proto")
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}", *protos]
+        args = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *protos,
+        ]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +45,9 @@ def generate(out_dir: Path) -> list[Path]:
             dst.write_text(text)
             written.append(dst)
         init = out_dir / "__init__.py"
-        init.write_text('"""Generated from protos/switchyard/v1 by scripts/gen_protos.py; never edit by hand."""\n')
+        init.write_text(
+            '"""Generated from protos/switchyard/v1 by scripts/gen_protos.py; never edit by hand."""\n'
+        )
         written.append(init)
     return written
 
