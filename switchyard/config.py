@@ -40,11 +40,11 @@ class SimConfig(StrictModel):
     num_kv_blocks: int | None = Field(default=None, ge=1)
     """KV blocks of the simulated instance; None takes the profile's capacity."""
 
-    max_num_seqs: int = Field(default=256, ge=1)
-    """Most requests in one batch (vLLM's default on GPU)."""
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    """Most requests in one batch; None takes the profile's vLLM default for its GPU."""
 
-    max_num_batched_tokens: int = Field(default=8192, ge=1)
-    """Token budget of one step, prefill chunks included (vLLM V1's chunked-prefill default)."""
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    """Token budget of one step, prefill chunks included; None takes the profile's vLLM default."""
 
     vocab_size: int = Field(default=32000, ge=2)
     """Range of the token IDs the simulator emits (deterministic per request)."""

@@ -256,8 +256,8 @@ class SimInstance:
             block_size=cfg.block_size,
             num_kv_blocks=num_blocks,
             max_model_len=cfg.max_model_len or min(profile.model.max_model_len, num_blocks * cfg.block_size),
-            max_num_seqs=sim.max_num_seqs,
-            max_num_batched_tokens=sim.max_num_batched_tokens,
+            max_num_seqs=sim.max_num_seqs or profile.engine.max_num_seqs,
+            max_num_batched_tokens=sim.max_num_batched_tokens or profile.engine.max_num_batched_tokens,
             vocab_size=sim.vocab_size,
             enable_prefix_caching=cfg.enable_prefix_caching,
         )
