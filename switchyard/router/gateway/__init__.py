@@ -1,1 +1,40 @@
-"""gateway."""
+"""The OpenAI-compatible HTTP gateway in front of the router core.
+
+Import the public names from here; the submodules are the implementation. The gateway does
+all text handling (chat template, tokenization, detokenization, stop strings) so the core and
+the engines see only token IDs. Nothing here imports vLLM, torch or Ray.
+"""
+
+from switchyard.router.gateway.app import (
+    RouterCoreLike,
+    build_gateway_app,
+    error_payload,
+    serve_gateway,
+    stop_gateway,
+)
+from switchyard.router.gateway.detokenizer import IncrementalDetokenizer, OutputDecoder, StopStringMatcher
+from switchyard.router.gateway.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ChunkEncoder,
+    CompletionRequest,
+    parse_request,
+)
+from switchyard.router.gateway.tokenizer import TokenizerAdapter
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "ChunkEncoder",
+    "CompletionRequest",
+    "IncrementalDetokenizer",
+    "OutputDecoder",
+    "RouterCoreLike",
+    "StopStringMatcher",
+    "TokenizerAdapter",
+    "build_gateway_app",
+    "error_payload",
+    "parse_request",
+    "serve_gateway",
+    "stop_gateway",
+]
