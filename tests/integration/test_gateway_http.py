@@ -529,5 +529,6 @@ async def test_metrics_and_debug_routing(gw: Gateway) -> None:
     async with httpx.AsyncClient() as http:
         metrics = await http.get(f"{gw.url}/metrics")
         debug = await http.get(f"{gw.url}/debug/routing")
-    assert metrics.headers["content-type"].startswith("text/plain") and "python_info" in metrics.text
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert "# TYPE switchyard_routing_decisions_total counter" in metrics.text
     assert debug.json()["decisions"][0]["request_id"] == gw.core.requests[0].request_id

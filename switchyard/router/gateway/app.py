@@ -44,7 +44,6 @@ from typing import Any, Protocol
 
 import anyio
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -67,6 +66,7 @@ from switchyard.errors import (
     http_status,
 )
 from switchyard.messages import EngineOutput, InstanceInfo, Membership, RoutingRequest
+from switchyard.metrics import render_latest
 from switchyard.router.gateway.detokenizer import OutputDecoder
 from switchyard.router.gateway.schemas import (
     DONE,
@@ -371,7 +371,8 @@ class _Gateway:
         return JSONResponse({"status": "unavailable", "reason": reason, **body}, status_code=503)
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body, content_type = render_latest()
+        return Response(body, headers={"Content-Type": content_type})
 
     async def debug_routing(self, request: Request) -> Response:
         body = json.dumps({"decisions": self.core.recent_decisions()}, default=str)
