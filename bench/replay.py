@@ -1,0 +1,237 @@
+"""One replay: a trace, one routing policy, one rate scale, a simulated fleet, in virtual time.
+
+The point of the routing benchmark is to compare the *real* policy objects under the
+conditions the real router gives them, so this module reproduces what ``RouterCore`` does
+around a policy and nothing more:
+
+* membership is applied to a real ``InstanceRegistry`` and passed to ``on_membership``;
+* each instance pushes a ``LoadReport`` every ``load_report_interval_s`` (staggered across
+  instances, as independent pushers are), so policies see load up to one interval stale,
+  and the registry adds the router's own dispatches since the last report (``pending_*``);
+* at each arrival the policy chooses from ``registry.fleet(model)``, then the registry and the
+  policy hear ``on_dispatched``; the first output calls ``on_first_token`` and the last one
+  ``on_finished`` with the engine-reported ``num_cached_tokens``, in the core's order.
+
+The engines are the real ``SimInstance`` model driven by the real ``SimFleet`` event loop; the
+only addition is a subclass that sums step durations, for the busy-time imbalance metric.
+There is no network delay and no frontend overhead: TTFT is arrival to first token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bench.traces import TokenSynth, Trace
+from switchyard.config import EngineConfig, SimConfig
+from switchyard.messages import (
+    EngineOutput,
+    EngineRequest,
+    InstanceInfo,
+    Membership,
+    RoutingRequest,
+    SamplingOptions,
+)
+from switchyard.router.policies import make_policy
+from switchyard.router.registry import InstanceRegistry, InstanceState
+from switchyard.workers.sim_cost import load_profile
+from switchyard.workers.sim_engine import SimFleet
+from switchyard.workers.sim_instance import SimInstance, StepResult
+
+__all__ = ["MODEL", "ReplayConfig", "ReplayResult", "engine_config", "replay"]
+
+MODEL = "bench-model"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    """Everything besides the trace and the policy name that decides one run's outcome."""
+
+    num_instances: int
+    scale: float
+    """Arrival-rate multiplier: request ``i`` arrives at ``arrival_s / scale``."""
+    profile: str = "llama3.1-8b-h100"
+    compute_derate: float = 1.0
+    load_report_interval_s: float = 0.05
+    policy_params: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    """Salt of the synthesized prompt tokens."""
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    """Raw per-request and per-instance outcomes of one run (metrics are computed elsewhere)."""
+
+    policy: str
+    scale: float
+    ttft_s: np.ndarray
+    """Per request, arrival to first token (virtual seconds); NaN if none came."""
+    tpot_s: np.ndarray
+    """Per request, (last - first token time) / (tokens - 1); NaN for single-token outputs."""
+    prompt_tokens: int
+    cached_tokens: int
+    busy_s: dict[str, float]
+    requests_per_instance: dict[str, int]
+    outcomes: dict[str, int]
+    num_preemptions: int
+    virtual_end_s: float
+    wall_s: float
+    decision_us_mean: float
+
+
+class _MeteredInstance(SimInstance):
+    """``SimInstance`` that also sums its step durations (busy time); behaviour unchanged."""
+
+    busy_s: float = 0.0
+
+    def step(self) -> StepResult:
+        result = super().step()
+        self.busy_s += result.duration_s
+        return result
+
+    @classmethod
+    def build(cls, cfg: EngineConfig, instance_id: str) -> _MeteredInstance:
+        inst = cls.from_config(cfg, instance_id=instance_id)  # from_config builds ``cls``
+        assert isinstance(inst, _MeteredInstance)
+        return inst
+
+
+def engine_config(profile: str, compute_derate: float = 1.0) -> EngineConfig:
+    """Simulated engines with the profile's own vLLM defaults (block size, batch limits, KV)."""
+    block_size = load_profile(profile).engine.block_size
+    sim = SimConfig(profile=profile, time_mode="virtual", compute_derate=compute_derate)
+    return EngineConfig(kind="sim", block_size=block_size, sim=sim)
+
+
+class _Replay:
+    """The router-side bookkeeping of one run; callbacks are invoked by ``SimFleet``."""
+
+    def __init__(self, trace: Trace, policy: str, cfg: ReplayConfig) -> None:
+        ecfg = engine_config(cfg.profile, cfg.compute_derate)
+        vocab = load_profile(cfg.profile).model.vocab
+        self.instances = [_MeteredInstance.build(ecfg, f"sim-{i:02d}") for i in range(cfg.num_instances)]
+        self.fleet = SimFleet(self.instances, on_output=self._on_output)
+        clock = self.fleet.clock
+        self.registry = InstanceRegistry(clock=clock)
+        infos = tuple(
+            InstanceInfo(
+                inst.instance_id,
+                f"{inst.instance_id}.sim:0",
+                MODEL,
+                engine="sim",
+                block_size=inst.block_size,
+                max_model_len=inst.max_model_len,
+            )
+            for inst in self.instances
+        )
+        self.registry.apply(Membership(1, infos))
+        self.policy_name = policy
+        self.policy = make_policy(policy, cfg.policy_params, clock=clock)
+        self.policy.on_membership(sorted(infos, key=lambda i: i.instance_id))
+        self.synth = TokenSynth(vocab, seed=cfg.seed)
+        self.trace, self.cfg = trace, cfg
+        n = len(trace.requests)
+        self.arrival = np.array([r.arrival_s / cfg.scale for r in trace.requests])
+        # Python lists, not arrays: touched once per output token, where numpy scalars are slow.
+        self.first = [np.nan] * n
+        self.last = [np.nan] * n
+        self.generated = [0] * n
+        self.cached = [0] * n
+        self.where: list[InstanceState | None] = [None] * n
+        self.epoch = [0] * n
+        self.done = 0
+        self.outcomes: Counter[str] = Counter()
+        self.per_instance: Counter[str] = Counter()
+        self.decision_s = 0.0
+
+    def run(self) -> ReplayResult:
+        t0 = time.perf_counter()
+        fleet, interval = self.fleet, self.cfg.load_report_interval_s
+        for k, inst in enumerate(self.instances):  # staggered pushers, first report at t ~ 0
+            fleet.call_at(interval * k / len(self.instances), self._reporter(inst.instance_id))
+        if self.trace.requests:
+            fleet.call_at(float(self.arrival[0]), lambda: self._arrive(0))
+        fleet.run()
+        n = len(self.trace.requests)
+        if self.done != n:
+            raise RuntimeError(f"{self.policy_name}: {n - self.done} requests never finished")
+        generated, first = np.array(self.generated), np.array(self.first)
+        tokens = np.where(generated > 1, generated - 1, 1)
+        tpot = np.where(generated > 1, (np.array(self.last) - first) / tokens, np.nan)
+        return ReplayResult(
+            policy=self.policy_name,
+            scale=self.cfg.scale,
+            ttft_s=first - self.arrival,
+            tpot_s=tpot,
+            prompt_tokens=sum(r.input_length for r in self.trace.requests),
+            cached_tokens=sum(self.cached),
+            busy_s={i.instance_id: i.busy_s for i in self.instances},
+            requests_per_instance={i.instance_id: self.per_instance[i.instance_id] for i in self.instances},
+            outcomes=dict(self.outcomes),
+            num_preemptions=sum(i.num_preemptions_total for i in self.instances),
+            virtual_end_s=fleet.now,
+            wall_s=time.perf_counter() - t0,
+            decision_us_mean=1e6 * self.decision_s / max(1, n),
+        )
+
+    def _reporter(self, instance_id: str) -> Any:
+        fleet, registry, interval = self.fleet, self.registry, self.cfg.load_report_interval_s
+        total = len(self.trace.requests)
+
+        def report() -> None:
+            registry.on_load_report(instance_id, fleet.load(instance_id))
+            if self.done < total:  # stop pushing once the run is over, so the event loop drains
+                fleet.call_at(fleet.now + interval, report)
+
+        return report
+
+    def _arrive(self, idx: int) -> None:
+        req = self.trace.requests[idx]
+        if idx + 1 < len(self.trace.requests):
+            self.fleet.call_at(float(self.arrival[idx + 1]), lambda: self._arrive(idx + 1))
+        sampling = SamplingOptions(
+            max_tokens=req.output_length, min_tokens=req.output_length, ignore_eos=True
+        )
+        rreq = RoutingRequest(f"r{idx}", MODEL, self.synth.tokens(req), sampling)
+        fleet_view = self.registry.fleet(MODEL)
+        t = time.perf_counter()
+        decision = self.policy.choose(rreq, fleet_view)
+        self.decision_s += time.perf_counter() - t
+        state = fleet_view.get(decision.instance_id)
+        if state is None:
+            raise RuntimeError(f"{self.policy_name} chose {decision.instance_id!r}, not a live instance")
+        self.where[idx] = state
+        self.epoch[idx] = self.registry.on_dispatched(state, req.input_length)
+        self.policy.on_dispatched(rreq, decision)
+        self.outcomes[decision.outcome.value] += 1
+        self.per_instance[decision.instance_id] += 1
+        self.fleet.submit(
+            decision.instance_id, EngineRequest(rreq.request_id, rreq.prompt_token_ids, sampling)
+        )
+
+    def _on_output(self, now: float, instance_id: str, out: EngineOutput) -> None:
+        idx = int(out.request_id[1:])
+        state = self.where[idx]
+        assert state is not None
+        n_in = self.trace.requests[idx].input_length
+        if self.generated[idx] == 0:
+            self.first[idx] = now
+            self.cached[idx] = out.num_cached_tokens
+            self.registry.on_first_token(state, self.epoch[idx], n_in)
+        self.generated[idx] += len(out.token_ids)
+        self.last[idx] = now
+        if out.finished:
+            self.registry.on_finished(state, self.epoch[idx], n_in, prefilled=True)
+            self.policy.on_finished(out.request_id, instance_id, num_cached_tokens=self.cached[idx])
+            self.where[idx] = None
+            self.done += 1
+
+
+def replay(trace: Trace, policy: str, cfg: ReplayConfig) -> ReplayResult:
+    """Replay ``trace`` through ``policy`` on ``cfg.num_instances`` simulated instances."""
+    return _Replay(trace, policy, cfg).run()

@@ -1,0 +1,260 @@
+"""Routing benchmark: every registered policy x several arrival-rate scales on a simulated fleet.
+
+Issue "DualMap routing" asks whether cache-affinity routing (DualMap) serves more load under a
+TTFT SLO than load-only or hash-only routing, and at what cost in balance. Real GPUs are not
+needed to compare *routing*: the calibrated simulator (sim-profiles.md) prices each engine
+step, so a whole trace replays in virtual time in tens of seconds per run. The policy list
+comes from the policy registry, so a newly registered policy joins the comparison unchanged.
+
+    python -m bench.routing --trace PATH --format mooncake --instances 8 --slo-ttft-ms 2000 \
+        --rates 1,1.5,2 --policies all --out bench/results/NAME
+
+Writes ``NAME/results.json`` (every number, the command line, profile, SLO, trace, fleet),
+``NAME/summary.md`` (the tables the README quotes), ``capacity.png`` and ``ttft_cdf.png``.
+Runs are deterministic given ``--seed``; ``--jobs`` spreads runs over processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import metrics, plots
+from bench.replay import ReplayConfig, ReplayResult, engine_config, replay
+from bench.report import render_summary
+from bench.traces import Trace, load_trace, lru_hit_rate, prefix_hit_bound
+from switchyard.router.policies import POLICIES
+from switchyard.workers.sim_cost import available_profiles, load_profile
+from switchyard.workers.sim_instance import SimInstance
+
+__all__ = ["main", "parse_args"]
+
+_TRACE: Trace | None = None  # the run's trace, inherited by forked workers instead of pickled
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__.split("\n\n")[0])
+    p.add_argument("--trace", required=True, help="trace file")
+    p.add_argument("--format", required=True, choices=["mooncake", "azure"])
+    p.add_argument("--instances", type=int, default=8, help="simulated instances in the fleet")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="TTFT SLO in milliseconds")
+    p.add_argument("--target", type=float, default=0.9, help="fraction of requests that must meet the SLO")
+    p.add_argument("--rates", default="0.5,1,1.5,2", help="comma-separated arrival-rate scales")
+    p.add_argument("--profile", default="llama3.1-8b-h100", choices=available_profiles())
+    p.add_argument("--compute-derate", type=float, default=1.0, help="sim-profiles.md §9.1: also try 0.7")
+    p.add_argument("--policies", default="all", help="'all' (every registered policy) or a comma list")
+    p.add_argument("--policy-params", default="{}", help='JSON: {"policy": {"param": value}}')
+    p.add_argument("--load-report-interval-ms", type=float, default=50.0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="salt of the synthesized prompt tokens")
+    p.add_argument("--start-s", type=float, default=0.0, help="trace window start (trace seconds)")
+    p.add_argument("--duration-s", type=float, default=None, help="trace window length (trace seconds)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many requests")
+    p.add_argument("--azure-prefix-groups", type=int, default=0, help="synthetic prefix groups (off: 0)")
+    p.add_argument("--azure-prefix-tokens", type=int, default=0, help="shared prefix per group, tokens")
+    p.add_argument(
+        "--cdf-scale", type=float, default=None, help="scale of ttft_cdf.png (default: see README)"
+    )
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (fork)")
+    return p.parse_args(argv)
+
+
+def _policies(spec: str) -> list[str]:
+    if spec == "all":
+        return sorted(POLICIES)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; registered: {', '.join(sorted(POLICIES))}")
+    return names
+
+
+def _run_task(task: tuple[str, ReplayConfig]) -> ReplayResult:
+    assert _TRACE is not None
+    return replay(_TRACE, task[0], task[1])
+
+
+def _load(args: argparse.Namespace, max_model_len: int) -> tuple[Trace, int]:
+    """The windowed trace without requests vLLM would reject (prompt + output > context)."""
+    kwargs: dict[str, Any] = {"start_s": args.start_s, "duration_s": args.duration_s, "limit": args.limit}
+    if args.format == "azure":
+        kwargs |= {
+            "prefix_groups": args.azure_prefix_groups,
+            "prefix_tokens": args.azure_prefix_tokens,
+            "seed": args.seed,
+        }
+    trace = load_trace(args.trace, args.format, **kwargs)
+    kept = tuple(r for r in trace.requests if r.input_length + r.output_length <= max_model_len)
+    kept = tuple(dataclasses.replace(r, index=i) for i, r in enumerate(kept))
+    return dataclasses.replace(trace, requests=kept), len(trace.requests) - len(kept)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    global _TRACE
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slo_s = args.slo_ttft_ms / 1000.0
+    scales = sorted({float(s) for s in args.rates.split(",") if s.strip()})
+    policies = _policies(args.policies)
+    params: dict[str, dict[str, Any]] = json.loads(args.policy_params)
+    probe_instance = SimInstance.from_config(engine_config(args.profile, args.compute_derate))
+    trace, dropped = _load(args, probe_instance.max_model_len)
+    _TRACE = trace
+    base_rate = trace.rate
+    bound = prefix_hit_bound(trace.requests, engine_block=probe_instance.block_size)
+    kv_tokens = probe_instance.num_kv_blocks * probe_instance.block_size
+    lru_ref = lru_hit_rate(trace.requests, kv_tokens * args.instances)
+    profile = load_profile(args.profile)
+    chunk = profile.engine.max_num_batched_tokens
+    idle_cold = np.array(
+        [metrics.idle_ttft_s(probe_instance.cost, r.input_length, 0, chunk) for r in trace.requests]
+    )
+    idle_warm = np.array(
+        [
+            metrics.idle_ttft_s(probe_instance.cost, r.input_length, h, chunk)
+            for r, h in zip(trace.requests, bound.per_request, strict=True)
+        ]
+    )
+    print(
+        f"{len(trace.requests)} requests ({dropped} over context dropped), {base_rate:.3f} req/s, "
+        f"prefix-hit bound {bound.token_hit_rate:.3f}; {len(policies)} policies x {len(scales)} scales",
+        file=sys.stderr,
+    )
+
+    tasks = [
+        (
+            policy,
+            ReplayConfig(
+                num_instances=args.instances,
+                scale=scale,
+                profile=args.profile,
+                compute_derate=args.compute_derate,
+                load_report_interval_s=args.load_report_interval_ms / 1000.0,
+                policy_params=params.get(policy, {}),
+                seed=args.seed,
+            ),
+        )
+        for scale in reversed(scales)  # the slowest (overloaded) runs first, for a better packing
+        for policy in policies
+    ]
+    results: list[ReplayResult] = []
+    if args.jobs > 1:
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            for res in pool.imap_unordered(_run_task, tasks):
+                results.append(res)
+                _progress(res, slo_s, len(results), len(tasks))
+    else:
+        for task in tasks:
+            results.append(_run_task(task))
+            _progress(results[-1], slo_s, len(results), len(tasks))
+
+    runs = [metrics.summarize(r, slo_s, base_rate) for r in results]
+    runs.sort(key=lambda r: (r["policy"], r["scale"]))
+    per_policy: dict[str, Any] = {}
+    for policy in policies:
+        mine = [r for r in runs if r["policy"] == policy]
+        cap = metrics.capacity([(r["scale"], r["slo_attainment"]) for r in mine], args.target)
+        per_policy[policy] = {
+            "params": params.get(policy, {}),
+            "capacity_scale": cap.scale,
+            "capacity_scale_interp": cap.scale_interp,
+            "capacity_req_s": cap.scale * base_rate if cap.scale is not None else None,
+            "capacity_saturated": cap.saturated,
+            "runs": mine,
+        }
+    caps = [p["capacity_scale"] for p in per_policy.values() if p["capacity_scale"] is not None]
+    cdf_scale = args.cdf_scale if args.cdf_scale is not None else (max(caps) if caps else scales[0])
+    wall_s = time.perf_counter() - t_start
+    doc: dict[str, Any] = {
+        "command": "python -m bench.routing " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "trace": {
+            "path": args.trace,
+            "format": args.format,
+            "window": {"start_s": args.start_s, "duration_s": args.duration_s, "limit": args.limit},
+            "azure_prefix_groups": args.azure_prefix_groups,
+            "azure_prefix_tokens": args.azure_prefix_tokens,
+            "requests": len(trace.requests),
+            "dropped_over_context": dropped,
+            "span_s": trace.span_s,
+            "base_rate_req_s": base_rate,
+            "input_tokens_mean": float(np.mean([r.input_length for r in trace.requests])),
+            "output_tokens_mean": float(np.mean([r.output_length for r in trace.requests])),
+        },
+        "profile": {
+            "name": args.profile,
+            "id": profile.id,
+            "compute_derate": args.compute_derate,
+            "block_size": probe_instance.block_size,
+            "kv_cache_tokens_per_instance": kv_tokens,
+            "max_model_len": probe_instance.max_model_len,
+        },
+        "instances": args.instances,
+        "slo": {"ttft_s": slo_s, "target_attainment": args.target},
+        "load_report_interval_s": args.load_report_interval_ms / 1000.0,
+        "seed": args.seed,
+        "scales": scales,
+        "prefix_hit_bound": bound.as_dict(),
+        "slo_feasible_fraction": {
+            "_what": "requests whose TTFT alone on an idle instance is within the SLO: an attainment ceiling",
+            "cold_cache": metrics.slo_attainment(idle_cold, slo_s),
+            "best_cache": metrics.slo_attainment(idle_warm, slo_s),
+        },
+        "lru_fleet_kv_reference_hit_rate": lru_ref,
+        "cdf_scale": cdf_scale,
+        "policies": per_policy,
+        "runtime": {
+            "wall_s": wall_s,
+            "jobs": args.jobs,
+            "sum_of_run_wall_s": sum(r.wall_s for r in results),
+            "runs": len(results),
+        },
+    }
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(render_summary(doc), encoding="utf-8")
+    title = f"{Path(args.trace).name}, {args.instances} x {args.profile}, TTFT SLO {slo_s:g} s"
+    plots.plot_capacity(
+        runs, slo_s=slo_s, target=args.target, base_rate=base_rate, title=title, path=out / "capacity.png"
+    )
+    at_scale = {r.policy: r.ttft_s for r in results if r.scale == cdf_scale}
+    if at_scale:
+        plots.plot_ttft_cdf(at_scale, slo_s=slo_s, scale=cdf_scale, title=title, path=out / "ttft_cdf.png")
+    print(f"wrote {out}/ in {wall_s:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _progress(res: ReplayResult, slo_s: float, done: int, total: int) -> None:
+    att = metrics.slo_attainment(res.ttft_s, slo_s)
+    print(
+        f"[{done}/{total}] {res.policy:>16} x{res.scale:<6g} attainment {att:.3f} "
+        f"hit {res.cached_tokens / max(1, res.prompt_tokens):.3f} ({res.wall_s:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

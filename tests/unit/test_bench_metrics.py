@@ -1,0 +1,86 @@
+"""Metric definitions of the routing benchmark (bench/metrics.py) and one tiny replay."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bench.metrics import Capacity, capacity, idle_ttft_s, imbalance, percentile, slo_attainment
+from bench.replay import ReplayConfig, replay
+from bench.traces import Trace, TraceRequest
+from switchyard.router.policies import POLICIES
+from switchyard.workers.sim_cost import StepCostModel, load_profile
+
+
+def test_attainment_counts_missing_first_tokens_as_misses() -> None:
+    """TTFT <= SLO passes (inclusive); NaN never does."""
+    ttft = np.array([0.5, 2.0, 2.1, np.nan])
+    assert slo_attainment(ttft, 2.0) == 0.5
+    assert slo_attainment(np.array([]), 2.0) == 0.0
+
+
+def test_percentile_ignores_nan() -> None:
+    """TPOT is NaN for one-token outputs; percentiles skip them, and all-NaN gives None."""
+    assert percentile(np.array([1.0, np.nan, 3.0]), 50) == 2.0
+    assert percentile(np.array([np.nan]), 99) is None
+
+
+def test_imbalance_is_max_over_mean() -> None:
+    """1.0 when even or idle; max/mean otherwise."""
+    assert imbalance({"a": 1.0, "b": 3.0}) == 1.5
+    assert imbalance({"a": 0.0, "b": 0.0}) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("points", "expected"),
+    [
+        pytest.param([(1, 0.99), (2, 0.95), (3, 0.5)], Capacity(2, 2 + 0.05 / 0.45, False), id="crossing"),
+        pytest.param([(3, 0.95), (1, 0.99)], Capacity(3, 3, True), id="all-pass-unsorted"),
+        pytest.param([(1, 0.5), (2, 0.95)], Capacity(None, None, False), id="lowest-fails"),
+        pytest.param([(1, 0.95), (2, 0.8), (3, 0.92)], Capacity(1, 1 + 0.05 / 0.15, False), id="no-lucky"),
+    ],
+)
+def test_capacity_is_highest_contiguous_passing_scale(
+    points: list[tuple[float, float]], expected: Capacity
+) -> None:
+    """A pass above a failing scale does not count; the crossing is interpolated linearly."""
+    got = capacity(points, 0.9)
+    assert got.scale == expected.scale and got.saturated == expected.saturated
+    if expected.scale_interp is None:
+        assert got.scale_interp is None
+    else:
+        assert got.scale_interp is not None and math.isclose(got.scale_interp, expected.scale_interp)
+
+
+def test_idle_ttft_matches_the_profile_prefill_fit() -> None:
+    """Alone on an idle instance, the step model's chunked prefill agrees with the closed-form fit."""
+    profile = load_profile("llama3.1-8b-h100")
+    cost = StepCostModel.from_profile(profile)
+    fit = profile.fits.prefill_ms
+    for n in (2048, 32768):
+        expected_ms = fit.a_n2 * n * n + fit.b_n * n + fit.c
+        got_ms = 1000 * idle_ttft_s(cost, n, 0, profile.engine.max_num_batched_tokens)
+        assert got_ms == pytest.approx(expected_ms, rel=0.06), f"{n=} {got_ms=} {expected_ms=}"
+    cached = idle_ttft_s(cost, 32768, 16384, 8192)
+    assert cached < idle_ttft_s(cost, 32768, 0, 8192)
+
+
+def _tiny_trace() -> Trace:
+    reqs = tuple(
+        TraceRequest(i, 0.05 * i, 700 + 100 * (i % 3), 3 + i % 4, (i % 2, 100 + i)) for i in range(12)
+    )
+    return Trace("tiny", "mooncake", reqs)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_tiny_replay_finishes_every_request_deterministically(policy: str) -> None:
+    """Every request gets a first token; two identical runs give identical numbers."""
+    cfg = ReplayConfig(num_instances=2, scale=2.0)
+    a, b = replay(_tiny_trace(), policy, cfg), replay(_tiny_trace(), policy, cfg)
+    assert not np.isnan(a.ttft_s).any() and (a.ttft_s > 0).all()
+    assert np.array_equal(a.ttft_s, b.ttft_s) and a.busy_s == b.busy_s
+    assert sum(a.requests_per_instance.values()) == 12
+    assert a.prompt_tokens == sum(700 + 100 * (i % 3) for i in range(12))
+    assert 0 <= a.cached_tokens < a.prompt_tokens
