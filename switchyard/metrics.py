@@ -37,6 +37,7 @@ __all__ = [
     "REQUEST_TPOT",
     "REQUEST_TTFT",
     "ROUTER_DECISION_LATENCY",
+    "ROUTER_TTFT_ESTIMATE_ERROR",
     "ROUTING_DECISIONS",
     "forget_instance",
     "render_latest",
@@ -52,6 +53,12 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
 # A policy decision is pure CPU over in-memory state: microseconds, or it is a bug.
 _DECISION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
+# Measured minus estimated TTFT: signed, symmetric around 0 (negative: the estimate was pessimistic).
+_ESTIMATE_ERROR_BUCKETS = (
+    *(-b for b in (10.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05, 0.025, 0.01, 0.005)),
+    0.0,
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+)
 
 REQUEST_TTFT = Histogram(
     "switchyard_request_ttft_seconds",
@@ -91,6 +98,13 @@ ROUTER_DECISION_LATENCY = Histogram(
     "Time a policy took to choose an instance for one request.",
     ["policy"],
     buckets=_DECISION_BUCKETS,
+    registry=REGISTRY,
+)
+ROUTER_TTFT_ESTIMATE_ERROR = Histogram(
+    "switchyard_router_ttft_estimate_error_seconds",
+    "Measured minus policy-estimated time from dispatch to first output (TTFT-estimating policies).",
+    ["policy"],
+    buckets=_ESTIMATE_ERROR_BUCKETS,
     registry=REGISTRY,
 )
 FAILOVERS = Counter(

@@ -47,6 +47,7 @@ from switchyard.messages import (
 )
 from switchyard.router.policies import RoutingDecision, RoutingOutcome, make_policy
 from switchyard.router.registry import InstanceRegistry, InstanceState
+from switchyard.router.ttft_estimator import TtftFeedback
 from switchyard.router.worker_client import WorkerClient
 
 __all__ = ["RouterCore"]
@@ -107,6 +108,9 @@ class RouterCore:
         self._decision_counts = {
             o: metrics.ROUTING_DECISIONS.labels(config.policy, o.value) for o in RoutingOutcome
         }
+        # Policies that estimate TTFT hear measured ones; their estimate error becomes a metric.
+        self._ttft_feedback = self._policy if isinstance(self._policy, TtftFeedback) else None
+        self._ttft_error = metrics.ROUTER_TTFT_ESTIMATE_ERROR.labels(config.policy)
         self._started = False
         self._closed = False
 
@@ -300,6 +304,7 @@ class RouterCore:
                 n_in = len(engine_req.prompt_token_ids)
                 epoch = self._registry.on_dispatched(state, n_in)
                 self._policy.on_dispatched(req, decision)
+                t_dispatch = clock()
                 stream = self._clients[iid].generate(engine_req)
                 prefilled = False
                 cached = 0
@@ -315,6 +320,8 @@ class RouterCore:
                             prefilled = True
                             cached = out.num_cached_tokens
                             self._registry.on_first_token(state, epoch, n_in)
+                            if self._ttft_feedback is not None:
+                                self._feed_back_ttft(req.request_id, decision, clock() - t_dispatch, cached)
                         if num_prompt < 0:
                             num_prompt, num_cached = out.num_prompt_tokens, out.num_cached_tokens
                         if out.token_ids:
@@ -364,6 +371,20 @@ class RouterCore:
         finally:
             mm.e2e.observe(clock() - t_start)
             mm.requests[outcome].inc()
+
+    def _feed_back_ttft(
+        self, request_id: str, decision: RoutingDecision, ttft_s: float, num_cached_tokens: int
+    ) -> None:
+        """Give a TTFT-estimating policy the measured TTFT of its choice; record the estimate error."""
+        assert self._ttft_feedback is not None
+        iid = decision.instance_id
+        for candidate, estimate_s in decision.estimates:
+            if candidate == iid:
+                self._ttft_error.observe(ttft_s - estimate_s)
+                break
+        self._ttft_feedback.on_first_token(
+            request_id, iid, ttft_s=ttft_s, num_cached_tokens=num_cached_tokens
+        )
 
     # -- debug view ---------------------------------------------------------------------------
 

@@ -25,8 +25,9 @@ ALL_POLICIES = sorted(POLICIES)
 
 
 def test_builtin_policies_are_registered() -> None:
-    """The baselines are available by name as soon as the package is imported."""
-    assert {"round_robin", "least_load"} <= set(POLICIES)
+    """The baselines and DualMap are available by name as soon as the package is imported."""
+    builtin = {"round_robin", "least_load", "power_of_two", "consistent_hash", "prefix_tree", "dualmap"}
+    assert builtin <= set(POLICIES)
 
 
 def _isort_key(name: str) -> tuple[int, str]:
@@ -67,6 +68,22 @@ def test_unknown_parameters_are_a_config_error(policy: str) -> None:
     """Policy params are strict: a typo fails at start-up, naming the policy."""
     with pytest.raises(ConfigError, match=policy):
         make_policy(policy, {"no_such_knob": 1})
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_hooks_tolerate_strangers_and_membership_churn(policy: str) -> None:
+    """Feedback about requests a policy never placed, and instances leaving, never raise."""
+    registry = make_registry(3)
+    p = make_policy(policy, {}, clock=FakeClock())
+    p.on_membership(list(registry.membership.instances))
+    p.on_finished("never-seen", "w0", num_cached_tokens=5)
+    req = make_request("r1", tokens=300)
+    decision = p.choose(req, registry.fleet("m"))
+    p.on_dispatched(req, decision)
+    registry.apply(Membership(2, (make_info("w9"),)))
+    p.on_membership(list(registry.membership.instances))
+    p.on_finished("r1", decision.instance_id, num_cached_tokens=0)
+    assert p.choose(make_request("r2", tokens=300), registry.fleet("m")).instance_id == "w9"
 
 
 def test_unknown_policy_lists_the_known_ones() -> None:

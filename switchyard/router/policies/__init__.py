@@ -85,4 +85,11 @@ def make_policy(
 
 
 # Built-in policies register themselves on import; keep these after the definitions above.
-from switchyard.router.policies import least_load, round_robin  # noqa: E402, F401
+from switchyard.router.policies import (  # noqa: E402, F401
+    consistent_hash,
+    dualmap,
+    least_load,
+    power_of_two,
+    prefix_tree,
+    round_robin,
+)

@@ -1,0 +1,370 @@
+"""``dualmap``: cache affinity and load balance from two hash rings and a TTFT estimate.
+
+DualMap (``shared/DESIGN.md`` §3; ``research/papers.md`` #2) maps each request to two
+candidate instances with two independently seeded consistent-hash rings over the request's
+prefix key, then applies the power of two choices. Requests that share a prefix get the
+same two candidates on every router replica with no shared state, so their KV stays warm
+on at most two instances, while distinct prefixes spread evenly over the fleet.
+
+Per request, on the hot path:
+
+1. **Key.** The vLLM-equal chain hash of the prompt's first ``prefix_blocks`` blocks
+   (``prefix_hash.BlockHasher``): the same value the engine names that prefix by.
+2. **Candidates.** ``DualRing.candidates(key)``, skipping instances that are not live.
+3. **Better of two.** For each candidate, the uncached part of the prompt comes from this
+   router's record of what it routed there (``PrefixRecord`` over chunk fingerprints,
+   bounded by the instance's KV capacity), scaled by how far the engine-reported hits have
+   confirmed that record (``trust``); ``TtftEstimator`` turns queue and uncached tokens into
+   seconds. The lower estimate wins: outcome ``affinity``.
+4. **SLO switch.** If even the better candidate's estimate exceeds ``ttft_slo_ms``, the
+   request goes to the lowest estimate across the whole fleet: outcome ``slo_switch``, or
+   still ``affinity`` when that is one of the candidates anyway.
+
+The decision carries both candidates, their estimated TTFTs (seconds) and a reason;
+:meth:`DualMapPolicy.explain` breaks the estimates into components for the debug view.
+The router core feeds measured TTFTs back through ``on_first_token`` (the ``TtftFeedback``
+protocol), which trains the estimator and corrects ``trust``.
+
+Not here yet (DESIGN §3 items 4-5): hotspot rebalancing by migration and drain-by-migration
+on scale-in; they act outside the per-request decision.
+
+NOTE: hashing dominates the decision cost: ~3 µs per key block plus the chunk fingerprints
+of the whole prompt (``record_sample_stride`` trades their exactness for speed). The digest
+is computed once per request and reused by ``on_dispatched``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+from pydantic import Field, model_validator
+
+from switchyard.config import StrictModel
+from switchyard.messages import InstanceInfo, RoutingRequest
+from switchyard.router.dual_ring import DEFAULT_VIRTUAL_NODES, DualRing
+from switchyard.router.policies import register_policy
+from switchyard.router.policies.base import Clock, PolicyBase, PolicyParams, RoutingDecision, RoutingOutcome
+from switchyard.router.prefix_hash import PrefixRecord, PromptDigest, PromptHasher
+from switchyard.router.registry import FleetView, InstanceState
+from switchyard.router.ttft_estimator import PrefillCost, TtftEstimator
+
+__all__ = ["DualMapParams", "DualMapPolicy", "EstimatorParams"]
+
+_DEFAULT_CAPACITY_TOKENS = 1 << 20  # record size before an instance reports its KV capacity
+_MAX_INFLIGHT = 1 << 16  # dispatch records kept for feedback; older ones are dropped
+_REASON_BETTER = "lower estimated TTFT of the two ring candidates"
+_REASON_SINGLE = "the only live instance on the rings"
+_REASON_SWITCH = "both candidates over the TTFT SLO: lowest estimate fleet-wide"
+_REASON_STAY = "both candidates over the TTFT SLO, but a candidate is still the fastest"
+
+
+class EstimatorParams(StrictModel):
+    """The TTFT estimator's prior and how fast measurements override it."""
+
+    prior_profile: str | None = None
+    """Simulator profile (``switchyard/workers/profiles``) whose ``fits.prefill_ms`` is the prior;
+    None takes the ``prior_*`` fields below."""
+    prior_fixed_ms: float = Field(default=1.54, ge=0)
+    """Fixed part of one prefill, ms (default: the qwen2.5-7b-h100 profile's fit)."""
+    prior_per_token_ms: float = Field(default=0.024245, gt=0)
+    """Prefill cost per uncached or queued token, ms."""
+    prior_per_token2_ms: float = Field(default=3.224e-7, ge=0)
+    """Attention's quadratic prefill term, ms per token²; kept fixed (not fitted)."""
+    forgetting: float = Field(default=0.99, ge=0.5, le=1.0)
+    """RLS forgetting factor: 0.99 follows roughly the last 100 observations per instance."""
+    prior_weight: float = Field(default=10.0, gt=0)
+    """How many observations the prior is worth."""
+    throughput_window_s: float = Field(default=1.0, gt=0)
+    """Backlogged time summed into one throughput sample from load reports, s."""
+
+    def build(self) -> TtftEstimator:
+        if self.prior_profile is not None:
+            from switchyard.workers.sim_cost import load_profile  # data only, no engine imports
+
+            fit = load_profile(self.prior_profile).fits.prefill_ms
+            prior = PrefillCost.from_fit_ms(a_n2=fit.a_n2, b_n=fit.b_n, c=fit.c)
+        else:
+            prior = PrefillCost(
+                fixed_s=self.prior_fixed_ms * 1e-3,
+                per_token_s=self.prior_per_token_ms * 1e-3,
+                per_token2_s=self.prior_per_token2_ms * 1e-3,
+            )
+        return TtftEstimator(
+            prior,
+            forgetting=self.forgetting,
+            prior_weight=self.prior_weight,
+            throughput_window_s=self.throughput_window_s,
+        )
+
+
+class DualMapParams(PolicyParams):
+    """Parameters of ``dualmap``."""
+
+    ttft_slo_ms: float = Field(default=1000.0, gt=0)
+    """TTFT objective, ms: above it on both candidates, routing switches to fleet-wide load."""
+    prefix_blocks: int = Field(default=4, ge=1, le=1024)
+    """Blocks hashed into the routing key (128 tokens at block size 32): long enough to tell
+    system prompts apart, short enough that requests sharing one co-locate."""
+    virtual_nodes: int = Field(default=DEFAULT_VIRTUAL_NODES, ge=1, le=10_000)
+    """Points per instance on each ring."""
+    ring_seeds: tuple[int, int] = (0x6475_616C_3031, 0x6475_616C_3032)
+    """Seeds of ring 1 and ring 2; every router replica must use the same two."""
+    hash_algo: Literal["sha256", "sha256_cbor"] = "sha256"
+    """The engines' ``prefix_caching_hash_algo``, so keys equal engine block hashes."""
+    hash_seed: str | None = None
+    """The engines' ``NONE_HASH`` seed (their ``PYTHONHASHSEED`` if set); None is vLLM's default."""
+    record_chunk_blocks: int = Field(default=16, ge=1, le=1024)
+    """Largest fingerprinted chunk of the per-instance record, in blocks (chunks double up to it):
+    cost per prompt vs. resolution of long prefixes; see ``prefix_hash.chunk_ends``."""
+    record_sample_stride: int = Field(default=8, ge=1, le=64)
+    """Fingerprint every n-th token of a chunk (1 = exact): a differing run of n tokens or more
+    is always seen; see ``prefix_hash``."""
+    record_capacity_tokens: int | None = Field(default=None, ge=1)
+    """Tokens remembered per instance; None sizes it from the instance's reported KV blocks."""
+    trust_alpha: float = Field(default=0.1, gt=0, le=1)
+    """EWMA weight of one engine-reported hit when correcting the record's predictions."""
+    estimator: EstimatorParams = Field(default_factory=EstimatorParams)
+    """The TTFT estimator."""
+
+    @model_validator(mode="after")
+    def _seeds_differ(self) -> DualMapParams:
+        a, b = self.ring_seeds
+        if a == b or not (0 <= a < 1 << 64 and 0 <= b < 1 << 64):
+            raise ValueError("ring_seeds must be two different unsigned 64-bit integers")
+        return self
+
+
+@dataclass(slots=True)
+class _Dispatch:
+    """What the policy expected of one dispatched request, kept until feedback arrives."""
+
+    instance_id: str
+    num_tokens: int
+    predicted_cached: int  # tokens the record matched, before the trust correction
+    queued_tokens: float  # the estimator's load terms at the choice
+    step_s: float
+    corrected: bool = False
+
+
+class _Score(NamedTuple):
+    """One instance scored for one request."""
+
+    state: InstanceState
+    iid: str
+    uncached: int
+    raw: int  # cached tokens the record matched, before the trust correction
+    e: float  # estimated TTFT, s
+
+
+@register_policy("dualmap")
+class DualMapPolicy(PolicyBase):
+    """Two seeded rings, the better candidate by estimated TTFT, fleet-wide fallback over the SLO."""
+
+    Params = DualMapParams
+    reads = frozenset(
+        {"num_running", "num_waiting", "waiting_prefill_tokens", "step_time_s", "kv_blocks_total"}
+        | {"prefix_cache_queries_total", "prefix_cache_hits_total"}
+    )
+
+    def __init__(self, params: PolicyParams, *, clock: Clock, estimator: TtftEstimator | None = None) -> None:
+        super().__init__(params, clock=clock)
+        p = params if isinstance(params, DualMapParams) else DualMapParams()
+        self._p = p
+        self._slo_s = p.ttft_slo_ms * 1e-3
+        self.estimator = estimator or p.estimator.build()
+        self._hasher = PromptHasher(
+            prefix_blocks=p.prefix_blocks,
+            chunk_blocks=p.record_chunk_blocks,
+            sample_stride=p.record_sample_stride,
+            algo=p.hash_algo,
+            seed=p.hash_seed,
+        )
+        self._rings: dict[str, DualRing] = {}
+        self._synced: dict[str, FleetView] = {}  # model -> the fleet view last checked against its ring
+        self._infos: dict[str, InstanceInfo] = {}
+        self._records: dict[str, PrefixRecord] = {}
+        self._trust: dict[str, float] = {}
+        self._inflight: dict[str, _Dispatch] = {}
+        # The last choice, for on_dispatched: request, digest, chosen instance, raw cached,
+        # capacity, queued tokens, step seconds.
+        self._chosen: tuple[RoutingRequest, PromptDigest, str, int, int, float, float] | None = None
+
+    # -- membership -------------------------------------------------------------------------------
+
+    def on_membership(self, instances: Sequence[InstanceInfo]) -> None:
+        new = {i.instance_id: i for i in instances}
+        for iid, info in list(self._infos.items()):
+            if new.get(iid) != info:  # departed or restarted: what we knew of its cache is void
+                self._forget(iid)
+        self._infos = new
+        by_model: dict[str, list[str]] = {}
+        for info in instances:
+            by_model.setdefault(info.model, []).append(info.instance_id)
+        for model in list(self._rings):
+            if model not in by_model:
+                del self._rings[model]
+        for model, ids in by_model.items():
+            self._ring_of(model).sync(ids)
+        self._synced.clear()
+
+    def _forget(self, instance_id: str) -> None:
+        self._records.pop(instance_id, None)
+        self._trust.pop(instance_id, None)
+        self.estimator.forget(instance_id)
+
+    def _ring_of(self, model: str) -> DualRing:
+        ring = self._rings.get(model)
+        if ring is None:
+            p = self._p
+            ring = self._rings[model] = DualRing(seeds=p.ring_seeds, virtual_nodes=p.virtual_nodes)
+        return ring
+
+    def _ring(self, fleet: FleetView) -> DualRing:
+        ring = self._ring_of(fleet.model)
+        if self._synced.get(fleet.model) is not fleet:  # a new view: membership or liveness changed
+            for s in fleet.instances:  # covers use without on_membership (tests, tools)
+                if s.info.instance_id not in ring:
+                    ring.add(s.info.instance_id)
+            self._synced[fleet.model] = fleet
+        return ring
+
+    # -- the decision -----------------------------------------------------------------------------
+
+    def _uncached(self, state: InstanceState, d: PromptDigest) -> tuple[int, int]:
+        """``(uncached tokens as estimated, cached tokens the record matched before trust)``."""
+        rec = self._records.get(state.info.instance_id)
+        if rec is None:
+            return d.num_tokens, 0
+        matched = rec.match(d.fingerprints)
+        if not matched:
+            return d.num_tokens, 0
+        raw = d.cached_tokens(matched)
+        return d.num_tokens - int(raw * self._trust.get(state.info.instance_id, 1.0)), raw
+
+    def choose(self, req: RoutingRequest, fleet: FleetView) -> RoutingDecision:
+        d = self._hasher.digest(req, fleet.instances[0].info.block_size)
+        get = fleet.get
+        c1, c2 = self._ring(fleet).candidates(d.key, lambda iid: get(iid) is not None)
+        s1 = get(c1)
+        assert s1 is not None
+        first = self._score(s1, d)
+        if c2 == c1:
+            only = ((c1, first.e),)
+            return self._decide(req, d, first, RoutingOutcome.AFFINITY, (c1,), only, _REASON_SINGLE)
+        s2 = get(c2)
+        assert s2 is not None
+        second = self._score(s2, d)
+        best, other = (first, second) if first.e <= second.e else (second, first)
+        cands = (best.iid, other.iid)
+        pair = ((c1, first.e), (c2, second.e))
+        if best.e <= self._slo_s:
+            return self._decide(req, d, best, RoutingOutcome.AFFINITY, cands, pair, _REASON_BETTER)
+        # Over the SLO on both: the lowest estimate fleet-wide (ties: lowest id, as sorted).
+        low = best
+        for s in fleet.instances:
+            if s is not s1 and s is not s2:
+                score = self._score(s, d)
+                if score.e < low.e or (score.e == low.e and score.iid < low.iid):
+                    low = score
+        if low is best:
+            return self._decide(req, d, best, RoutingOutcome.AFFINITY, cands, pair, _REASON_STAY)
+        triple = (*pair, (low.iid, low.e))
+        return self._decide(req, d, low, RoutingOutcome.SLO_SWITCH, cands, triple, _REASON_SWITCH)
+
+    def _score(self, state: InstanceState, d: PromptDigest) -> _Score:
+        uncached, raw = self._uncached(state, d)
+        return _Score(state, state.info.instance_id, uncached, raw, self.estimator.estimate(state, uncached))
+
+    def _decide(
+        self,
+        req: RoutingRequest,
+        d: PromptDigest,
+        chosen: _Score,
+        outcome: RoutingOutcome,
+        candidates: tuple[str, ...],
+        estimates: tuple[tuple[str, float], ...],
+        reason: str,
+    ) -> RoutingDecision:
+        state = chosen.state
+        r = state.report
+        capacity = self._p.record_capacity_tokens or (
+            r.kv_blocks_total * state.info.block_size if r is not None and r.kv_blocks_total else 0
+        )
+        # Load terms as of the choice: the core counts the request as pending before on_dispatched.
+        queued, step = self.estimator.load_terms(state)
+        self._chosen = (req, d, chosen.iid, chosen.raw, capacity, queued, step)
+        return RoutingDecision(chosen.iid, outcome, candidates, estimates, reason)
+
+    # -- feedback ---------------------------------------------------------------------------------
+
+    def on_dispatched(self, req: RoutingRequest, decision: RoutingDecision) -> None:
+        iid = decision.instance_id
+        chosen = self._chosen
+        if chosen is None or chosen[0] is not req or chosen[2] != iid:
+            return  # not our choice (a caller overriding the policy): nothing sound to record
+        _, d, _, raw_cached, capacity, queued, step = chosen
+        self._chosen = None
+        rec = self._records.get(iid)
+        if rec is None:
+            rec = self._records[iid] = PrefixRecord(capacity or _DEFAULT_CAPACITY_TOKENS)
+        elif capacity:
+            rec.capacity = capacity
+        rec.insert(d.fingerprints, d.ends)
+        inflight = self._inflight
+        inflight[req.request_id] = _Dispatch(iid, d.num_tokens, raw_cached, queued, step)
+        if len(inflight) > _MAX_INFLIGHT:
+            del inflight[next(iter(inflight))]
+
+    def _correct(self, disp: _Dispatch, num_cached_tokens: int) -> None:
+        """Move ``trust`` towards the share of the predicted hit that the engine confirmed."""
+        disp.corrected = True
+        if disp.predicted_cached > 0:
+            ratio = min(num_cached_tokens / disp.predicted_cached, 1.0)
+            t = self._trust.get(disp.instance_id, 1.0)
+            self._trust[disp.instance_id] = t + self._p.trust_alpha * (ratio - t)
+
+    def on_first_token(
+        self, request_id: str, instance_id: str, *, ttft_s: float, num_cached_tokens: int
+    ) -> None:
+        """Measured TTFT and engine-reported hit of a request this policy placed (``TtftFeedback``)."""
+        disp = self._inflight.get(request_id)
+        if disp is None or disp.instance_id != instance_id or disp.corrected:
+            return
+        self._correct(disp, num_cached_tokens)
+        self.estimator.observe_ttft(
+            instance_id,
+            queued_tokens=disp.queued_tokens,
+            uncached_tokens=max(disp.num_tokens - num_cached_tokens, 0),
+            step_s=disp.step_s,
+            ttft_s=ttft_s,
+        )
+
+    def on_finished(self, request_id: str, instance_id: str, *, num_cached_tokens: int) -> None:
+        disp = self._inflight.pop(request_id, None)
+        # Without on_first_token, a positive hit is certain news; 0 may mean "no output at all".
+        if disp is not None and disp.instance_id == instance_id and not disp.corrected and num_cached_tokens:
+            self._correct(disp, num_cached_tokens)
+
+    # -- debug view -------------------------------------------------------------------------------
+
+    def explain(self, req: RoutingRequest, fleet: FleetView) -> dict[str, Any]:
+        """Why ``req`` would go where it goes now: candidates, record matches and estimate parts."""
+        decision = self.choose(req, fleet)
+        d = self._hasher.digest(req, fleet.instances[0].info.block_size)
+        parts = []
+        for iid, _ in decision.estimates:
+            state = fleet.get(iid)
+            assert state is not None
+            uncached, raw = self._uncached(state, d)
+            parts.append(
+                {
+                    **self.estimator.explain(state, uncached).as_dict(),
+                    "record_matched_tokens": raw,
+                    "trust": self._trust.get(iid, 1.0),
+                    "miss_ratio": self.estimator.miss_ratio(iid),
+                }
+            )
+        self._chosen = None
+        return {**decision.as_dict(), "key": d.key.hex(), "slo_s": self._slo_s, "estimates_detail": parts}
