@@ -45,6 +45,10 @@ class Engine(Protocol):
         """Current load; cheap enough to call every report interval."""
         ...
 
+    async def check_health(self) -> None:
+        """Raise ``EngineDeadError`` if the engine can no longer serve; cheap, called every second."""
+        ...
+
     async def close(self) -> None:
         """Abort everything and release the engine's processes and memory."""
         ...

@@ -122,9 +122,7 @@ class _InstanceActorImpl:
         while True:
             await asyncio.sleep(_HEALTH_INTERVAL_S)
             try:
-                check = getattr(engine, "check_health", None)
-                if check is not None:
-                    await check()
+                await engine.check_health()
             except EngineDeadError:
                 logger.error(
                     "engine of %s died; exiting so the supervisor restarts the instance",

@@ -158,6 +158,11 @@ class SimEngine:
     def load(self) -> LoadReport:
         return self._instance.load(time.monotonic())
 
+    async def check_health(self) -> None:
+        """Raise ``EngineDeadError`` once the engine is closed."""
+        if self._dead is not None:
+            raise self._dead
+
     async def close(self) -> None:
         """Abort everything; open streams raise ``EngineDeadError`` (their requests must move)."""
         if self._dead is None:

@@ -364,6 +364,16 @@ class VLLMEngine:
             num_preemptions_total=s.preemptions_total,
         )
 
+    async def check_health(self) -> None:
+        """Raise ``EngineDeadError`` when the engine core process is gone or closed."""
+        llm = self._llm
+        if llm is None:
+            raise EngineDeadError(f"vLLM engine {self._instance_id} is closed")
+        try:
+            await llm.check_health()
+        except Exception as exc:
+            raise EngineDeadError(f"vLLM engine {self._instance_id} is dead: {exc}") from exc
+
     async def close(self) -> None:
         """Abort everything and shut the engine core down; safe to call twice."""
         llm, self._llm = self._llm, None

@@ -122,6 +122,9 @@ class ScriptedEngine:
             step_time_s=self.delay_s,
         )
 
+    async def check_health(self) -> None:
+        return None
+
     async def close(self) -> None:
         for flag in self._abort_flags.values():
             flag.set()
