@@ -61,9 +61,10 @@ class RunningStack:
 
     async def stop(self) -> None:
         """Stop accepting (gateway, router gRPC), then the router core, then the engines."""
-        self.gateway_server.should_exit = True
+        from switchyard.router.gateway import stop_gateway
+
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.gateway_task, 10)
+            await stop_gateway(self.gateway_server, self.gateway_task)
         with contextlib.suppress(Exception):
             await self.router_server.stop(2.0)
         with contextlib.suppress(Exception):

@@ -5,13 +5,7 @@ all text handling (chat template, tokenization, detokenization, stop strings) so
 the engines see only token IDs. Nothing here imports vLLM, torch or Ray.
 """
 
-from switchyard.router.gateway.app import (
-    RouterCoreLike,
-    build_gateway_app,
-    error_payload,
-    serve_gateway,
-    stop_gateway,
-)
+from switchyard.router.gateway.app import RouterCoreLike, build_gateway_app
 from switchyard.router.gateway.detokenizer import IncrementalDetokenizer, OutputDecoder, StopStringMatcher
 from switchyard.router.gateway.schemas import (
     ChatCompletionRequest,
@@ -20,6 +14,8 @@ from switchyard.router.gateway.schemas import (
     CompletionRequest,
     parse_request,
 )
+from switchyard.router.gateway.server import serve_gateway, stop_gateway
+from switchyard.router.gateway.streaming import error_payload
 from switchyard.router.gateway.tokenizer import TokenizerAdapter
 
 __all__ = [

@@ -1,0 +1,219 @@
+"""Streaming plumbing of the gateway: the one error translation point, SSE bodies, aborts.
+
+Every failure leaves the gateway through :func:`error_payload` (OpenAI's ``{"error": ...}``
+shape, status from :func:`switchyard.errors.http_status`). Streams from the router core are
+always closed through :func:`close_stream`, shielded from cancellation, because closing the
+core stream is what aborts the engine request: a client that disconnects, a stop string, or
+``max_tokens`` reached early all end up there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from switchyard.errors import (
+    AuthenticationError,
+    CapacityError,
+    ContextLengthError,
+    EngineDeadError,
+    EngineRequestError,
+    ModelNotFoundError,
+    RequestTooLargeError,
+    SwitchyardError,
+    http_status,
+)
+from switchyard.messages import EngineOutput
+from switchyard.router.gateway.detokenizer import OutputDecoder
+from switchyard.router.gateway.schemas import DONE, ChunkEncoder, usage
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "SHUTTING_DOWN",
+    "EventStream",
+    "close_stream",
+    "collect",
+    "error_event",
+    "error_payload",
+    "error_response",
+    "events",
+    "until_disconnect",
+    "usage_of",
+]
+
+#: Longest wait for the core to abort a request on close; a hung core cannot hang a handler.
+CLOSE_TIMEOUT_S = 10.0
+
+
+# -- the one error translation point --------------------------------------------------------
+
+_ERROR_CODES: tuple[tuple[type[SwitchyardError], str], ...] = (
+    (ContextLengthError, "context_length_exceeded"),
+    (ModelNotFoundError, "model_not_found"),
+    (AuthenticationError, "invalid_api_key"),
+    (RequestTooLargeError, "request_too_large"),
+    (CapacityError, "capacity_exceeded"),
+    (EngineDeadError, "engine_unavailable"),
+)
+
+
+def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """HTTP status and OpenAI error body for any exception (unknown ones become a logged 500)."""
+    if isinstance(exc, SwitchyardError):
+        err = exc
+        if http_status(err) >= 500:
+            logger.warning("request failed: %s: %s", type(err).__name__, err.message)
+    else:
+        logger.error("unexpected error in the gateway", exc_info=exc)
+        err = EngineRequestError("internal server error")
+    code = next((c for cls, c in _ERROR_CODES if isinstance(err, cls)), None)
+    body = {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": code}}
+    return http_status(err), body
+
+
+def error_response(exc: BaseException) -> Response:
+    status, body = error_payload(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_event(exc: BaseException) -> bytes:
+    return b"data: " + json.dumps(error_payload(exc)[1]).encode() + b"\n\n"
+
+
+async def close_stream(stream: object) -> None:
+    """``aclose()`` a stream even while our task is being cancelled (client disconnect)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+        try:
+            await aclose()
+        except Exception as exc:  # the request is over either way; log, don't mask
+            logger.warning("closing a core stream failed: %r", exc)
+
+
+async def until_disconnect(
+    receive: Receive, work: Callable[[], Awaitable[None]], stopping: asyncio.Event
+) -> str:
+    """Run ``work`` to the end unless the client disconnects or the gateway stops first.
+
+    Returns ``"done"``, ``"disconnected"`` or ``"stopping"``; in the last two cases ``work``
+    was cancelled. Starlette does not cancel a handler whose client went away, and cancels a
+    streaming body only when it notices; this is how both paths notice at once.
+    """
+    errors: list[Exception] = []
+    outcome = "disconnected"
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            nonlocal outcome
+            try:
+                await work()
+                outcome = "done"
+            except Exception as exc:  # re-raised below, not as an ExceptionGroup
+                errors.append(exc)
+            tg.cancel_scope.cancel()
+
+        async def watch_stopping() -> None:
+            nonlocal outcome
+            await stopping.wait()
+            outcome = "stopping"
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(run)
+        tg.start_soon(watch_stopping)
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        tg.cancel_scope.cancel()
+    if errors:
+        raise errors[0]
+    return outcome
+
+
+SHUTTING_DOWN = "the gateway is shutting down; retry the request"
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that notices a client disconnect at once and always closes its body.
+
+    The body's ``finally`` closes the core stream, so closing the body aborts the engine
+    request however the response ends (Starlette's own leaves a body suspended mid-``send``
+    open until garbage collection). When the gateway stops, the stream ends with an error
+    event instead of being cancelled under uvicorn.
+    """
+
+    def __init__(self, body: AsyncIterator[bytes], *, stopping: asyncio.Event, headers: dict[str, str]):
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self._stopping = stopping
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            work = functools.partial(self.stream_response, send)
+            if await until_disconnect(receive, work, self._stopping) == "stopping":
+                error = error_event(CapacityError(SHUTTING_DOWN))
+                await send({"type": "http.response.body", "body": error, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await close_stream(self.body_iterator)
+
+
+# -- response bodies ------------------------------------------------------------------------
+
+
+def usage_of(state: OutputDecoder) -> dict[str, Any]:
+    return usage(state.prompt_tokens, state.completion_tokens, state.cached_tokens)
+
+
+async def events(
+    stream: AsyncIterator[EngineOutput], state: OutputDecoder, enc: ChunkEncoder
+) -> AsyncIterator[bytes]:
+    """The SSE body: chunks as text becomes ready, the finish chunk, usage, ``[DONE]``."""
+    try:
+        role = enc.role()
+        if role:
+            yield role
+        async for out in stream:
+            if state.finish_reason is not None:  # output after the finished one: ignore
+                break
+            text = state.feed(out)
+            if text:
+                yield enc.delta(text)
+            if state.finish_reason is not None and not out.finished:  # stop string, max_tokens
+                break
+        await close_stream(stream)  # aborts the engine request if we ended it early
+        if state.finish_reason is None:
+            raise EngineRequestError("the engine stream ended before the request finished")
+        yield enc.finish(state.finish_reason)
+        if enc.include_usage:
+            yield enc.usage(usage_of(state))
+        yield DONE
+    except Exception as exc:
+        yield error_event(exc)
+    finally:
+        await close_stream(stream)
+
+
+async def collect(stream: AsyncIterator[EngineOutput], state: OutputDecoder, parts: list[str]) -> None:
+    """The whole completion text of a non-streamed request, into ``parts``."""
+    try:
+        async for out in stream:
+            if state.finish_reason is not None:
+                break
+            parts.append(state.feed(out))
+            if state.finish_reason is not None and not out.finished:
+                break
+    finally:
+        await close_stream(stream)
+    if state.finish_reason is None:
+        raise EngineRequestError("the engine stream ended before the request finished")
