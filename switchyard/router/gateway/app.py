@@ -8,7 +8,7 @@ deltas back as text (incremental detokenization, stop strings, ``max_tokens``).
 Decisions a reader should know:
 
 * **One error translation point.** Every failure, from a bad body to an engine dying after
-  the stream began, goes through :func:`~switchyard.router.gateway.streaming.error_payload`, which maps our error tree to
+  the stream began, goes through ``streaming.error_payload``, which maps our error tree to
   OpenAI's ``{"error": {...}}`` with :func:`switchyard.errors.http_status`. Before the
   response starts that is an HTTP error; after, an SSE ``data: {"error": ...}`` event that
   ends the stream. Unknown exceptions become a logged 500; nothing escapes to uvicorn.
@@ -21,7 +21,7 @@ Decisions a reader should know:
   when the client disconnects, streaming or not. :class:`EventStream` watches for the
   disconnect itself and always closes the body iterator; Starlette's own response leaves an
   iterator suspended mid-``send`` unclosed until garbage collection.
-* **Shutdown.** :func:`~switchyard.router.gateway.server.stop_gateway` stops accepting, gives open requests a grace period,
+* **Shutdown.** ``server.stop_gateway`` stops accepting, gives open requests a grace period,
   then ends the rest with a 503 or an SSE error event (aborting their engine requests), so
   uvicorn never has to cancel a handler mid-flight.
 * **Auth.** Bearer keys compared in constant time over SHA-256 digests; ``/health`` and
@@ -108,7 +108,7 @@ class _Gateway:
         self._key_digests = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in config.api_keys]
         self._started = int(time.time())
         self.stopping = asyncio.Event()
-        """Set by :func:`~switchyard.router.gateway.server.stop_gateway` once the grace period is over: open requests end now."""
+        """Set by ``server.stop_gateway`` once the grace period is over: open requests end now."""
 
     def route(
         self, path: str, handler: Callable[[Request], Awaitable[Response]], method: str, *, auth: bool = True
