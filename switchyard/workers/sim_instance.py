@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 from switchyard.config import EngineConfig
 from switchyard.errors import ConfigError, ContextLengthError, EngineRequestError, InvalidRequestError
 from switchyard.messages import EngineOutput, EngineRequest, FinishReason, LoadReport
 from switchyard.workers.sim_cost import StepCostModel, StepWork, load_profile, prefill_pairs
+from switchyard.workers.sim_kv_pool import KvBlockPool
 
 __all__ = ["SimInstance", "StepResult", "simulated_token_id"]
 
@@ -129,76 +129,6 @@ class _SimRequest:
         return max(0, self.prefill_len - self.num_computed)
 
 
-class _KvBlockPool:
-    """Paged KV blocks with a prefix cache over chained block hashes and an LRU free queue.
-
-    Free blocks sit in one queue, least recently freed first (vLLM's ``FreeKVCacheBlockQueue``);
-    a free block keeps its hash, so it can still be hit until it is handed out again, which is
-    what evicts it. All operations are O(blocks touched).
-    """
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._ref = [0] * num_blocks
-        self._hash: list[int | None] = [None] * num_blocks
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._cached: dict[int, int] = {}  # block hash -> block id
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_cached(self) -> int:
-        """Blocks findable by hash, in use or free."""
-        return len(self._cached)
-
-    def lookup(self, hashes: list[int], limit: int) -> list[int]:
-        """Block ids of the longest cached prefix of ``hashes[:limit]``."""
-        hit: list[int] = []
-        for h in itertools.islice(hashes, limit):
-            block = self._cached.get(h)
-            if block is None:
-                break
-            hit.append(block)
-        return hit
-
-    def allocate(self, blocks: list[int], hit: list[int], num_new: int) -> bool:
-        """Append ``hit`` (taking a reference) and ``num_new`` fresh blocks to ``blocks``, or do nothing."""
-        ref, free = self._ref, self._free
-        if num_new > len(free) - sum(1 for b in hit if ref[b] == 0):
-            return False
-        for b in hit:
-            if ref[b] == 0:
-                del free[b]
-            ref[b] += 1
-            blocks.append(b)
-        for _ in range(num_new):
-            b, _none = free.popitem(last=False)
-            h = self._hash[b]
-            if h is not None:  # evict: the least recently freed cached block goes first
-                self._hash[b] = None
-                if self._cached.get(h) == b:
-                    del self._cached[h]
-            ref[b] = 1
-            blocks.append(b)
-        return True
-
-    def register(self, block: int, block_hash: int) -> None:
-        """Publish a full, computed block; a hash already cached keeps its first block."""
-        if block_hash not in self._cached:
-            self._cached[block_hash] = block
-            self._hash[block] = block_hash
-
-    def release(self, blocks: list[int]) -> None:
-        """Drop one reference per block; tail blocks enter the free queue first (evicted first)."""
-        ref, free = self._ref, self._free
-        for b in reversed(blocks):
-            ref[b] -= 1
-            if ref[b] == 0:
-                free[b] = None
-
-
 class SimInstance:
     """Continuous-batching scheduler, paged KV and prefix cache of one simulated vLLM V1 instance.
 
@@ -232,7 +162,7 @@ class SimInstance:
         self._max_num_seqs = max_num_seqs
         self._max_num_batched_tokens = max_num_batched_tokens
         self._prefix_caching = enable_prefix_caching
-        self._pool = _KvBlockPool(num_kv_blocks)
+        self._pool = KvBlockPool(num_kv_blocks)
         self._requests: dict[str, _SimRequest] = {}
         self._running: list[_SimRequest] = []
         self._waiting: deque[_SimRequest] = deque()
