@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from switchyard.config import EngineConfig, GatewayConfig, RouterConfig, ServeConfig, SimConfig
+from switchyard.config import ServeConfig
 from switchyard.errors import SwitchyardError
 
 logger = logging.getLogger("switchyard")
@@ -31,34 +31,46 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run engines, the router and the OpenAI gateway on this machine")
+    # Defaults live in the config models, not here: an option left out is absent from the
+    # namespace (SUPPRESS), so --config values and model defaults apply unless a flag is given.
+    serve = sub.add_parser(
+        "serve",
+        help="run engines, the router and the OpenAI gateway on this machine",
+        argument_default=argparse.SUPPRESS,
+    )
     serve.add_argument(
         "--model",
         type=Path,
-        default=None,
         help="local Hugging Face model directory (default: build the tiny smoke-test model)",
     )
-    serve.add_argument("--served-model-name", default=None, help="model name clients send")
+    serve.add_argument("--served-model-name", help="model name clients send")
     serve.add_argument(
         "--engine",
         choices=["vllm", "sim"],
-        default="vllm",
-        help="vllm: real inference; sim: the simulator (no inference, for scale tests)",
+        help="vllm (default): real inference; sim: the simulator (no inference, for scale tests)",
     )
-    serve.add_argument("--sim-profile", default=None, help="simulator cost profile (with --engine sim)")
-    serve.add_argument("--instances", type=int, default=2, help="engine instances (default 2)")
-    serve.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
-    serve.add_argument("--router-port", type=int, default=0, help="router gRPC port (default: any free)")
-    serve.add_argument("--policy", default="least_load", help="routing policy")
-    serve.add_argument("--max-model-len", type=int, default=None, help="context length per instance")
+    serve.add_argument("--sim-profile", help="simulator cost profile (with --engine sim)")
+    serve.add_argument("--instances", type=int, help="engine instances (default 2)")
+    serve.add_argument("--host", help="gateway and router gRPC address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gateway port (default 8000)")
+    serve.add_argument("--router-port", type=int, help="router gRPC port (default: any free)")
+    serve.add_argument("--policy", help="routing policy (default least_load)")
+    serve.add_argument("--max-model-len", type=int, help="context length per instance")
     serve.add_argument(
         "--api-key",
         action="append",
         default=[],
         help="accepted bearer key (repeatable; default: no auth). Also SWITCHYARD_API_KEY.",
     )
-    serve.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (413 above)")
+    serve.add_argument("--max-body-bytes", type=int, help="largest request body (413 above)")
+    serve.add_argument(
+        "--ray-address", help="join this Ray cluster (host:port or ray://host:10001) instead of starting one"
+    )
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="a ServeConfig as JSON or YAML (pools, engine, router, gateway); flags override it",
+    )
 
     tiny = sub.add_parser("build-tiny-model", help="build the tiny random-weight model and print its path")
     tiny.add_argument("--cache-dir", type=Path, default=None)
@@ -66,29 +78,58 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _serve_config(args: argparse.Namespace) -> ServeConfig:
+    """Merge ``--config`` (if any) with the flags given, then validate once."""
     import os
 
-    keys = list(args.api_key)
+    given = vars(args)
+    data: dict[str, Any] = _load_config_file(given["config"]) if "config" in given else {}
+
+    def section(name: str, flags: dict[str, str]) -> dict[str, Any]:
+        values: dict[str, Any] = dict(data.get(name, {}))
+        values.update({key: given[flag] for flag, key in flags.items() if flag in given})
+        return values
+
+    engine = section(
+        "engine",
+        {
+            "engine": "kind",
+            "model": "model",
+            "served_model_name": "served_model_name",
+            "max_model_len": "max_model_len",
+        },
+    )
+    if "sim_profile" in given:
+        engine["sim"] = {**engine.get("sim", {}), "profile": given["sim_profile"]}
+    gateway = section("gateway", {"host": "host", "port": "port", "max_body_bytes": "max_body_bytes"})
+    keys = [*gateway.get("api_keys", ()), *given.get("api_key", [])]
     if os.environ.get("SWITCHYARD_API_KEY"):
         keys.append(os.environ["SWITCHYARD_API_KEY"])
-    engine: dict[str, object] = {
-        "kind": args.engine,
-        "model": args.model,
-        "served_model_name": args.served_model_name,
-    }
-    if args.max_model_len is not None:
-        engine["max_model_len"] = args.max_model_len
-    if args.sim_profile is not None:
-        engine["sim"] = SimConfig(profile=args.sim_profile)
-    gateway: dict[str, object] = {"host": args.host, "port": args.port, "api_keys": tuple(keys)}
-    if args.max_body_bytes is not None:
-        gateway["max_body_bytes"] = args.max_body_bytes
-    return ServeConfig(
-        instances=args.instances,
-        engine=EngineConfig.model_validate(engine),
-        router=RouterConfig(policy=args.policy, grpc_port=args.router_port, grpc_host=args.host),
-        gateway=GatewayConfig.model_validate(gateway),
-    )
+    gateway["api_keys"] = tuple(keys)
+    router = section("router", {"policy": "policy", "router_port": "grpc_port", "host": "grpc_host"})
+    top = {flag: given[flag] for flag in ("instances", "ray_address") if flag in given}
+    return ServeConfig.model_validate({**data, **top, "engine": engine, "gateway": gateway, "router": router})
+
+
+def _load_config_file(path: Path) -> dict[str, Any]:
+    """Read a JSON or YAML config file into a dict; errors name the file."""
+    import json
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SystemExit(f"switchyard serve: cannot read --config {path}: {exc.strerror}") from exc
+    try:
+        if path.suffix in {".yaml", ".yml"}:
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ValueError as exc:
+        raise SystemExit(f"switchyard serve: --config {path} is not valid JSON/YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SystemExit(f"switchyard serve: --config {path} must hold a mapping, got {type(data).__name__}")
+    return data
 
 
 def _format_validation_error(exc: ValidationError) -> str:

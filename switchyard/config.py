@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 __all__ = [
     "EngineConfig",
     "GatewayConfig",
+    "PoolConfig",
     "RouterConfig",
     "ServeConfig",
     "SimConfig",
@@ -154,6 +155,26 @@ class GatewayConfig(StrictModel):
     """Most stop strings per request."""
 
 
+class PoolConfig(StrictModel):
+    """One pool of engine instances that a supervisor keeps alive (a ServingPool, on Kubernetes)."""
+
+    name: str = Field(default="pool", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    """Pool name: prefixes instance ids and Ray actor names (a DNS label, as Kubernetes names are)."""
+
+    role: Literal["unified", "prefill", "decode"] = "unified"
+    """What the pool's instances do; routers see it in membership."""
+
+    instances: int = Field(default=2, ge=0, le=256)
+    """Instances to keep alive."""
+
+    engine: EngineConfig | None = None
+    """Engine settings for this pool; None takes the service-wide ``engine``."""
+
+    ray_resource: str | None = None
+    """Custom Ray resource each instance takes one unit of, so instances land on this pool's
+    nodes (worker pods advertise ``pool-<name>``); None places them anywhere."""
+
+
 class ServeConfig(StrictModel):
     """Everything ``switchyard serve`` starts on one machine."""
 
@@ -173,8 +194,21 @@ class ServeConfig(StrictModel):
     restart_backoff_s: float = Field(default=1.0, ge=0)
     """Wait before restarting a dead instance, so a crash loop does not spin."""
 
+    pools: tuple[PoolConfig, ...] = ()
+    """Pools to run; empty means one pool named ``pool`` of ``instances`` instances."""
+
+    def effective_pools(self) -> tuple[PoolConfig, ...]:
+        """The pools to start, with each pool's engine settings resolved."""
+        pools = self.pools or (PoolConfig(name="pool", instances=self.instances),)
+        return tuple(
+            p if p.engine is not None else p.model_copy(update={"engine": self.engine}) for p in pools
+        )
+
     @model_validator(mode="after")
-    def _sim_needs_no_model(self) -> ServeConfig:
+    def _check(self) -> ServeConfig:
         if self.engine.kind == "sim" and self.engine.model is not None:
             raise ValueError("engine.model is only used by the vllm engine; drop it with engine.kind=sim")
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique, got {names}")
         return self

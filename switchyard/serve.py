@@ -77,7 +77,7 @@ async def start_stack(config: ServeConfig) -> RunningStack:
     from switchyard.router.core import RouterCore
     from switchyard.router.gateway import TokenizerAdapter, build_gateway_app, serve_gateway
     from switchyard.router.grpc_server import start_router_server
-    from switchyard.workers.local_cluster import start_local_pool
+    from switchyard.workers.local_cluster import start_local_pools
     from switchyard.workers.supervisor import PoolSpec
 
     model_dir, model_name, tiny = resolve_model(config)
@@ -93,15 +93,20 @@ async def start_stack(config: ServeConfig) -> RunningStack:
             "--engine sim: serving the SIMULATOR (a performance model, no inference); token IDs are synthetic"
         )
     tokenizer = await asyncio.to_thread(TokenizerAdapter.from_model_dir, model_dir)
-    spec = PoolSpec(
-        name="pool",
-        instances=config.instances,
-        engine=config.engine,
-        model_dir=str(model_dir) if config.engine.kind == "vllm" else None,
-        served_model_name=model_name,
-        restart_backoff_s=config.restart_backoff_s,
-    )
-    pool = await start_local_pool(spec, ray_address=config.ray_address, num_cpus=config.ray_num_cpus)
+    specs = [
+        PoolSpec(
+            name=pool.name,
+            role=pool.role,
+            instances=pool.instances,
+            engine=pool.engine or config.engine,
+            model_dir=str(model_dir) if (pool.engine or config.engine).kind == "vllm" else None,
+            served_model_name=model_name,
+            restart_backoff_s=config.restart_backoff_s,
+            ray_resource=pool.ray_resource,
+        )
+        for pool in config.effective_pools()
+    ]
+    pool = await start_local_pools(specs, ray_address=config.ray_address, num_cpus=config.ray_num_cpus)
     core = RouterCore(config.router)
     try:
         await core.start()
@@ -142,7 +147,7 @@ async def run_serve(config: ServeConfig) -> int:
     async with running_stack(config) as stack:
         host = config.gateway.host
         print(
-            f"Switchyard serving model '{stack.model_name}' on {config.instances} "
+            f"Switchyard serving model '{stack.model_name}' on {len(stack.core.membership.instances)} "
             f"{config.engine.kind} instance(s), policy {config.router.policy}\n"
             f"  OpenAI API:  http://{host}:{stack.gateway_port}/v1\n"
             f"  metrics:     http://{host}:{stack.gateway_port}/metrics\n"

@@ -1,8 +1,9 @@
-"""A pool of engine instances on a local (or joined) Ray cluster, as one object.
+"""Pools of engine instances on a local (or joined) Ray cluster, as one object.
 
-``switchyard serve`` and the integration tests need the same sequence: start Ray with the
-environment the engines need, start a supervisor, start its instances, and follow its
-membership. Keeping that here keeps Ray out of the composition code above it.
+``switchyard serve``, the router on Kubernetes and the integration tests need the same
+sequence: start or join Ray with the environment the engines need, start one supervisor per
+pool, start its instances, and follow their memberships. Keeping that here keeps Ray out of
+the composition code above it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,27 +21,27 @@ from typing import Any
 import ray
 
 from switchyard.messages import Membership
+from switchyard.router.membership import MembershipMerger
 from switchyard.workers.supervisor import PoolSpec, Supervisor, follow_membership
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LocalPool", "engine_environment", "start_local_pool"]
+__all__ = ["LocalPool", "engine_environment", "start_local_pool", "start_local_pools"]
 
 
-def engine_environment(spec: PoolSpec) -> dict[str, str]:
-    """Environment variables every Ray worker needs to host this pool's engines.
+def engine_environment(specs: Sequence[PoolSpec]) -> dict[str, str]:
+    """Environment variables every Ray worker needs to host these pools' engines.
 
     Ray workers do not inherit changes the driver makes after start-up, so the variables
     travel in the job's ``runtime_env``.
     """
     env: dict[str, str] = {}
-    if spec.engine.kind == "vllm":
-        from switchyard.workers.vllm_env import vllm_env
+    cache_root = Path(os.environ.get("SWITCHYARD_CACHE_DIR") or Path(tempfile.gettempdir()) / "switchyard")
+    for spec in specs:
+        if spec.engine.kind == "vllm":
+            from switchyard.workers.vllm_env import vllm_env
 
-        cache_root = Path(
-            os.environ.get("SWITCHYARD_CACHE_DIR") or Path(tempfile.gettempdir()) / "switchyard"
-        )
-        env.update(vllm_env(spec.engine, cache_dir=cache_root))
+            env.update(vllm_env(spec.engine, cache_dir=cache_root))
     # Pass through the cache location so restarted instances find the same models.
     if os.environ.get("SWITCHYARD_CACHE_DIR"):
         env["SWITCHYARD_CACHE_DIR"] = os.environ["SWITCHYARD_CACHE_DIR"]
@@ -49,58 +50,98 @@ def engine_environment(spec: PoolSpec) -> dict[str, str]:
 
 @dataclass
 class LocalPool:
-    """A started pool: its supervisor handle and the task feeding membership to a router."""
+    """Started pools: one supervisor each, and the tasks feeding membership to a router."""
 
-    supervisor: Any
-    membership: Membership
+    supervisors: dict[str, Any]
+    memberships: dict[str, Membership]
     started_ray: bool
-    _follow_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _follow_tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
+
+    @property
+    def supervisor(self) -> Any:
+        """The supervisor of a single-pool deployment (tests and ``serve`` with one pool)."""
+        if len(self.supervisors) != 1:
+            raise ValueError(f"{len(self.supervisors)} pools; pick one from .supervisors")
+        return next(iter(self.supervisors.values()))
+
+    @property
+    def membership(self) -> Membership:
+        """All pools' instances as one membership snapshot (version: number of pools' changes)."""
+        instances = sorted(
+            (i for m in self.memberships.values() for i in m.instances), key=lambda i: i.instance_id
+        )
+        return Membership(
+            version=sum(m.version for m in self.memberships.values()), instances=tuple(instances)
+        )
 
     def follow(self, apply: Callable[[Membership], None]) -> None:
-        """Feed ``apply`` the current membership now and every change from then on."""
-        apply(self.membership)
-        self._follow_task = asyncio.create_task(follow_membership(self.supervisor, apply))
+        """Feed ``apply`` the merged membership of every pool now and on every change."""
+        merger = MembershipMerger(apply)
+        for name, supervisor in self.supervisors.items():
+            merger.update(name, self.memberships[name])
+            self._follow_tasks.append(
+                asyncio.create_task(follow_membership(supervisor, merger.updater(name)))
+            )
 
     async def instance_handle(self, instance_id: str) -> Any:
-        """Ray handle of one instance actor (tests kill it to exercise restarts)."""
-        return await self.supervisor.instance_handle.remote(instance_id)
+        """Ray handle of one instance actor (tests kill it to exercise restarts), or None."""
+        for supervisor in self.supervisors.values():
+            handle = await supervisor.instance_handle.remote(instance_id)
+            if handle is not None:
+                return handle
+        return None
 
     async def stop(self) -> None:
-        """Stop following, stop every instance, and shut Ray down if this pool started it."""
-        if self._follow_task is not None:
-            self._follow_task.cancel()
+        """Stop following, stop every instance, and shut Ray down if this object started it."""
+        for task in self._follow_tasks:
+            task.cancel()
+        for task in self._follow_tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._follow_task
-        with contextlib.suppress(Exception):
-            await self.supervisor.stop.remote()
-        with contextlib.suppress(Exception):
-            ray.kill(self.supervisor, no_restart=True)
+                await task
+        for supervisor in self.supervisors.values():
+            with contextlib.suppress(Exception):
+                await supervisor.stop.remote()
+            with contextlib.suppress(Exception):
+                ray.kill(supervisor, no_restart=True)
         if self.started_ray:
             ray.shutdown()
+
+
+async def start_local_pools(
+    specs: Sequence[PoolSpec], *, ray_address: str | None = None, num_cpus: int | None = None
+) -> LocalPool:
+    """Start (or join) Ray, start a supervisor per pool and wait until every instance serves."""
+    started = False
+    if not ray.is_initialized():
+        ray.init(
+            address=ray_address,
+            num_cpus=num_cpus if ray_address is None else None,
+            include_dashboard=False,
+            namespace="switchyard",
+            runtime_env={"env_vars": engine_environment(specs)},
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+        started = True
+    supervisors = {s.name: Supervisor.options(name=f"supervisor-{s.name}").remote(s) for s in specs}
+    results = await asyncio.gather(
+        *(sup.start.remote() for sup in supervisors.values()), return_exceptions=True
+    )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        for sup in supervisors.values():
+            with contextlib.suppress(Exception):
+                await sup.stop.remote()
+            ray.kill(sup, no_restart=True)
+        if started:
+            ray.shutdown()
+        raise errors[0]
+    memberships = {name: m for name, m in zip(supervisors, results, strict=True) if isinstance(m, Membership)}
+    return LocalPool(supervisors=supervisors, memberships=memberships, started_ray=started)
 
 
 async def start_local_pool(
     spec: PoolSpec, *, ray_address: str | None = None, num_cpus: int | None = None
 ) -> LocalPool:
-    """Start (or join) Ray, start a supervisor for ``spec`` and wait until its instances serve."""
-    started = False
-    if not ray.is_initialized():
-        ray.init(
-            address=ray_address,
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            namespace="switchyard",
-            runtime_env={"env_vars": engine_environment(spec)},
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-        )
-        started = True
-    supervisor = Supervisor.options(name=f"supervisor-{spec.name}").remote(spec)
-    try:
-        membership: Membership = await supervisor.start.remote()
-    except BaseException:
-        ray.kill(supervisor, no_restart=True)
-        if started:
-            ray.shutdown()
-        raise
-    return LocalPool(supervisor=supervisor, membership=membership, started_ray=started)
+    """``start_local_pools`` for a single pool."""
+    return await start_local_pools([spec], ray_address=ray_address, num_cpus=num_cpus)

@@ -62,6 +62,9 @@ class PoolSpec(StrictModel):
     start_timeout_s: float = Field(default=600.0, gt=0)
     """Give up on an instance whose engine has not started in this long."""
 
+    ray_resource: str | None = None
+    """Custom Ray resource each instance takes one unit of (pins instances to the pool's nodes)."""
+
 
 class _SupervisorImpl:
     def __init__(self, spec: PoolSpec) -> None:
@@ -96,7 +99,10 @@ class _SupervisorImpl:
 
     async def _start_instance(self, instance_id: str, incarnation: int) -> None:
         spec = self._spec
-        actor = InstanceActor.options(name=f"{instance_id}.{incarnation}").remote()
+        options: dict[str, Any] = {"name": f"{instance_id}.{incarnation}"}
+        if spec.ray_resource:
+            options["resources"] = {spec.ray_resource: 1}
+        actor = InstanceActor.options(**options).remote()
         try:
             info: InstanceInfo = await asyncio.wait_for(
                 actor.start.remote(
