@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from switchyard.config import ServeConfig
+from switchyard.config import EngineConfig, ServeConfig
 from switchyard.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,13 @@ class RunningStack:
         await self.pool.stop()
 
 
+def _engine_for(engine: EngineConfig, *, vocab_size: int) -> EngineConfig:
+    """The simulator emits token IDs the gateway must detokenize: keep them in the tokenizer's range."""
+    if engine.kind != "sim":
+        return engine
+    return engine.model_copy(update={"sim": engine.sim.model_copy(update={"vocab_size": vocab_size})})
+
+
 async def start_stack(config: ServeConfig) -> RunningStack:
     """Start the whole local stack and return once the gateway accepts requests."""
     from switchyard.router.core import RouterCore
@@ -98,7 +105,7 @@ async def start_stack(config: ServeConfig) -> RunningStack:
             name=pool.name,
             role=pool.role,
             instances=pool.instances,
-            engine=pool.engine or config.engine,
+            engine=_engine_for(pool.engine or config.engine, vocab_size=tokenizer.vocab_size),
             model_dir=str(model_dir) if (pool.engine or config.engine).kind == "vllm" else None,
             served_model_name=model_name,
             restart_backoff_s=config.restart_backoff_s,

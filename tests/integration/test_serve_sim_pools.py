@@ -1,0 +1,65 @@
+"""`switchyard serve --engine sim` with several pools: one gateway, merged membership, real Ray.
+
+The simulator stands in for vLLM here (it is a performance model, not inference), so this
+covers the multi-pool plumbing of ``serve`` in seconds: per-pool supervisors, the merged
+membership the router follows, and the OpenAI gateway in front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import openai
+import pytest
+import pytest_asyncio
+import ray
+
+from switchyard.config import EngineConfig, GatewayConfig, PoolConfig, RouterConfig, ServeConfig
+from switchyard.serve import RunningStack, start_stack
+from tests.helpers.waiting import eventually
+
+pytestmark = [pytest.mark.ray, pytest.mark.asyncio(loop_scope="module")]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack() -> AsyncIterator[RunningStack]:
+    config = ServeConfig(
+        engine=EngineConfig(kind="sim", max_model_len=4096),
+        pools=(
+            PoolConfig(name="prefill", role="prefill", instances=1),
+            PoolConfig(name="decode", role="decode", instances=2),
+        ),
+        router=RouterConfig(policy="round_robin"),
+        gateway=GatewayConfig(port=0),
+        ray_num_cpus=2,
+    )
+    running = await start_stack(config)
+    try:
+        await eventually(lambda: running.core.ready, within_s=30)
+        yield running
+    finally:
+        await running.stop()
+    assert not ray.is_initialized()
+
+
+async def test_router_sees_every_pool_instance_with_its_role(stack: RunningStack) -> None:
+    """Both pools' instances are in the router's membership, each with its pool's role."""
+    roles = {i.instance_id: i.role for i in stack.core.membership.instances}
+    assert roles == {"decode-0": "decode", "decode-1": "decode", "prefill-0": "prefill"}
+
+
+async def test_openai_client_gets_completions_from_the_simulator(stack: RunningStack) -> None:
+    """Completions through the gateway succeed on the simulated fleet, with exact usage counts."""
+    client = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{stack.gateway_port}/v1", api_key="x", max_retries=0
+    )
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [stack.model_name]
+    for _ in range(3):
+        resp = await client.completions.create(
+            model=stack.model_name, prompt="hello world", max_tokens=7, extra_body={"ignore_eos": True}
+        )
+        assert resp.usage is not None and resp.usage.completion_tokens == 7
+        assert resp.choices[0].finish_reason == "length"
+    used = {d["instance_id"] for d in stack.core.recent_decisions()}
+    assert used == {"decode-0", "decode-1", "prefill-0"}

@@ -1,0 +1,96 @@
+"""`switchyard serve` options become a validated ServeConfig; bad input exits 2 naming the option."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from switchyard.cli import _build_parser, _serve_config, main
+from switchyard.config import ServeConfig
+
+
+def _config(*argv: str) -> ServeConfig:
+    return _serve_config(_build_parser().parse_args(["serve", *argv]))
+
+
+def test_no_flags_gives_the_model_defaults() -> None:
+    """Defaults live in ServeConfig: two vLLM instances, least_load, 127.0.0.1:8000, no auth."""
+    config = _config()
+    assert config == ServeConfig()
+    assert (config.instances, config.engine.kind, config.router.policy) == (2, "vllm", "least_load")
+    assert (config.gateway.host, config.gateway.port, config.gateway.api_keys) == ("127.0.0.1", 8000, ())
+
+
+def test_flags_override_config_file(tmp_path: Path) -> None:
+    """--config supplies pools and sections; explicit flags win over the file."""
+    path = tmp_path / "serve.json"
+    path.write_text(
+        json.dumps(
+            {
+                "engine": {"kind": "sim"},
+                "router": {"policy": "round_robin"},
+                "pools": [
+                    {"name": "prefill", "role": "prefill", "instances": 1},
+                    {"name": "decode", "role": "decode", "instances": 3, "ray_resource": "pool-decode"},
+                ],
+            }
+        )
+    )
+    config = _config("--config", str(path), "--policy", "least_load", "--port", "9001")
+    assert config.router.policy == "least_load"
+    assert config.gateway.port == 9001
+    assert config.engine.kind == "sim"
+    pools = config.effective_pools()
+    assert [(p.name, p.role, p.instances) for p in pools] == [
+        ("prefill", "prefill", 1),
+        ("decode", "decode", 3),
+    ]
+    assert all(p.engine is not None and p.engine.kind == "sim" for p in pools)
+
+
+def test_api_key_from_environment_is_added(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SWITCHYARD_API_KEY joins the --api-key values, so keys need not appear in process lists."""
+    monkeypatch.setenv("SWITCHYARD_API_KEY", "from-env")
+    config = _config("--api-key", "from-flag")
+    assert sorted(k.get_secret_value() for k in config.gateway.api_keys) == ["from-env", "from-flag"]
+    assert "from-env" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--instances", "0"], "instances"),
+        (["--port", "70000"], "gateway.port"),
+        (["--engine", "sim", "--model", "/x"], "engine.model"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_option(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An invalid value stops before anything starts, with status 2 and the option's path."""
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", *argv])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_duplicate_pool_names_are_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two pools with one name would share instance ids; the config says so."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("pools:\n  - {name: a, instances: 1}\n  - {name: a, instances: 2}\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--config", str(path)])
+    assert exc.value.code == 2
+    assert "unique" in capsys.readouterr().err
+
+
+def test_unreadable_config_file_is_named(tmp_path: Path) -> None:
+    """A missing or malformed --config file is reported with its path."""
+    with pytest.raises(SystemExit, match="cannot read --config"):
+        main(["serve", "--config", str(tmp_path / "missing.json")])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        main(["serve", "--config", str(bad)])
