@@ -1,4 +1,4 @@
-"""``switchyard`` command line: ``serve``, ``build-tiny-model`` (and later ``operator``, ``bench``).
+"""``switchyard`` command line: ``serve``, ``build-tiny-model``, ``crds`` (and later ``operator``, ``bench``).
 
 This is a process entry point, so it is one of the two places allowed to import Ray and to
 read environment variables. Arguments are parsed into the same pydantic config models the
@@ -74,6 +74,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("build-tiny-model", help="build the tiny random-weight model and print its path")
     tiny.add_argument("--cache-dir", type=Path, default=None)
+
+    from switchyard.operator import crds as crds_module
+
+    crds = sub.add_parser("crds", help="write the CRD manifests generated from the operator's models")
+    crds_module.add_arguments(crds)
     return parser
 
 
@@ -154,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(build_tiny_model(args.cache_dir))
         return 0
+    if args.command == "crds":
+        from switchyard.operator.crds import run as write_crds
+
+        return write_crds(args)
     if args.command == "serve":
         try:
             config = _serve_config(args)
