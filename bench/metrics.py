@@ -32,6 +32,7 @@ from switchyard.workers.sim_cost import StepCostModel, StepWork, prefill_pairs
 
 __all__ = [
     "ATTAINMENT_SLOS_S",
+    "CDF_QUANTILES",
     "Capacity",
     "capacity",
     "idle_ttft_s",
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 ATTAINMENT_SLOS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+CDF_QUANTILES = (*range(0, 90), *(90 + k / 10 for k in range(101)))
+"""Percentiles of TTFT kept per run (finer in the tail): enough to redraw a CDF from the JSON."""
 """Extra TTFT thresholds reported per run, so other SLOs can be read off the same runs."""
 
 
@@ -122,6 +126,9 @@ def summarize(result: ReplayResult, slo_s: float, base_rate: float) -> dict[str,
         "slo_attainment": _r(slo_attainment(ttft, slo_s)),
         "attainment_at_ttft_s": {f"{s:g}": _r(slo_attainment(ttft, s)) for s in ATTAINMENT_SLOS_S},
         "ttft_s": {f"p{q}": _r(percentile(ttft, q)) for q in (50, 90, 99)},
+        "ttft_quantiles_s": [_r(float(v), 4) for v in np.nanpercentile(ttft, CDF_QUANTILES)]
+        if np.any(~np.isnan(ttft))
+        else [],
         "ttft_mean_s": _r(float(np.nanmean(ttft)) if ttft.size else None),
         "tpot_s": {f"p{q}": _r(percentile(tpot, q)) for q in (50, 90, 99)},
         "tpot_mean_s": _r(float(np.nanmean(tpot)) if np.any(~np.isnan(tpot)) else None),
@@ -136,4 +143,10 @@ def summarize(result: ReplayResult, slo_s: float, base_rate: float) -> dict[str,
         "virtual_end_s": _r(result.virtual_end_s),
         "decision_us_mean": _r(result.decision_us_mean, 3),
         "wall_s": _r(result.wall_s, 3),
+        "ttft_estimate_error_s": {
+            "_what": "measured TTFT minus the policy's TTFT estimate for its choice (TtftFeedback policies)",
+            "p50": _r(percentile(result.ttft_estimate_error_s, 50)),
+            "p50_abs": _r(percentile(np.abs(result.ttft_estimate_error_s), 50)),
+            "p90_abs": _r(percentile(np.abs(result.ttft_estimate_error_s), 90)),
+        },
     }

@@ -17,6 +17,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FormatStrFormatter
+
+from bench.metrics import CDF_QUANTILES
 
 __all__ = ["plot_capacity", "plot_ttft_cdf"]
 
@@ -47,6 +50,8 @@ def plot_capacity(
     ax_p99.set_xlabel(f"arrival-rate scale (x {base_rate:.3g} req/s)")
     ax_p99.set_ylabel("P99 TTFT (s)")
     ax_p99.set_yscale("log")
+    ax_p99.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax_p99.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax_p99.set_title("P99 TTFT")
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
@@ -54,18 +59,18 @@ def plot_capacity(
 
 
 def plot_ttft_cdf(
-    ttfts: Mapping[str, np.ndarray], *, slo_s: float, scale: float, title: str, path: Path
+    quantiles: Mapping[str, Sequence[float]], *, slo_s: float, scale: float, title: str, path: Path
 ) -> None:
-    """Empirical TTFT CDF per policy at one scale, log time axis, SLO marked."""
+    """TTFT CDF per policy at one scale (from ``CDF_QUANTILES`` percentiles), log time axis."""
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    for policy in sorted(ttfts):
-        values = np.sort(ttfts[policy][~np.isnan(ttfts[policy])])
-        if values.size == 0:
-            continue
-        frac = np.arange(1, values.size + 1) / ttfts[policy].size
-        ax.step(np.maximum(values, 1e-3), frac, where="post", label=policy)
+    frac = np.array(CDF_QUANTILES) / 100.0
+    for policy in sorted(quantiles):
+        values = np.asarray(quantiles[policy], dtype=float)
+        if values.size == frac.size:
+            ax.plot(np.maximum(values, 1e-3), frac, label=policy)
     ax.axvline(slo_s, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("TTFT (s)")
     ax.set_ylabel("fraction of requests")
     ax.set_ylim(0, 1.01)

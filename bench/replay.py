@@ -9,8 +9,10 @@ around a policy and nothing more:
   instances, as independent pushers are), so policies see load up to one interval stale,
   and the registry adds the router's own dispatches since the last report (``pending_*``);
 * at each arrival the policy chooses from ``registry.fleet(model)``, then the registry and the
-  policy hear ``on_dispatched``; the first output calls ``on_first_token`` and the last one
-  ``on_finished`` with the engine-reported ``num_cached_tokens``, in the core's order.
+  policy hear ``on_dispatched``; the first output calls the registry's ``on_first_token``
+  and, for a policy with the ``TtftFeedback`` hook (``on_first_token``), that hook with the
+  measured TTFT; the last output calls ``on_finished`` with the engine-reported
+  ``num_cached_tokens``, in the core's order.
 
 The engines are the real ``SimInstance`` model driven by the real ``SimFleet`` event loop; the
 only addition is a subclass that sums step durations, for the busy-time imbalance metric.
@@ -39,6 +41,7 @@ from switchyard.messages import (
 )
 from switchyard.router.policies import make_policy
 from switchyard.router.registry import InstanceRegistry, InstanceState
+from switchyard.router.ttft_estimator import TtftFeedback
 from switchyard.workers.sim_cost import load_profile
 from switchyard.workers.sim_engine import SimFleet
 from switchyard.workers.sim_instance import SimInstance, StepResult
@@ -82,6 +85,9 @@ class ReplayResult:
     virtual_end_s: float
     wall_s: float
     decision_us_mean: float
+    ttft_estimate_error_s: np.ndarray
+    """Per request, measured TTFT minus the policy's estimate for the chosen instance (the core's
+    ``ttft_estimate_error`` metric); NaN when the policy gives no estimate for its choice."""
 
 
 class _MeteredInstance(SimInstance):
@@ -133,6 +139,8 @@ class _Replay:
         self.policy_name = policy
         self.policy = make_policy(policy, cfg.policy_params, clock=clock)
         self.policy.on_membership(sorted(infos, key=lambda i: i.instance_id))
+        # As in the core: a policy that estimates TTFT hears measured ones.
+        self.feedback = self.policy if isinstance(self.policy, TtftFeedback) else None
         self.synth = TokenSynth(vocab, seed=cfg.seed)
         self.trace, self.cfg = trace, cfg
         n = len(trace.requests)
@@ -144,6 +152,7 @@ class _Replay:
         self.cached = [0] * n
         self.where: list[InstanceState | None] = [None] * n
         self.epoch = [0] * n
+        self.estimate = [np.nan] * n  # the decision's score of the chosen instance (TTFT s for dualmap)
         self.done = 0
         self.outcomes: Counter[str] = Counter()
         self.per_instance: Counter[str] = Counter()
@@ -177,6 +186,11 @@ class _Replay:
             virtual_end_s=fleet.now,
             wall_s=time.perf_counter() - t0,
             decision_us_mean=1e6 * self.decision_s / max(1, n),
+            ttft_estimate_error_s=(
+                first - self.arrival - np.array(self.estimate)
+                if self.feedback is not None
+                else np.full(n, np.nan)
+            ),
         )
 
     def _reporter(self, instance_id: str) -> Any:
@@ -207,6 +221,10 @@ class _Replay:
             raise RuntimeError(f"{self.policy_name} chose {decision.instance_id!r}, not a live instance")
         self.where[idx] = state
         self.epoch[idx] = self.registry.on_dispatched(state, req.input_length)
+        for candidate, score in decision.estimates:
+            if candidate == decision.instance_id:
+                self.estimate[idx] = score
+                break
         self.policy.on_dispatched(rreq, decision)
         self.outcomes[decision.outcome.value] += 1
         self.per_instance[decision.instance_id] += 1
@@ -223,6 +241,11 @@ class _Replay:
             self.first[idx] = now
             self.cached[idx] = out.num_cached_tokens
             self.registry.on_first_token(state, self.epoch[idx], n_in)
+            if self.feedback is not None:
+                ttft = now - float(self.arrival[idx])  # dispatch happens at arrival
+                self.feedback.on_first_token(
+                    out.request_id, instance_id, ttft_s=ttft, num_cached_tokens=out.num_cached_tokens
+                )
         self.generated[idx] += len(out.token_ids)
         self.last[idx] = now
         if out.finished:

@@ -48,7 +48,9 @@ def render_summary(doc: Mapping[str, Any]) -> str:
         f"# {Path(tr['path']).name} on {doc['instances']} x {prof['name']}: "
         f"TTFT SLO {slo['ttft_s']:g} s for {100 * slo['target_attainment']:.0f} % of requests",
         "",
-        f"Command: `{doc['command']}`",
+        "Commands (later ones replaced the runs of the policies they name):",
+        "",
+        *(f"- `{inv['command']}` ({inv['wall_s']:.0f} s wall)" for inv in doc["invocations"]),
         "",
         f"Trace: {tr['requests']} requests ({tr['dropped_over_context']} dropped: prompt + output over "
         f"{prof['max_model_len']} tokens), base rate {base:.3f} req/s, "
@@ -88,13 +90,13 @@ def render_summary(doc: Mapping[str, Any]) -> str:
                 f"| {_ms(r['tpot_s']['p99'])} | {_pct(hit)} | {of_bound} "
                 f"| {r['imbalance_busy_max_over_mean']:.2f} | {r['preemptions']} | {outcomes} |"
             )
-    rt = doc["runtime"]
-    lines += [
-        "",
-        f"Runtime: {rt['wall_s']:.0f} s wall for {rt['runs']} runs with {rt['jobs']} process(es) "
-        f"({rt['sum_of_run_wall_s']:.0f} s summed over runs).",
-        "",
-    ]
+    lines.append("")
+    for inv in doc["invocations"]:
+        lines.append(
+            f"Runtime of `{' '.join(inv['policies'])}`: {inv['wall_s']:.0f} s wall for {inv['runs']} runs "
+            f"with {inv['jobs']} process(es) ({inv['sum_of_run_wall_s']:.0f} s summed over runs)."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 

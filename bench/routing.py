@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import platform
@@ -68,6 +69,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--cdf-scale", type=float, default=None, help="scale of ttft_cdf.png (default: see README)"
     )
     p.add_argument("--jobs", type=int, default=1, help="worker processes (fork)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep other policies' runs already in OUT/results.json (same setup), replace these",
+    )
     return p.parse_args(argv)
 
 
@@ -79,6 +85,18 @@ def _policies(spec: str) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; registered: {', '.join(sorted(POLICIES))}")
     return names
+
+
+def _params_for(policy: str, given: dict[str, Any], slo_ms: float) -> dict[str, Any]:
+    """``given``, plus the benchmark's SLO for a policy that takes one (``ttft_slo_ms``) unless set.
+
+    An SLO-aware policy is deployed with the service's SLO; benchmarking it against another
+    SLO than the one it is told about would measure a misconfiguration.
+    """
+    params = dict(given)
+    if "ttft_slo_ms" in POLICIES[policy].Params.model_fields and "ttft_slo_ms" not in params:
+        params["ttft_slo_ms"] = slo_ms
+    return params
 
 
 def _run_task(task: tuple[str, ReplayConfig]) -> ReplayResult:
@@ -101,48 +119,57 @@ def _load(args: argparse.Namespace, max_model_len: int) -> tuple[Trace, int]:
     return dataclasses.replace(trace, requests=kept), len(trace.requests) - len(kept)
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip()
+
+
+def _provenance(policies: Sequence[str]) -> dict[str, Any]:
+    """Which code produced the numbers: commit, uncommitted changes, and each policy's source hash."""
+    sources = {}
+    for name in policies:
+        module = sys.modules[POLICIES[name].__module__]
+        digest = hashlib.sha256(Path(str(module.__file__)).read_bytes()).hexdigest()[:16]
+        sources[name] = {"module": module.__name__, "sha256_16": digest}
+    dirty = _git("status", "--porcelain", "--", "switchyard/router", "switchyard/workers")
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "uncommitted_switchyard_files": dirty.splitlines() if dirty else [],
+        "policy_sources": sources,
+    }
+
+
+_COMPAT_KEYS = ("trace", "profile", "instances", "slo", "load_report_interval_s", "seed")
+"""What must agree for ``--merge`` to put runs of two invocations into one document."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     global _TRACE
     args = parse_args(argv)
     t_start = time.perf_counter()
+    command = "python -m bench.routing " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slo_s = args.slo_ttft_ms / 1000.0
     scales = sorted({float(s) for s in args.rates.split(",") if s.strip()})
     policies = _policies(args.policies)
-    params: dict[str, dict[str, Any]] = json.loads(args.policy_params)
+    provenance = _provenance(policies)  # now: the code the forked workers will run
+    given: dict[str, dict[str, Any]] = json.loads(args.policy_params)
+    params = {p: _params_for(p, given.get(p, {}), args.slo_ttft_ms) for p in policies}
     probe_instance = SimInstance.from_config(engine_config(args.profile, args.compute_derate))
     trace, dropped = _load(args, probe_instance.max_model_len)
     _TRACE = trace
+    base = _describe(args, trace, dropped, probe_instance)
     base_rate = trace.rate
-    bound = prefix_hit_bound(trace.requests, engine_block=probe_instance.block_size)
-    kv_tokens = probe_instance.num_kv_blocks * probe_instance.block_size
-    lru_ref = lru_hit_rate(trace.requests, kv_tokens * args.instances)
-    profile = load_profile(args.profile)
-    chunk = profile.engine.max_num_batched_tokens
-    idle_cold = np.array(
-        [metrics.idle_ttft_s(probe_instance.cost, r.input_length, 0, chunk) for r in trace.requests]
-    )
-    idle_warm = np.array(
-        [
-            metrics.idle_ttft_s(probe_instance.cost, r.input_length, h, chunk)
-            for r, h in zip(trace.requests, bound.per_request, strict=True)
-        ]
-    )
     print(
         f"{len(trace.requests)} requests ({dropped} over context dropped), {base_rate:.3f} req/s, "
-        f"prefix-hit bound {bound.token_hit_rate:.3f}; {len(policies)} policies x {len(scales)} scales",
+        f"prefix-hit bound {base['prefix_hit_bound']['token_hit_rate']:.3f}; "
+        f"{len(policies)} policies x {len(scales)} scales",
         file=sys.stderr,
     )
-
     tasks = [
         (
             policy,
@@ -152,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 profile=args.profile,
                 compute_derate=args.compute_derate,
                 load_report_interval_s=args.load_report_interval_ms / 1000.0,
-                policy_params=params.get(policy, {}),
+                policy_params=params[policy],
                 seed=args.seed,
             ),
         )
@@ -170,80 +197,114 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(_run_task(task))
             _progress(results[-1], slo_s, len(results), len(tasks))
 
+    doc: dict[str, Any] = {**base, "policies": {}, "invocations": []}
+    old_path = out / "results.json"
+    if args.merge and old_path.exists():
+        old = json.loads(old_path.read_text(encoding="utf-8"))
+        changed = [k for k in _COMPAT_KEYS if old.get(k) != base[k]]
+        if changed:
+            raise SystemExit(f"--merge: {old_path} differs in {changed}; use another --out")
+        doc["policies"] = {k: v for k, v in old["policies"].items() if k not in policies}
+        doc["invocations"] = old["invocations"]
     runs = [metrics.summarize(r, slo_s, base_rate) for r in results]
-    runs.sort(key=lambda r: (r["policy"], r["scale"]))
-    per_policy: dict[str, Any] = {}
     for policy in policies:
-        mine = [r for r in runs if r["policy"] == policy]
+        mine = sorted((r for r in runs if r["policy"] == policy), key=lambda r: r["scale"])
         cap = metrics.capacity([(r["scale"], r["slo_attainment"]) for r in mine], args.target)
-        per_policy[policy] = {
-            "params": params.get(policy, {}),
+        doc["policies"][policy] = {
+            "params": params[policy],
+            "source": provenance["policy_sources"][policy],
+            "invocation": len(doc["invocations"]),
             "capacity_scale": cap.scale,
             "capacity_scale_interp": cap.scale_interp,
             "capacity_req_s": cap.scale * base_rate if cap.scale is not None else None,
             "capacity_saturated": cap.saturated,
             "runs": mine,
         }
-    caps = [p["capacity_scale"] for p in per_policy.values() if p["capacity_scale"] is not None]
-    cdf_scale = args.cdf_scale if args.cdf_scale is not None else (max(caps) if caps else scales[0])
+    doc["policies"] = dict(sorted(doc["policies"].items()))
+    all_runs = [r for p in doc["policies"].values() for r in p["runs"]]
+    doc["scales"] = sorted({r["scale"] for r in all_runs})
+    caps = [p["capacity_scale"] for p in doc["policies"].values() if p["capacity_scale"] is not None]
+    cdf_scale = args.cdf_scale if args.cdf_scale is not None else (max(caps) if caps else doc["scales"][0])
+    doc["cdf_scale"] = cdf_scale
     wall_s = time.perf_counter() - t_start
-    doc: dict[str, Any] = {
-        "command": "python -m bench.routing " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
-        "git_commit": _git_commit(),
-        "python": platform.python_version(),
+    doc["invocations"].append(
+        {
+            "command": command,
+            "policies": policies,
+            "provenance": {k: v for k, v in provenance.items() if k != "policy_sources"},
+            "python": platform.python_version(),
+            "wall_s": wall_s,
+            "jobs": args.jobs,
+            "runs": len(results),
+            "sum_of_run_wall_s": sum(r.wall_s for r in results),
+        }
+    )
+    old_path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(render_summary(doc), encoding="utf-8")
+    title = f"{Path(args.trace).name}, {args.instances} x {args.profile}, TTFT SLO {slo_s:g} s"
+    plots.plot_capacity(
+        all_runs, slo_s=slo_s, target=args.target, base_rate=base_rate, title=title, path=out / "capacity.png"
+    )
+    plots.plot_ttft_cdf(
+        {r["policy"]: r["ttft_quantiles_s"] for r in all_runs if r["scale"] == cdf_scale},
+        slo_s=slo_s,
+        scale=cdf_scale,
+        title=title,
+        path=out / "ttft_cdf.png",
+    )
+    print(f"wrote {out}/ in {wall_s:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _describe(args: argparse.Namespace, trace: Trace, dropped: int, probe: SimInstance) -> dict[str, Any]:
+    """The parts of the document that depend on the setup, not on the runs."""
+    slo_s = args.slo_ttft_ms / 1000.0
+    bound = prefix_hit_bound(trace.requests, engine_block=probe.block_size)
+    kv_tokens = probe.num_kv_blocks * probe.block_size
+    profile = load_profile(args.profile)
+    chunk = profile.engine.max_num_batched_tokens
+    reqs = trace.requests
+    idle_cold = np.array([metrics.idle_ttft_s(probe.cost, r.input_length, 0, chunk) for r in reqs])
+    idle_warm = np.array(
+        [
+            metrics.idle_ttft_s(probe.cost, r.input_length, h, chunk)
+            for r, h in zip(reqs, bound.per_request, strict=True)
+        ]
+    )
+    return {
         "trace": {
             "path": args.trace,
             "format": args.format,
             "window": {"start_s": args.start_s, "duration_s": args.duration_s, "limit": args.limit},
             "azure_prefix_groups": args.azure_prefix_groups,
             "azure_prefix_tokens": args.azure_prefix_tokens,
-            "requests": len(trace.requests),
+            "requests": len(reqs),
             "dropped_over_context": dropped,
             "span_s": trace.span_s,
-            "base_rate_req_s": base_rate,
-            "input_tokens_mean": float(np.mean([r.input_length for r in trace.requests])),
-            "output_tokens_mean": float(np.mean([r.output_length for r in trace.requests])),
+            "base_rate_req_s": trace.rate,
+            "input_tokens_mean": float(np.mean([r.input_length for r in reqs])),
+            "output_tokens_mean": float(np.mean([r.output_length for r in reqs])),
         },
         "profile": {
             "name": args.profile,
             "id": profile.id,
             "compute_derate": args.compute_derate,
-            "block_size": probe_instance.block_size,
+            "block_size": probe.block_size,
             "kv_cache_tokens_per_instance": kv_tokens,
-            "max_model_len": probe_instance.max_model_len,
+            "max_model_len": probe.max_model_len,
         },
         "instances": args.instances,
         "slo": {"ttft_s": slo_s, "target_attainment": args.target},
         "load_report_interval_s": args.load_report_interval_ms / 1000.0,
         "seed": args.seed,
-        "scales": scales,
         "prefix_hit_bound": bound.as_dict(),
         "slo_feasible_fraction": {
             "_what": "requests whose TTFT alone on an idle instance is within the SLO: an attainment ceiling",
             "cold_cache": metrics.slo_attainment(idle_cold, slo_s),
             "best_cache": metrics.slo_attainment(idle_warm, slo_s),
         },
-        "lru_fleet_kv_reference_hit_rate": lru_ref,
-        "cdf_scale": cdf_scale,
-        "policies": per_policy,
-        "runtime": {
-            "wall_s": wall_s,
-            "jobs": args.jobs,
-            "sum_of_run_wall_s": sum(r.wall_s for r in results),
-            "runs": len(results),
-        },
+        "lru_fleet_kv_reference_hit_rate": lru_hit_rate(reqs, kv_tokens * args.instances),
     }
-    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text(render_summary(doc), encoding="utf-8")
-    title = f"{Path(args.trace).name}, {args.instances} x {args.profile}, TTFT SLO {slo_s:g} s"
-    plots.plot_capacity(
-        runs, slo_s=slo_s, target=args.target, base_rate=base_rate, title=title, path=out / "capacity.png"
-    )
-    at_scale = {r.policy: r.ttft_s for r in results if r.scale == cdf_scale}
-    if at_scale:
-        plots.plot_ttft_cdf(at_scale, slo_s=slo_s, scale=cdf_scale, title=title, path=out / "ttft_cdf.png")
-    print(f"wrote {out}/ in {wall_s:.0f} s", file=sys.stderr)
-    return 0
 
 
 def _progress(res: ReplayResult, slo_s: float, done: int, total: int) -> None:
