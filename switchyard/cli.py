@@ -1,4 +1,4 @@
-"""``switchyard`` command line: ``serve``, ``build-tiny-model``, ``crds`` (and later ``operator``, ``bench``).
+"""``switchyard`` command line: ``serve``, ``build-tiny-model``, ``crds``, ``operator`` (and later ``bench``).
 
 This is a process entry point, so it is one of the two places allowed to import Ray and to
 read environment variables. Arguments are parsed into the same pydantic config models the
@@ -79,6 +79,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     crds = sub.add_parser("crds", help="write the CRD manifests generated from the operator's models")
     crds_module.add_arguments(crds)
+
+    op = sub.add_parser(
+        "operator", help="run the Kubernetes operator (Kopf) for Switchyard's custom resources"
+    )
+    op.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable; default: all namespaces)",
+    )
+    op.add_argument("--kubeconfig", default=None, help="kubeconfig outside a cluster (default: $KUBECONFIG)")
+    op.add_argument(
+        "--peering", default=None, help="Kopf peering object for several replicas (default: standalone)"
+    )
+    op.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     return parser
 
 
@@ -163,6 +178,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from switchyard.operator.crds import run as write_crds
 
         return write_crds(args)
+    if args.command == "operator":
+        import os
+
+        if args.kubeconfig:  # Kopf's own login reads it too (before `kubernetes` is imported)
+            os.environ["KUBECONFIG"] = args.kubeconfig
+        from switchyard.operator.run import run_operator
+
+        return run_operator(
+            namespaces=args.namespace,
+            kubeconfig=os.environ.get("KUBECONFIG"),
+            peering=args.peering,
+            liveness_endpoint=args.liveness,
+        )
     if args.command == "serve":
         try:
             config = _serve_config(args)

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from switchyard.operator.crd_base import CrdModel
 
-__all__ = ["Condition", "KVCachePoolStatus", "LLMServiceStatus", "ServingPoolStatus"]
+__all__ = ["Condition", "KVCachePoolStatus", "LLMServiceStatus", "ScaleDecisionRecord", "ServingPoolStatus"]
 
 
 class Condition(CrdModel):
@@ -63,6 +63,25 @@ class LLMServiceStatus(_StatusBase):
     """Share of recent requests that met both latency objectives."""
 
 
+class ScaleDecisionRecord(CrdModel):
+    """One change the autoscaler made to a pool's replicas, and why."""
+
+    time: datetime | None = None
+    """When the decision was made."""
+
+    from_replicas: int = Field(ge=0)
+    """Replicas before the decision."""
+
+    to_replicas: int = Field(ge=0)
+    """Replicas the decision asked for."""
+
+    reason: str = Field(default="", max_length=64)
+    """CamelCase rule that fired (``SLOMiss``, ``KVPressure``, ``LowUtilization``, ``RatioBand``)."""
+
+    message: str = Field(default="", max_length=1024)
+    """The numbers behind it, e.g. ``TTFT attainment 0.72 < target 0.90``."""
+
+
 class ServingPoolStatus(_StatusBase):
     """Observed state of a ServingPool."""
 
@@ -80,6 +99,9 @@ class ServingPoolStatus(_StatusBase):
 
     last_scale_time: datetime | None = None
     """When the autoscaler last changed ``spec.replicas``."""
+
+    last_scale_decision: ScaleDecisionRecord | None = None
+    """The autoscaler's latest change of ``spec.replicas`` and its reason."""
 
 
 class KVCachePoolStatus(_StatusBase):

@@ -1,0 +1,372 @@
+"""Pure renderers: parsed CR specs in, child manifests (plain dicts) out. No I/O, no clock.
+
+Why pure: what the operator creates is the part most worth pinning down, and as functions of
+the spec it is tested without a cluster (``tests/operator/test_render.py``); the handlers only
+apply what these return. Every child carries a controller ownerReference (so a real cluster's
+garbage collector removes it with its owner), the standard ``app.kubernetes.io`` labels plus
+``switchyard.dev/{service,pool,role}``, images and pull policy from the spec, and restricted
+security contexts.
+
+What an LLMService becomes (names prefixed with the service name ``S``):
+  ``S-ray-head`` Deployment + Service: the Ray cluster's head (GCS 6379, client 10001, dashboard 8265).
+  ``S-config`` ConfigMap: ``serve.json``, a ``ServeConfig`` naming every pool of the service.
+  ``S-router`` Deployment: router core, router gRPC and the OpenAI gateway, joined to the Ray cluster
+  as a driver that runs the pools' supervisors. ``S-router`` Service (HTTP) and ``S-router-grpc``.
+A ServingPool ``P`` becomes the ``P-worker`` StatefulSet (+ headless Service): pods that join the
+service's Ray cluster with one unit of the ``pool-P`` resource, on which the supervisor places that
+pool's instance actors. A KVCachePool ``K`` becomes the ``K-kvcache`` StatefulSet + headless Service.
+
+Entry points. The router pods run ``switchyard serve --config /etc/switchyard/serve.json`` with
+``ray_address`` set in the file: the composition that exists today. Its limits are the renderers'
+too: the config is read once, so a pod-template hash of it rolls the router when pools change,
+and every router replica starts its own supervisors (run one router replica until the intended
+``switchyard router`` entry point, which attaches to per-pool named supervisors and follows pool
+changes, replaces it). The cache servers' ``switchyard kvcache-server`` is likewise the intended
+entry point of the KV-cache issue; only its manifest exists here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from switchyard.config import GatewayConfig, PoolConfig, ServeConfig
+from switchyard.operator.models import KVCachePoolSpec, LLMServiceSpec, ServingPoolSpec
+from switchyard.operator.render_pods import (
+    CONFIG_DIR,
+    CONFIG_KEY,
+    DEFAULT_PORTS,
+    ENV,
+    MODEL_MOUNT,
+    RAY_CLIENT_PORT,
+    RAY_DASHBOARD_PORT,
+    RAY_GCS_PORT,
+    ROUTER_SERVICE_ACCOUNT,
+    WORKER_SERVICE_ACCOUNT,
+    Owner,
+    Ports,
+    child_names,
+    labels,
+    meta,
+    model_path,
+    model_volume,
+    pod_spec,
+    pool_selector,
+    scratch_volumes,
+    selector_string,
+    service_manifest,
+)
+
+__all__ = [
+    "CONFIG_KEY",
+    "MODEL_MOUNT",
+    "RAY_GCS_PORT",
+    "ROUTER_SERVICE_ACCOUNT",
+    "WORKER_SERVICE_ACCOUNT",
+    "Owner",
+    "Ports",
+    "child_names",
+    "kvcache_children",
+    "labels",
+    "model_path",
+    "pool_children",
+    "pool_selector",
+    "selector_string",
+    "serve_config",
+    "service_children",
+]
+
+
+def served_name(service: str, spec: LLMServiceSpec) -> str:
+    return spec.model.served_model_name or service
+
+
+def serve_config(
+    service: str,
+    namespace: str,
+    spec: LLMServiceSpec,
+    pools: Mapping[str, ServingPoolSpec],
+    ports: Ports = DEFAULT_PORTS,
+) -> ServeConfig:
+    """The ``ServeConfig`` the router pods start from; one ``PoolConfig`` per attached pool."""
+    model, name = model_path(spec), served_name(service, spec)
+    pool_configs = tuple(
+        PoolConfig(
+            name=pool_name,
+            role=pool.role,
+            instances=pool.replicas,
+            engine=pool.engine.over(spec.engine).engine_config(model=model, served_model_name=name),
+            ray_resource=f"pool-{pool_name}",
+        )
+        for pool_name, pool in sorted(pools.items())
+    )
+    return ServeConfig(
+        engine=spec.engine.engine_config(model=model, served_model_name=name),
+        router=spec.router.router_config(grpc_port=ports.router_grpc),
+        gateway=GatewayConfig(
+            host="0.0.0.0", port=spec.gateway.port, max_body_bytes=spec.gateway.max_body_bytes
+        ),
+        ray_address=f"{child_names(service)['head']}.{namespace}.svc:{RAY_GCS_PORT}",
+        pools=pool_configs,
+    )
+
+
+def service_children(
+    owner: Owner, spec: LLMServiceSpec, pools: Mapping[str, ServingPoolSpec], ports: Ports = DEFAULT_PORTS
+) -> list[dict[str, Any]]:
+    """ConfigMap, Ray head Deployment + Service, router Deployment + HTTP and gRPC Services."""
+    svc, names = owner.name, child_names(owner.name)
+    config = serve_config(svc, owner.namespace, spec, pools, ports)
+    config_json = config.model_dump_json(indent=2)
+    config_hash = hashlib.sha256(config_json.encode()).hexdigest()[:16]
+    head_lbls, router_lbls = labels(svc, "ray-head", "ray-head"), labels(svc, "router", "router")
+    head_sel = {"switchyard.dev/service": svc, "app.kubernetes.io/component": "ray-head"}
+    router_sel = {"switchyard.dev/service": svc, "app.kubernetes.io/component": "router"}
+    tmp_vols, tmp_mounts = scratch_volumes(shm=True)
+    head_container = {
+        "name": "ray-head",
+        "command": [
+            "ray",
+            "start",
+            "--head",
+            f"--port={RAY_GCS_PORT}",
+            f"--ray-client-server-port={RAY_CLIENT_PORT}",
+            "--dashboard-host=0.0.0.0",
+            "--num-cpus=0",
+            "--block",
+        ],
+        "ports": [
+            {"name": "gcs", "containerPort": RAY_GCS_PORT},
+            {"name": "client", "containerPort": RAY_CLIENT_PORT},
+            {"name": "dashboard", "containerPort": RAY_DASHBOARD_PORT},
+        ],
+        "env": list(ENV),
+        "resources": {
+            "requests": {"cpu": spec.ray.head_cpu, "memory": spec.ray.head_memory},
+            "limits": {"memory": spec.ray.head_memory},
+        },
+        "readinessProbe": {"tcpSocket": {"port": RAY_GCS_PORT}, "periodSeconds": 5},
+        "volumeMounts": tmp_mounts,
+    }
+    head = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(owner, names["head"], head_lbls),
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},  # one GCS per cluster, never two
+            "selector": {"matchLabels": head_sel},
+            "template": {
+                "metadata": {"labels": head_lbls},
+                "spec": pod_spec(
+                    spec,
+                    image=spec.images.worker,
+                    account=WORKER_SERVICE_ACCOUNT,
+                    container=head_container,
+                    volumes=tmp_vols,
+                ),
+            },
+        },
+    }
+    model_vols, model_mounts = model_volume(spec)
+    tmp_vols, tmp_mounts = scratch_volumes(shm=False)
+    env = list(ENV)
+    if spec.gateway.api_key_secret_ref is not None:
+        ref = spec.gateway.api_key_secret_ref
+        env.append(
+            {"name": "SWITCHYARD_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        )
+    port = spec.gateway.port
+    router_container = {
+        "name": "router",
+        "command": ["switchyard", "serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        "ports": [
+            {"name": "http", "containerPort": port},
+            {"name": "grpc", "containerPort": ports.router_grpc},
+        ],
+        "env": env,
+        "readinessProbe": {"httpGet": {"path": "/health", "port": port}, "periodSeconds": 5},
+        "livenessProbe": {"tcpSocket": {"port": port}, "initialDelaySeconds": 60, "periodSeconds": 10},
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            *model_mounts,
+            *tmp_mounts,
+        ],
+    }
+    config_volume = {"name": "config", "configMap": {"name": names["config"]}}
+    router = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(owner, names["router"], router_lbls),
+        "spec": {
+            "replicas": spec.router.replicas,
+            "selector": {"matchLabels": router_sel},
+            "template": {
+                "metadata": {
+                    "labels": router_lbls,
+                    "annotations": {"switchyard.dev/config-hash": config_hash},
+                },
+                "spec": pod_spec(
+                    spec,
+                    image=spec.images.router,
+                    account=ROUTER_SERVICE_ACCOUNT,
+                    container=router_container,
+                    volumes=[config_volume, *model_vols, *tmp_vols],
+                ),
+            },
+        },
+    }
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta(owner, names["config"], labels(svc, "config", "router")),
+        "data": {CONFIG_KEY: config_json},
+    }
+    ray_ports = {"gcs": RAY_GCS_PORT, "client": RAY_CLIENT_PORT, "dashboard": RAY_DASHBOARD_PORT}
+    return [
+        configmap,
+        head,
+        service_manifest(owner, names["head"], head_lbls, head_sel, ray_ports),
+        router,
+        service_manifest(
+            owner,
+            names["router"],
+            router_lbls,
+            router_sel,
+            {"http": port},
+            svc_type=spec.gateway.service_type,
+        ),
+        service_manifest(owner, names["router_grpc"], router_lbls, router_sel, {"grpc": ports.router_grpc}),
+    ]
+
+
+def _worker_resources(pool: ServingPoolSpec) -> dict[str, Any]:
+    res = pool.resources
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if res.gpus:
+        requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = res.gpus
+    if res.cpu is not None:
+        requests["cpu"] = res.cpu
+    if res.memory is not None:
+        requests["memory"] = limits["memory"] = res.memory
+    return {"requests": requests, "limits": limits}
+
+
+def _cpu_count(quantity: str) -> int:
+    cores = int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+    return max(1, math.floor(cores))
+
+
+def pool_children(
+    owner: Owner, pool: ServingPoolSpec, service: LLMServiceSpec, *, replicas: int | None = None
+) -> list[dict[str, Any]]:
+    """Worker StatefulSet + its headless Service. ``replicas`` overrides the spec (held during a drain)."""
+    svc = pool.service_ref.name
+    name = f"{owner.name}-worker"
+    lbls = labels(svc, "worker", pool.role, owner.name)
+    selector = pool_selector(svc, owner.name)
+    head = f"{child_names(svc)['head']}.{owner.namespace}.svc:{RAY_GCS_PORT}"
+    command = [
+        "ray",
+        "start",
+        f"--address={head}",
+        f"--num-gpus={pool.resources.gpus}",
+        "--resources=" + json.dumps({f"pool-{owner.name}": 1}),
+        "--block",
+    ]
+    if pool.resources.cpu is not None:
+        command.insert(-1, f"--num-cpus={_cpu_count(pool.resources.cpu)}")
+    model_vols, model_mounts = model_volume(service)
+    tmp_vols, tmp_mounts = scratch_volumes(shm=True)
+    container = {
+        "name": "worker",
+        "command": command,
+        "env": [
+            *ENV,
+            {"name": "SWITCHYARD_POOL", "value": owner.name},
+            {"name": "SWITCHYARD_ROLE", "value": pool.role},
+        ],
+        "resources": _worker_resources(pool),
+        "volumeMounts": [*model_mounts, *tmp_mounts],
+    }
+    extra: dict[str, Any] = {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 60}
+    if pool.node_selector:
+        extra["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        extra["tolerations"] = [t.model_dump(exclude_none=True) for t in pool.tolerations]
+    sts = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": meta(owner, name, lbls),
+        "spec": {
+            "replicas": pool.replicas if replicas is None else replicas,
+            "serviceName": name,
+            "podManagementPolicy": "Parallel",  # engines start independently; ordering buys nothing
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": lbls},
+                "spec": pod_spec(
+                    service,
+                    image=service.images.worker,
+                    account=WORKER_SERVICE_ACCOUNT,
+                    container=container,
+                    volumes=[*model_vols, *tmp_vols],
+                    **extra,
+                ),
+            },
+        },
+    }
+    return [sts, service_manifest(owner, name, lbls, selector, {}, headless=True)]
+
+
+def kvcache_children(
+    owner: Owner, spec: KVCachePoolSpec, service: LLMServiceSpec, ports: Ports = DEFAULT_PORTS
+) -> list[dict[str, Any]]:
+    """Cache server StatefulSet + headless Service (each shard addressed as ``<pod>.<service>``)."""
+    svc = spec.service_ref.name
+    name = f"{owner.name}-kvcache"
+    lbls = labels(svc, "kvcache", "kvcache", owner.name)
+    selector = pool_selector(svc, owner.name, component="kvcache")
+    tmp_vols, tmp_mounts = scratch_volumes(shm=False)
+    container = {
+        "name": "kvcache",
+        "command": [
+            "switchyard",
+            "kvcache-server",
+            f"--port={ports.kvcache}",
+            f"--memory={spec.memory_per_replica}",
+            f"--eviction={spec.eviction_policy}",
+        ],
+        "ports": [{"name": "kvcache", "containerPort": ports.kvcache}],
+        "env": list(ENV),
+        "resources": {"requests": {"memory": spec.memory_per_replica}},
+        "readinessProbe": {"tcpSocket": {"port": ports.kvcache}, "periodSeconds": 5},
+        "volumeMounts": tmp_mounts,
+    }
+    sts = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": meta(owner, name, lbls),
+        "spec": {
+            "replicas": spec.replicas,
+            "serviceName": name,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": lbls},
+                "spec": pod_spec(
+                    service,
+                    image=service.images.worker,
+                    account=WORKER_SERVICE_ACCOUNT,
+                    container=container,
+                    volumes=tmp_vols,
+                    automountServiceAccountToken=False,
+                ),
+            },
+        },
+    }
+    return [sts, service_manifest(owner, name, lbls, selector, {"kvcache": ports.kvcache}, headless=True)]
