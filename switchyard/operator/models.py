@@ -185,7 +185,7 @@ class SecretKeyRef(CrdModel):
     """Secret name."""
 
     key: str = Field(default="api-key", min_length=1, max_length=253)
-    """Key inside the Secret; each non-empty line of its value is one accepted bearer key."""
+    """Key inside the Secret; its value is the accepted bearer key (``SWITCHYARD_API_KEY`` in router pods)."""
 
 
 class GatewaySpec(CrdModel):
