@@ -72,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--merge",
         action="store_true",
-        help="keep other policies' runs already in OUT/results.json (same setup), replace these",
+        help="keep the runs already in OUT/results.json (same setup) except the (policy, scale) pairs rerun",
     )
     return p.parse_args(argv)
 
@@ -199,21 +199,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     doc: dict[str, Any] = {**base, "policies": {}, "invocations": []}
     old_path = out / "results.json"
+    kept: dict[str, list[dict[str, Any]]] = {}  # policy -> earlier runs at scales not rerun now
     if args.merge and old_path.exists():
         old = json.loads(old_path.read_text(encoding="utf-8"))
         changed = [k for k in _COMPAT_KEYS if old.get(k) != base[k]]
         if changed:
             raise SystemExit(f"--merge: {old_path} differs in {changed}; use another --out")
-        doc["policies"] = {k: v for k, v in old["policies"].items() if k not in policies}
         doc["invocations"] = old["invocations"]
-    runs = [metrics.summarize(r, slo_s, base_rate) for r in results]
-    for policy in policies:
-        mine = sorted((r for r in runs if r["policy"] == policy), key=lambda r: r["scale"])
+        for name, entry in old["policies"].items():
+            same = name not in policies or (
+                entry["params"] == params[name] and entry["source"] == provenance["policy_sources"][name]
+            )
+            if not same:
+                print(
+                    f"--merge: {name} changed (code or params); its earlier runs are dropped", file=sys.stderr
+                )
+                continue
+            kept[name] = [r for r in entry["runs"] if name not in policies or r["scale"] not in scales]
+            doc["policies"][name] = entry
+    invocation = len(doc["invocations"])
+    runs = [{**metrics.summarize(r, slo_s, base_rate), "invocation": invocation} for r in results]
+    for policy in set(policies) | set(kept):
+        mine = kept.get(policy, []) + [r for r in runs if r["policy"] == policy]
+        mine.sort(key=lambda r: r["scale"])
         cap = metrics.capacity([(r["scale"], r["slo_attainment"]) for r in mine], args.target)
-        doc["policies"][policy] = {
+        entry = doc["policies"].get(policy) or {
             "params": params[policy],
             "source": provenance["policy_sources"][policy],
-            "invocation": len(doc["invocations"]),
+        }
+        doc["policies"][policy] = {
+            "params": entry["params"],
+            "source": entry["source"],
             "capacity_scale": cap.scale,
             "capacity_scale_interp": cap.scale_interp,
             "capacity_req_s": cap.scale * base_rate if cap.scale is not None else None,
