@@ -2,7 +2,8 @@
 
 The README quotes these tables; generating them from the JSON (instead of copying numbers by
 hand) keeps the two from drifting apart. ``python -m bench.report DIR...`` re-renders
-``summary.md`` of existing result directories.
+``summary.md`` of existing result directories; with ``--overview`` it prints one compact table
+per directory instead (capacity plus every metric at one common scale), for the README.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["render_summary"]
+__all__ = ["render_overview", "render_summary"]
 
 
 def _pct(x: float | None) -> str:
@@ -100,10 +101,42 @@ def render_summary(doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_overview(doc: Mapping[str, Any], scale: float | None = None) -> str:
+    """One row per policy: capacity, then the metrics of its run at ``scale`` (default: the CDF scale)."""
+    at = doc["cdf_scale"] if scale is None else scale
+    base = doc["trace"]["base_rate_req_s"]
+    bound = doc["prefix_hit_bound"]["token_hit_rate"]
+    lines = [
+        f"| policy | capacity: scale (req/s) | at x{at:g} ({at * base:.1f} req/s): SLO met "
+        "| TTFT p50 | TTFT p99 | TPOT p50 / p99 (ms) | prefix hits (of bound) | busy max/mean |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, p in doc["policies"].items():
+        scale_s, rate_s, _ = _cap(p, base)
+        cap = f"{scale_s} ({rate_s})"
+        run = next((r for r in p["runs"] if r["scale"] == at), None)
+        if run is None:
+            lines.append(f"| {name} | {cap} | not run | | | | | |")
+            continue
+        hit = run["prefix_hit_rate"]
+        of_bound = f" ({_pct(hit / bound)})" if bound > 0 else ""
+        lines.append(
+            f"| {name} | {cap} | {_pct(run['slo_attainment'])} | {_s(run['ttft_s']['p50'])} "
+            f"| {_s(run['ttft_s']['p99'])} | {_ms(run['tpot_s']['p50'])} / {_ms(run['tpot_s']['p99'])} "
+            f"| {_pct(hit)}{of_bound} | {run['imbalance_busy_max_over_mean']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    for d in argv if argv is not None else sys.argv[1:]:
+    args = list(argv if argv is not None else sys.argv[1:])
+    overview = "--overview" in args
+    for d in (a for a in args if a != "--overview"):
         doc = json.loads((Path(d) / "results.json").read_text(encoding="utf-8"))
-        (Path(d) / "summary.md").write_text(render_summary(doc), encoding="utf-8")
+        if overview:
+            print(f"{d}\n\n{render_overview(doc)}")
+        else:
+            (Path(d) / "summary.md").write_text(render_summary(doc), encoding="utf-8")
     return 0
 
 
