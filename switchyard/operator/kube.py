@@ -200,22 +200,32 @@ def controller_uid(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
-def apply(api: KubeApi, desired: Mapping[str, Any]) -> Literal["created", "patched", "unchanged"]:
+def apply(
+    api: KubeApi, desired: Mapping[str, Any]
+) -> tuple[Literal["created", "patched", "unchanged"], dict[str, Any]]:
     """Make the live child contain ``desired``; write only when it does not already.
+
+    Returns what was done and the object as the API server now holds it (status included).
 
     Raises ``ApplyConflictError`` when a same-named object is controlled by someone else.
     """
     meta = desired["metadata"]
     live = api.get(desired["kind"], meta["namespace"], meta["name"])
     if live is None:
-        api.create(desired)
-        return "created"
+        try:
+            return "created", api.create(desired)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        # Created concurrently (another handler applying the same child): compare with that one.
+        live = api.get(desired["kind"], meta["namespace"], meta["name"])
+        if live is None:
+            raise ApiError(409, f"{desired['kind']} {meta['name']} exists but cannot be read")
     owner = controller_uid(live)
     if owner is not None and owner != controller_uid(desired):
         raise ApplyConflictError(
             f"{desired['kind']} {meta['namespace']}/{meta['name']} exists and is controlled by {owner}"
         )
     if contains(live, desired):
-        return "unchanged"
-    api.patch(desired["kind"], meta["namespace"], meta["name"], desired)
-    return "patched"
+        return "unchanged", live
+    return "patched", api.patch(desired["kind"], meta["namespace"], meta["name"], desired)

@@ -12,6 +12,9 @@ What an LLMService becomes (names prefixed with the service name ``S``):
   ``S-config`` ConfigMap: ``serve.json``, a ``ServeConfig`` naming every pool of the service.
   ``S-router`` Deployment: router core, router gRPC and the OpenAI gateway, joined to the Ray cluster
   as a driver that runs the pools' supervisors. ``S-router`` Service (HTTP) and ``S-router-grpc``.
+Model sources: ``pvc`` is mounted read-only at ``/models`` (``path`` is used as is); an ``hf://``
+URI is downloaded by a ``fetch-model`` init container into an emptyDir in every router and worker
+pod. Other URI schemes have no fetcher and are reported by the handler, never rendered.
 A ServingPool ``P`` becomes the ``P-worker`` StatefulSet (+ headless Service): pods that join the
 service's Ray cluster with one unit of the ``pool-P`` resource, on which the supervisor places that
 pool's instance actors. A KVCachePool ``K`` becomes the ``K-kvcache`` StatefulSet + headless Service.
@@ -51,6 +54,7 @@ from switchyard.operator.render_pods import (
     child_names,
     labels,
     meta,
+    model_fetchers,
     model_path,
     model_volume,
     pod_spec,
@@ -215,6 +219,7 @@ def service_children(
                     account=ROUTER_SERVICE_ACCOUNT,
                     container=router_container,
                     volumes=[config_volume, *model_vols, *tmp_vols],
+                    init_containers=model_fetchers(spec),
                 ),
             },
         },
@@ -315,6 +320,7 @@ def pool_children(
                     account=WORKER_SERVICE_ACCOUNT,
                     container=container,
                     volumes=[*model_vols, *tmp_vols],
+                    init_containers=model_fetchers(service),
                     **extra,
                 ),
             },

@@ -30,6 +30,7 @@ __all__ = [
     "child_names",
     "labels",
     "meta",
+    "model_fetchers",
     "model_path",
     "model_volume",
     "pod_security",
@@ -122,14 +123,21 @@ def selector_string(selector: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
+def _hf_repo(spec: LLMServiceSpec) -> str | None:
+    uri = spec.model.uri
+    return uri.removeprefix("hf://") if uri is not None and uri.startswith("hf://") else None
+
+
 def model_path(spec: LLMServiceSpec) -> str:
-    """Where the model directory is inside router and worker pods (path or PVC sources only)."""
+    """Where the model directory is inside router and worker pods."""
     if spec.model.pvc is not None:
         sub = spec.model.pvc.sub_path.strip("/")
         return f"{MODEL_MOUNT}/{sub}" if sub else MODEL_MOUNT
     if spec.model.path is not None:
         return spec.model.path
-    raise ValueError("model.uri sources are not rendered (no fetcher yet)")
+    if _hf_repo(spec) is not None:
+        return MODEL_MOUNT
+    raise ValueError(f"model.uri {spec.model.uri!r}: only hf:// URIs are fetched")
 
 
 def meta(owner: Owner, name: str, lbls: Mapping[str, str]) -> dict[str, Any]:
@@ -177,13 +185,34 @@ ENV: list[dict[str, Any]] = [
 
 
 def model_volume(spec: LLMServiceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    if spec.model.pvc is None:
-        return [], []
-    volume = {
-        "name": "model",
-        "persistentVolumeClaim": {"claimName": spec.model.pvc.claim_name, "readOnly": True},
-    }
-    return [volume], [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}]
+    """The model volume and its read-only mount: the PVC, or an emptyDir an init container fills."""
+    mount = [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}]
+    if spec.model.pvc is not None:
+        claim = {"claimName": spec.model.pvc.claim_name, "readOnly": True}
+        return [{"name": "model", "persistentVolumeClaim": claim}], mount
+    if _hf_repo(spec) is not None:
+        return [{"name": "model", "emptyDir": {}}], mount
+    return [], []
+
+
+def model_fetchers(spec: LLMServiceSpec) -> list[dict[str, Any]]:
+    """Init containers that download an ``hf://`` model into the pod's model volume (each pod
+    fetches its own copy: simple, and fine for small models; large ones belong on a PVC)."""
+    repo = _hf_repo(spec)
+    if repo is None:
+        return []
+    script = "import sys, huggingface_hub as h; h.snapshot_download(sys.argv[1], local_dir=sys.argv[2])"
+    return [
+        {
+            "name": "fetch-model",
+            "command": ["python", "-c", script, repo, MODEL_MOUNT],
+            "env": list(ENV),
+            "volumeMounts": [
+                {"name": "model", "mountPath": MODEL_MOUNT},
+                {"name": "tmp", "mountPath": "/tmp"},
+            ],
+        }
+    ]
 
 
 def pod_spec(
@@ -193,21 +222,19 @@ def pod_spec(
     account: str,
     container: dict[str, Any],
     volumes: Sequence[dict[str, Any]],
+    init_containers: Sequence[dict[str, Any]] = (),
     **extra: Any,
 ) -> dict[str, Any]:
-    container = {
-        "image": image,
-        "imagePullPolicy": spec.images.pull_policy,
-        "securityContext": security(),
-        **container,
-    }
+    common = {"image": image, "imagePullPolicy": spec.images.pull_policy, "securityContext": security()}
     pod: dict[str, Any] = {
         "serviceAccountName": account,
         "securityContext": pod_security(),
-        "containers": [container],
+        "containers": [{**common, **container}],
         "volumes": list(volumes),
         **extra,
     }
+    if init_containers:
+        pod["initContainers"] = [{**common, **c} for c in init_containers]
     if spec.images.pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in spec.images.pull_secrets]
     return pod

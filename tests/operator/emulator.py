@@ -101,7 +101,9 @@ class K8sEmulator(kmock.KubernetesEmulator):
         return payload
 
     def _serve_watch(self, request: Any) -> Any:
-        return kmock.Response(headers={"Content-Type": "application/json"}, payload=self._watch_stream(request))
+        return kmock.Response(
+            headers={"Content-Type": "application/json"}, payload=self._watch_stream(request)
+        )
 
     async def _watch_stream(self, request: Any) -> AsyncIterator[Any]:
         yield b""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import kopf
@@ -71,7 +71,13 @@ def _inputs(
     return out
 
 
-def _record(kube: Any, entry: Mapping[str, Any], decision: ScaleDecision, service_body: Any) -> None:
+EventPoster = Callable[..., None]
+"""``kopf.info``'s signature: ``(objs, *, reason, message)``."""
+
+
+def _record(
+    kube: Any, entry: Mapping[str, Any], decision: ScaleDecision, service_body: Any, post: EventPoster
+) -> None:
     ns, name = entry["body"]["metadata"]["namespace"], entry["name"]
     stamp = now_rfc3339()
     kube.patch("ServingPool", ns, name, {"spec": {"replicas": decision.desired}})
@@ -88,12 +94,18 @@ def _record(kube: Any, entry: Mapping[str, Any], decision: ScaleDecision, servic
     message = (
         f"{name}: {decision.current} -> {decision.desired} replicas ({decision.reason}: {decision.message})"
     )
-    kopf.info(entry["body"], reason=verb, message=message)
-    kopf.info(service_body, reason=verb, message=message)
+    post(entry["body"], reason=verb, message=message)
+    post(service_body, reason=verb, message=message)
 
 
 def run_autoscaler(
-    body: Mapping[str, Any], *, memo: Any, index: Any, logger: Any, now: datetime.datetime | None = None
+    body: Mapping[str, Any],
+    *,
+    memo: Any,
+    index: Any,
+    logger: Any,
+    now: datetime.datetime | None = None,
+    post: EventPoster = kopf.info,
 ) -> list[ScaleDecision]:
     """One autoscaler tick for one LLMService; returns the decisions (tests read them)."""
     meta = body["metadata"]
@@ -147,7 +159,7 @@ def run_autoscaler(
                 decision.desired,
                 decision.reason,
             )
-            _record(memo["kube"], entry, decision, body)
+            _record(memo["kube"], entry, decision, body, post)
     return decisions
 
 

@@ -77,13 +77,15 @@ def parse(model: type[M], spec: Mapping[str, Any], what: str) -> M:
         raise Degraded("InvalidSpec", f"{what}: {errors}") from exc
 
 
-def apply_children(kube: KubeApi, children: Sequence[Mapping[str, Any]], logger: Any) -> int:
-    """Apply every child; returns how many were written. API refusals become ``Degraded``."""
-    written = 0
+def apply_children(
+    kube: KubeApi, children: Sequence[Mapping[str, Any]], logger: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Apply every child; returns the live objects by (kind, name). API refusals become ``Degraded``."""
+    live: dict[tuple[str, str], dict[str, Any]] = {}
     for child in children:
         meta = child["metadata"]
         try:
-            outcome = apply(kube, child)
+            outcome, live[child["kind"], meta["name"]] = apply(kube, child)
         except ApplyConflictError as exc:
             raise Degraded("ChildConflict", str(exc), delay=60.0) from exc
         except ApiError as exc:
@@ -93,9 +95,8 @@ def apply_children(kube: KubeApi, children: Sequence[Mapping[str, Any]], logger:
                 ) from exc
             raise
         if outcome != "unchanged":
-            written += 1
             logger.info("%s %s %s", outcome, child["kind"], meta["name"])
-    return written
+    return live
 
 
 def delete_children(

@@ -55,14 +55,14 @@ def reconcile_kvcache(
             )
         service = parse(LLMServiceSpec, svc_body.get("spec") or {}, "referenced LLMService spec")
         ports = Ports(router_grpc=options.router_grpc_port, kvcache=options.kvcache_port)
-        apply_children(kube, kvcache_children(owner, spec, service, ports), logger)
+        live = apply_children(kube, kvcache_children(owner, spec, service, ports), logger)
     except Degraded as exc:
         if exc.reason == "InvalidSpec" and "referenced" in exc.message:
             exc = Degraded("ServiceInvalid", exc.message, delay=60.0)
         set_status(patch, degraded_status(body.get("status"), generation, exc))
         raise_for(exc)
     name = f"{owner.name}-kvcache"
-    sts = kube.get("StatefulSet", owner.namespace, name) or {}
+    sts = live["StatefulSet", name]
     ready_count = int((sts.get("status") or {}).get("readyReplicas") or 0)
     ready, reason, message = readiness(ready_count, spec.replicas, "kvcache")
     endpoints = [f"{name}-{i}.{name}.{owner.namespace}.svc:{ports.kvcache}" for i in range(spec.replicas)]

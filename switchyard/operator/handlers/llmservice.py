@@ -2,11 +2,12 @@
 
 Level-based like every handler here: parse the spec, check what the spec points at (the model
 source), render, apply what differs, report. A model source that cannot work is reported as
-``Degraded`` with a reason naming it: ``UnsupportedModelURI`` (no fetcher exists for remote
-models yet; use ``pvc`` or ``path``) is permanent until the spec changes, ``ModelPVCNotFound``
-and ``ModelPVCLost`` are retried (the claim may appear or be restored). After converging, the
-service wakes the pools that were waiting for it. Readiness (router pods ready) also follows
-the children's own events, so status moves when pods become ready without a spec change.
+``Degraded`` with a reason naming it: ``UnsupportedModelURI`` (a scheme without a fetcher;
+``hf://`` is fetched by an init container) is permanent until the spec changes;
+``ModelPVCNotFound`` and ``ModelPVCLost`` are retried (the claim may appear or be restored).
+After converging, the service wakes the pools that were waiting for it. Readiness (router pods
+ready) also follows the children's own events, so status moves when pods become ready without
+a spec change.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from switchyard.operator.settings import OperatorOptions
 
 __all__ = ["check_model", "cleanup_service", "converge_service", "reconcile_service", "workload_changed"]
 
+SUPPORTED_URI_SCHEMES = frozenset({"hf"})
+"""URI schemes a ``fetch-model`` init container can download (``render_pods.model_fetchers``)."""
+
 # Pools in these states wait for their service; a converged service re-runs them at once.
 _WAITING_REASONS = frozenset({"ServiceNotFound", "ServiceInvalid", "ServiceDegraded"})
 
@@ -53,11 +57,13 @@ def check_model(kube: Any, namespace: str, spec: LLMServiceSpec, options: Operat
     model = spec.model
     if model.uri is not None:
         scheme = urlsplit(model.uri).scheme or "(none)"
-        raise Degraded(
-            "UnsupportedModelURI",
-            f"model.uri scheme {scheme!r} is not supported: this operator mounts models from model.pvc "
-            "or model.path and has no remote fetcher yet",
-        )
+        if scheme not in SUPPORTED_URI_SCHEMES:
+            supported = ", ".join(f"{s}://" for s in sorted(SUPPORTED_URI_SCHEMES))
+            raise Degraded(
+                "UnsupportedModelURI",
+                f"model.uri scheme {scheme!r} has no fetcher (supported: {supported}); "
+                "put the model on a PVC and use model.pvc",
+            )
     if model.pvc is not None:
         claim = kube.get("PersistentVolumeClaim", namespace, model.pvc.claim_name)
         if claim is None:
@@ -94,8 +100,7 @@ def converge_service(body: Mapping[str, Any], *, memo: Any, index: Any, logger: 
         children = service_children(owner, spec, pools, ports)
     except ValidationError as exc:  # a pool that cannot be expressed as a PoolConfig
         raise Degraded("InvalidConfig", f"router config does not validate: {exc.errors()[0]['msg']}") from exc
-    apply_children(kube, children, logger)
-    router = kube.get("Deployment", owner.namespace, child_names(owner.name)["router"]) or {}
+    router = apply_children(kube, children, logger)["Deployment", child_names(owner.name)["router"]]
     ready_count = int((router.get("status") or {}).get("readyReplicas") or 0)
     ready, reason, message = readiness(ready_count, spec.router.replicas, "router")
     return status_patch(

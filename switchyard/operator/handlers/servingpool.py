@@ -39,6 +39,7 @@ from switchyard.operator.handlers.common import (
 from switchyard.operator.models import LLMServiceSpec, ServingPoolSpec
 from switchyard.operator.render import (
     child_names,
+    model_path,
     pool_children,
     pool_selector,
     selector_string,
@@ -61,6 +62,27 @@ def _service(kube: Any, namespace: str, name: str, retry: int, options: Operator
     return body
 
 
+def _sync_service_config(
+    kube: Any,
+    svc_body: Mapping[str, Any],
+    service: LLMServiceSpec,
+    pools: dict[str, ServingPoolSpec],
+    logger: Any,
+) -> None:
+    """Re-apply the service's children that list its pools (config and router), after a pool change."""
+    children = service_children(owner_of("LLMService", svc_body), service, pools)
+    apply_children(
+        kube,
+        [
+            c
+            for c in children
+            if c["kind"] in ("ConfigMap", "Deployment")
+            and c["metadata"]["name"] != child_names(svc_body["metadata"]["name"])["head"]
+        ],
+        logger,
+    )
+
+
 def converge_pool(
     body: Mapping[str, Any], *, memo: Any, index: Any, retry: int, logger: Any, sync_service: bool = True
 ) -> tuple[dict[str, Any], float | None]:
@@ -80,10 +102,12 @@ def converge_pool(
         raise Degraded(
             "ServiceInvalid", f"LLMService {pool.service_ref.name!r} has an invalid spec", delay=60
         ) from exc
-    if service.model.uri is not None:
-        raise Degraded(
-            "ServiceDegraded", f"LLMService {pool.service_ref.name!r} has an unusable model", delay=60
-        )
+    try:
+        model_path(service)
+    except ValueError as exc:
+        raise Degraded("ServiceDegraded", f"LLMService {pool.service_ref.name!r}: {exc}", delay=60) from exc
+    if is_degraded(svc_body):
+        raise Degraded("ServiceDegraded", f"LLMService {pool.service_ref.name!r} is Degraded", delay=60)
 
     sts_name = f"{owner.name}-worker"
     live = kube.get("StatefulSet", ns, sts_name)
@@ -105,13 +129,13 @@ def converge_pool(
     else:
         selector = pool_selector(pool.service_ref.name, owner.name)
         release_pods(kube, namespace=ns, selector=selector, keep_below=pool.replicas, sts_name=sts_name)
-    apply_children(kube, pool_children(owner, pool, service, replicas=hold), logger)
-    if sync_service and not is_degraded(svc_body):
+    sts = apply_children(kube, pool_children(owner, pool, service, replicas=hold), logger)[
+        "StatefulSet", sts_name
+    ]
+    if sync_service:
         pools = attached_pools(index, ns, pool.service_ref.name)
         pools[owner.name] = pool
-        apply_children(kube, service_children(owner_of("LLMService", svc_body), service, pools), logger)
-
-    sts = kube.get("StatefulSet", ns, sts_name) or {}
+        _sync_service_config(kube, svc_body, service, pools, logger)
     ready_count = int((sts.get("status") or {}).get("readyReplicas") or 0)
     replicas = hold if hold is not None else pool.replicas
     if hold is not None:
@@ -197,6 +221,6 @@ def cleanup_pool(
         service = LLMServiceSpec.model_validate(svc_body.get("spec") or {})
         pools = attached_pools(pools_by_service, namespace, service_name)
         pools.pop(name, None)
-        apply_children(kube, service_children(owner_of("LLMService", svc_body), service, pools), logger)
+        _sync_service_config(kube, svc_body, service, pools, logger)
     except (ValidationError, ValueError, Degraded) as exc:
         logger.warning("service %s config not refreshed after pool removal: %s", service_name, exc)
