@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 __all__ = [
     "EngineConfig",
     "GatewayConfig",
+    "KvTransferConfig",
+    "MigrationConfig",
     "PoolConfig",
     "RouterConfig",
     "ServeConfig",
@@ -106,6 +108,50 @@ class EngineConfig(StrictModel):
         if v & (v - 1):
             raise ValueError(f"block_size must be a power of two, got {v}")
         return v
+
+
+class KvTransferConfig(StrictModel):
+    """KV transfer between instances (live migration, P/D) through vLLM's NIXL connector."""
+
+    side_channel_host: str = "127.0.0.1"
+    """Address peers use for the NIXL handshake with this instance; loopback for one machine."""
+
+    side_channel_port: int = Field(default=0, ge=0, le=65535)
+    """NIXL handshake port of this instance; 0 picks a free one (one per instance)."""
+
+    control_port: int = Field(default=0, ge=0, le=65535)
+    """Loopback port of the connector's control channel in the engine core; 0 picks a free one."""
+
+    lease_s: int = Field(default=30, ge=1)
+    """Seconds a source holds blocks a destination has not pulled yet (NIXL's default lease)."""
+
+    keep_cpu_affinity: bool = True
+    """Undo NIXL's pinning of the CPU worker to one core per NUMA node, which makes decode
+    ~10x slower on small machines (research §5.3); only for the CPU build."""
+
+    ucx_tls: str = "tcp,self,sm"
+    """UCX transports on the CPU build (``UCX_TLS``); DRAM over TCP and shared memory."""
+
+
+class MigrationConfig(StrictModel):
+    """How the migration coordinator moves a running request (Llumnix-style multi-stage)."""
+
+    max_stages: int = Field(default=3, ge=0, le=8)
+    """Pre-copy stages at most (Llumnix's default 3); 0 is stop-and-copy."""
+
+    last_stage_max_blocks: int = Field(default=2, ge=0)
+    """Stop pre-copying once fewer new full blocks than this accrued since the last stage; the
+    final (downtime) stage then pulls at most about this many. 1-2 fits NIXL's per-pull cost."""
+
+    admission_margin_blocks: int = Field(default=16, ge=0)
+    """Free KV blocks the destination must keep beyond the request's own, so a migration never
+    pushes it into preemption."""
+
+    max_concurrent_per_instance: int = Field(default=1, ge=1)
+    """Migrations an instance takes part in at once, as source or destination (Llumnix: 1)."""
+
+    step_timeout_s: float = Field(default=10.0, gt=0)
+    """Deadline of each step (snapshot, pull, suspend, first token on the destination)."""
 
 
 class RouterConfig(StrictModel):

@@ -126,6 +126,7 @@ _GRPC_CODE: tuple[tuple[type[SwitchyardError], str], ...] = (
     (RequestError, "INVALID_ARGUMENT"),
     (CapacityError, "UNAVAILABLE"),
     (EngineDeadError, "UNAVAILABLE"),
+    (MigrationError, "FAILED_PRECONDITION"),  # a migration step refused; the request is fine
     (SwitchyardError, "INTERNAL"),
 )
 
@@ -158,5 +159,6 @@ GRPC_CODE_TO_ERROR: dict[str, type[SwitchyardError]] = {
     "UNAUTHENTICATED": AuthenticationError,
     "INVALID_ARGUMENT": InvalidRequestError,
     "UNAVAILABLE": EngineDeadError,
+    "FAILED_PRECONDITION": MigrationError,
     "INTERNAL": EngineRequestError,
 }

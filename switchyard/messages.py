@@ -8,18 +8,21 @@ They are frozen, slotted dataclasses: cheap to build on the hot path and safe to
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "EngineOutput",
     "EngineRequest",
     "FinishReason",
     "InstanceInfo",
+    "KvSnapshot",
     "LoadReport",
     "Membership",
     "RoutingRequest",
     "SamplingOptions",
+    "SuspendedRequest",
 ]
 
 
@@ -134,3 +137,48 @@ class Membership:
 
     version: int
     instances: tuple[InstanceInfo, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class KvSnapshot:
+    """The full KV blocks of a running request, readable by another instance (migration pre-copy).
+
+    ``token_ids`` are the tokens those blocks hold (a whole number of blocks, from the start of
+    the sequence); ``kv_transfer_params`` is the opaque ticket the destination's engine uses to
+    pull them (vLLM's NIXL ``kv_transfer_params``; JSON-able). Empty when nothing is full yet.
+    """
+
+    request_id: str
+    instance_id: str
+    token_ids: Sequence[int]
+    kv_transfer_params: Mapping[str, Any]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class SuspendedRequest:
+    """A request stopped on its source instance with its KV blocks held for a destination.
+
+    ``prompt_token_ids`` and ``sampling`` are the request as its client sent it (this leg's
+    engine request), ``output_token_ids`` every token generated so far, as the source engine
+    counted them: authoritative, possibly more than a stream consumer has seen. A destination
+    admits ``prompt + outputs`` with ``max_tokens``/``min_tokens`` reduced by the outputs and
+    pulls the KV with ``kv_transfer_params`` (empty: recompute). ``finish_reason`` is set when
+    the request finished on its own before the suspend took effect; nothing is left to move.
+    """
+
+    request_id: str
+    instance_id: str
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    sampling: SamplingOptions
+    kv_transfer_params: Mapping[str, Any] = field(default_factory=dict)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose KV the destination needs: prompt plus outputs."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)

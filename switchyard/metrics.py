@@ -31,6 +31,13 @@ __all__ = [
     "INSTANCE_KV_USAGE",
     "INSTANCE_RUNNING",
     "INSTANCE_WAITING",
+    "MIGRATIONS_COMPLETED",
+    "MIGRATIONS_FAILED",
+    "MIGRATIONS_STARTED",
+    "MIGRATION_BLOCKS",
+    "MIGRATION_BYTES",
+    "MIGRATION_DOWNTIME",
+    "MIGRATION_DURATION",
     "REGISTRY",
     "REQUESTS",
     "REQUEST_E2E",
@@ -135,6 +142,51 @@ INSTANCE_KV_USAGE = Gauge(
     "switchyard_instance_kv_usage_ratio",
     "Fraction of an instance's KV-cache blocks in use, as of its latest load report.",
     ["instance_id"],
+    registry=REGISTRY,
+)
+
+# Migration downtime is one control round trip + one tail pull + one step: ms on a GPU,
+# tens of ms on CPU; a whole migration adds the pre-copy stages (up to seconds).
+_DOWNTIME_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_MIGRATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+MIGRATIONS_STARTED = Counter(
+    "switchyard_migrations_started",
+    "Live migrations of running requests attempted.",
+    registry=REGISTRY,
+)
+MIGRATIONS_COMPLETED = Counter(
+    "switchyard_migrations_completed",
+    "Live migrations that moved a request with its KV cache to the destination.",
+    registry=REGISTRY,
+)
+MIGRATIONS_FAILED = Counter(
+    "switchyard_migrations_failed",
+    "Migrations that did not move the KV, by what became of the request (stayed on the source, "
+    "recomputed, finished, lost to failover) and reason.",
+    ["outcome", "reason"],
+    registry=REGISTRY,
+)
+MIGRATION_DOWNTIME = Histogram(
+    "switchyard_migration_downtime_seconds",
+    "Time from suspending a request on its source to its first token on the destination.",
+    buckets=_DOWNTIME_BUCKETS,
+    registry=REGISTRY,
+)
+MIGRATION_DURATION = Histogram(
+    "switchyard_migration_duration_seconds",
+    "Time one migration attempt took, pre-copy stages included, whatever its outcome.",
+    buckets=_MIGRATION_BUCKETS,
+    registry=REGISTRY,
+)
+MIGRATION_BLOCKS = Counter(
+    "switchyard_migration_blocks",
+    "KV blocks pulled by migration destinations (pre-copy stages plus the final tail).",
+    registry=REGISTRY,
+)
+MIGRATION_BYTES = Counter(
+    "switchyard_migration_bytes",
+    "KV bytes pulled by migration destinations (blocks times the model's bytes per block).",
     registry=REGISTRY,
 )
 

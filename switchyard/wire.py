@@ -12,6 +12,9 @@ and build one object, nothing else.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import grpc
 
 from switchyard.api.v1 import router_pb2, worker_pb2
@@ -21,10 +24,12 @@ from switchyard.messages import (
     EngineRequest,
     FinishReason,
     InstanceInfo,
+    KvSnapshot,
     LoadReport,
     Membership,
     RoutingRequest,
     SamplingOptions,
+    SuspendedRequest,
 )
 
 __all__ = [
@@ -32,6 +37,8 @@ __all__ = [
     "engine_request_to_pb",
     "instance_info_from_pb",
     "instance_info_to_pb",
+    "kv_snapshot_from_pb",
+    "kv_snapshot_to_pb",
     "load_report_from_pb",
     "load_report_to_pb",
     "membership_from_pb",
@@ -43,6 +50,8 @@ __all__ = [
     "sampling_from_pb",
     "sampling_to_pb",
     "status_for_error",
+    "suspended_from_pb",
+    "suspended_to_pb",
 ]
 
 _FINISH_REASONS: dict[str, FinishReason] = {r.value: r for r in FinishReason}
@@ -160,6 +169,58 @@ def output_from_pb(pb: worker_pb2.GenerateChunk) -> EngineOutput:
         num_prompt_tokens=pb.num_prompt_tokens,
         num_cached_tokens=pb.num_cached_tokens,
         instance_id=pb.instance_id,
+    )
+
+
+# -- migration ----------------------------------------------------------------------------------
+
+
+def _ticket_from_json(text: str) -> dict[str, Any]:
+    value = json.loads(text) if text else {}
+    return value if isinstance(value, dict) else {}
+
+
+def kv_snapshot_to_pb(s: KvSnapshot) -> worker_pb2.KvSnapshot:
+    """A pre-copy snapshot on the wire; the engine's ticket travels as JSON."""
+    return worker_pb2.KvSnapshot(
+        request_id=s.request_id,
+        instance_id=s.instance_id,
+        token_ids=s.token_ids,
+        kv_transfer_params_json=json.dumps(dict(s.kv_transfer_params)) if s.kv_transfer_params else "",
+    )
+
+
+def kv_snapshot_from_pb(pb: worker_pb2.KvSnapshot) -> KvSnapshot:
+    return KvSnapshot(
+        request_id=pb.request_id,
+        instance_id=pb.instance_id,
+        token_ids=tuple(pb.token_ids),
+        kv_transfer_params=_ticket_from_json(pb.kv_transfer_params_json),
+    )
+
+
+def suspended_to_pb(s: SuspendedRequest) -> worker_pb2.SuspendedRequest:
+    """A suspended request on the wire (source -> router -> destination)."""
+    return worker_pb2.SuspendedRequest(
+        request_id=s.request_id,
+        instance_id=s.instance_id,
+        prompt_token_ids=s.prompt_token_ids,
+        output_token_ids=s.output_token_ids,
+        sampling=sampling_to_pb(s.sampling),
+        kv_transfer_params_json=json.dumps(dict(s.kv_transfer_params)) if s.kv_transfer_params else "",
+        finish_reason=s.finish_reason.value if s.finish_reason is not None else "",
+    )
+
+
+def suspended_from_pb(pb: worker_pb2.SuspendedRequest) -> SuspendedRequest:
+    return SuspendedRequest(
+        request_id=pb.request_id,
+        instance_id=pb.instance_id,
+        prompt_token_ids=tuple(pb.prompt_token_ids),
+        output_token_ids=tuple(pb.output_token_ids),
+        sampling=sampling_from_pb(pb.sampling),
+        kv_transfer_params=_ticket_from_json(pb.kv_transfer_params_json),
+        finish_reason=_FINISH_REASONS.get(pb.finish_reason) if pb.finish_reason else None,
     )
 
 

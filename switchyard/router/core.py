@@ -12,6 +12,11 @@ token lost or repeated. (Greedy decoding continues exactly; a sampled request co
 from the same text with fresh randomness.) Load arrives by push: one subscription task per
 instance feeds the registry, which also counts what this router dispatched since.
 
+Live migration (``migrate``) moves a streaming request to another instance with its KV cache
+(``workers/migration.py``); the per-request upstream is a ``MovableStream``, which switches
+from the source's stream to the destination's without losing or repeating a token, so the
+loop below sees one continuous stream and needs no migration logic of its own.
+
 NOTE FOR DEVELOPERS: ``_stream`` is the per-chunk hot path. Per delta it extends one list,
 touches a few locals and forwards the worker's ``EngineOutput`` unchanged; it builds a new
 one only after a failover (to restate the original prompt length). Per request it makes one
@@ -29,11 +34,12 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from switchyard import metrics
-from switchyard.config import RouterConfig
+from switchyard.config import MigrationConfig, RouterConfig
 from switchyard.errors import (
     CapacityError,
     EngineDeadError,
     EngineRequestError,
+    MigrationError,
     ModelNotFoundError,
     SwitchyardError,
 )
@@ -45,10 +51,12 @@ from switchyard.messages import (
     Membership,
     RoutingRequest,
 )
+from switchyard.router.movable_stream import MovableStream
 from switchyard.router.policies import RoutingDecision, RoutingOutcome, make_policy
 from switchyard.router.registry import InstanceRegistry, InstanceState
 from switchyard.router.ttft_estimator import TtftFeedback
 from switchyard.router.worker_client import WorkerClient
+from switchyard.workers.migration import MigrationCoordinator, MigrationOutcome
 
 __all__ = ["RouterCore"]
 
@@ -91,6 +99,7 @@ class RouterCore:
         *,
         connector: Callable[[InstanceInfo], WorkerClient] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        migration: MigrationConfig | None = None,
     ) -> None:
         self._config = config
         self._connector = connector or WorkerClient.for_instance
@@ -111,6 +120,8 @@ class RouterCore:
         # Policies that estimate TTFT hear measured ones; their estimate error becomes a metric.
         self._ttft_feedback = self._policy if isinstance(self._policy, TtftFeedback) else None
         self._ttft_error = metrics.ROUTER_TTFT_ESTIMATE_ERROR.labels(config.policy)
+        self._migrator = MigrationCoordinator(migration, clock=clock)
+        self._streams: dict[str, MovableStream] = {}  # request id -> its upstream, for migrate()
         self._started = False
         self._closed = False
 
@@ -305,7 +316,8 @@ class RouterCore:
                 epoch = self._registry.on_dispatched(state, n_in)
                 self._policy.on_dispatched(req, decision)
                 t_dispatch = clock()
-                stream = self._clients[iid].generate(engine_req)
+                stream = MovableStream(req.request_id, iid, self._clients[iid].generate(engine_req))
+                self._streams[req.request_id] = stream
                 prefilled = False
                 cached = 0
                 try:
@@ -330,10 +342,10 @@ class RouterCore:
                                 t_first = t_last
                                 mm.ttft.observe(t_first - t_start)
                             generated.extend(out.token_ids)
-                        if attempt or out.instance_id != iid:
+                        if attempt:  # restate the original prompt (the stream does within one attempt)
                             out = EngineOutput(
                                 req.request_id, out.token_ids, out.finished, out.finish_reason,
-                                num_prompt, num_cached, iid,
+                                num_prompt, num_cached, stream.instance_id,
                             )  # fmt: skip
                         if out.finished:
                             outcome = "aborted" if out.finish_reason is FinishReason.ABORT else "finished"
@@ -351,10 +363,15 @@ class RouterCore:
                 except EngineDeadError as err:
                     exc = err
                 finally:
+                    # Accounting stays with the dispatch instance even after a migration moved
+                    # the request; load reports correct the registry's counts soon after.
                     self._registry.on_finished(state, epoch, n_in, prefilled=prefilled)
                     self._policy.on_finished(req.request_id, iid, num_cached_tokens=cached)
+                    if self._streams.get(req.request_id) is stream:
+                        del self._streams[req.request_id]
                     await stream.aclose()  # cancels the RPC if still open: the worker aborts
                 # Only EngineDeadError (or an early end) gets here: fail over or give up.
+                iid = stream.instance_id  # the instance that died (a migration may have moved it)
                 self._registry.mark_down(iid)
                 if attempt >= self._config.max_failover_attempts:
                     assert exc is not None
@@ -371,6 +388,25 @@ class RouterCore:
         finally:
             mm.e2e.observe(clock() - t_start)
             mm.requests[outcome].inc()
+
+    async def migrate(self, request_id: str, dst_instance_id: str) -> MigrationOutcome:
+        """Live-migrate a streaming request to ``dst_instance_id``; its client stream continues.
+
+        Raises ``MigrationError`` when the request is not streaming through this router or the
+        destination is unknown. A move that fails on the way never fails the request: the
+        outcome says where it runs (``stayed`` on the source, ``recomputed``, ...).
+        """
+        stream = self._streams.get(request_id)
+        if stream is None:
+            raise MigrationError(f"request {request_id!r} is not streaming through this router")
+        src, dst = self._clients.get(stream.instance_id), self._clients.get(dst_instance_id)
+        if src is None or dst is None:
+            raise MigrationError(
+                f"cannot move {request_id!r} from {stream.instance_id!r} to {dst_instance_id!r}"
+            )
+        info = self._registry.membership.instances
+        block_size = next((i.block_size for i in info if i.instance_id == dst_instance_id), 32)
+        return await stream.move(self._migrator, src, dst, block_size=block_size)
 
     def _feed_back_ttft(
         self, request_id: str, decision: RoutingDecision, ttft_s: float, num_cached_tokens: int

@@ -30,7 +30,14 @@ from switchyard.errors import (
     EngineRequestError,
     SwitchyardError,
 )
-from switchyard.messages import EngineOutput, EngineRequest, InstanceInfo, LoadReport
+from switchyard.messages import (
+    EngineOutput,
+    EngineRequest,
+    InstanceInfo,
+    KvSnapshot,
+    LoadReport,
+    SuspendedRequest,
+)
 
 __all__ = ["CHANNEL_OPTIONS", "UNARY_TIMEOUT_S", "WorkerClient"]
 
@@ -53,6 +60,10 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 
 UNARY_TIMEOUT_S = 5.0
 """Deadline of Abort and GetInstanceInfo: both are in-memory operations on the worker."""
+
+MIGRATION_STEP_TIMEOUT_S = 30.0
+"""Deadline of one migration step (a pull waits for a KV transfer); the coordinator's own
+per-step deadline is usually shorter."""
 
 # Codes whose meaning differs from the shared reverse table when they come from a worker:
 # a CANCELLED we did not ask for means the server went away mid-call, and a missed deadline
@@ -115,6 +126,63 @@ class WorkerClient:
                     yield wire.load_report_from_pb(pb)
         finally:
             call.cancel()
+
+    # -- migration steps: the coordinator's MigrationPeer over gRPC ------------------------------
+
+    async def snapshot(
+        self, request_id: str, *, after_tokens: int = 0, min_new_blocks: int = 1
+    ) -> KvSnapshot:
+        """The running request's full KV blocks as a pull ticket."""
+        req = worker_pb2.SnapshotRequest(
+            request_id=request_id, after_tokens=after_tokens, min_new_blocks=min(min_new_blocks, 2**32 - 1)
+        )
+        with self._translate("Snapshot"):
+            pb = await self._stub.Snapshot(req, timeout=MIGRATION_STEP_TIMEOUT_S)
+        return wire.kv_snapshot_from_pb(pb)
+
+    async def shadow_pull(self, snapshot: KvSnapshot) -> int:
+        """Have the worker pull a snapshot's blocks into its prefix cache."""
+        with self._translate("ShadowPull"):
+            pb = await self._stub.ShadowPull(
+                wire.kv_snapshot_to_pb(snapshot), timeout=MIGRATION_STEP_TIMEOUT_S
+            )
+        return int(pb.num_cached_tokens)
+
+    async def suspend(self, request_id: str) -> SuspendedRequest:
+        """Stop the request with its blocks held; its Generate stream ends with ABORT."""
+        with self._translate("Suspend"):
+            pb = await self._stub.Suspend(
+                worker_pb2.SuspendRequest(request_id=request_id), timeout=MIGRATION_STEP_TIMEOUT_S
+            )
+        return wire.suspended_from_pb(pb)
+
+    async def admit_migrated(self, req: SuspendedRequest) -> AsyncGenerator[EngineOutput, None]:
+        """Continue a suspended request on this worker; streams like :meth:`generate`."""
+        call = self._stub.AdmitMigrated(wire.suspended_to_pb(req))
+        try:
+            with self._translate("AdmitMigrated"):
+                async for chunk in call:
+                    yield wire.output_from_pb(chunk)
+        finally:
+            call.cancel()
+
+    async def release_suspended(self, request_id: str) -> bool:
+        """Free blocks held for a pull that will not come."""
+        with self._translate("ReleaseSuspended"):
+            reply = await self._stub.ReleaseSuspended(
+                worker_pb2.ReleaseRequest(request_id=request_id), timeout=UNARY_TIMEOUT_S
+            )
+        return bool(reply.released)
+
+    async def current_load(self) -> LoadReport:
+        """One fresh load report (the first of a short-lived subscription)."""
+        stream = self.stream_load(0.05)
+        try:
+            async for report in stream:
+                return report
+        finally:
+            await stream.aclose()
+        raise EngineDeadError(f"instance {self.instance_id} sent no load report")
 
     async def get_info(self) -> InstanceInfo:
         """The instance's identity as the worker itself reports it."""

@@ -1,8 +1,10 @@
 """The one async interface every engine adapter implements.
 
 The instance actor, the worker gRPC service and the tests talk to engines only through this
-protocol, so the real vLLM engine and the simulator are interchangeable. Migration steps
-(``snapshot``/``suspend``/``admit_migrated``) join the protocol with the migration work.
+protocol, so the real vLLM engine and the simulator are interchangeable. The migration
+steps (``snapshot``/``shadow_pull``/``suspend``/``admit_migrated``/``release_suspended``) are
+what ``workers/migration.py``'s coordinator calls, locally or through the Worker service; an
+engine that cannot migrate raises ``MigrationError`` from them, and the request stays put.
 
 Contract of ``generate`` (vLLM's own): on cancellation or ``GeneratorExit`` the adapter aborts
 the request and re-raises; Switchyard errors pass through unchanged; anything else is wrapped
@@ -14,7 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-from switchyard.messages import EngineOutput, EngineRequest, LoadReport
+from switchyard.messages import EngineOutput, EngineRequest, KvSnapshot, LoadReport, SuspendedRequest
 
 __all__ = ["Engine"]
 
@@ -43,6 +45,32 @@ class Engine(Protocol):
 
     def load(self) -> LoadReport:
         """Current load; cheap enough to call every report interval."""
+        ...
+
+    async def snapshot(
+        self, request_id: str, *, after_tokens: int = 0, min_new_blocks: int = 1
+    ) -> KvSnapshot:
+        """Source: the running request's full KV blocks as a pull ticket; it keeps decoding.
+
+        The ticket is empty (``kv_transfer_params == {}``: size only, nothing to pull) when
+        fewer than ``min_new_blocks`` blocks are full beyond the first ``after_tokens`` tokens.
+        """
+        ...
+
+    async def shadow_pull(self, snapshot: KvSnapshot) -> int:
+        """Destination: pull a snapshot's blocks into the prefix cache; return the tokens held."""
+        ...
+
+    async def suspend(self, request_id: str) -> SuspendedRequest:
+        """Source: stop the request (its stream ends with ABORT), hold its blocks for a pull."""
+        ...
+
+    def admit_migrated(self, req: SuspendedRequest) -> AsyncIterator[EngineOutput]:
+        """Destination: continue a suspended request from ``prompt + outputs``; stream new deltas."""
+        ...
+
+    async def release_suspended(self, request_id: str) -> bool:
+        """Source: free blocks held for a pull that will not come; False when none were held."""
         ...
 
     async def check_health(self) -> None:

@@ -27,8 +27,21 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from types import TracebackType
 
 from switchyard.config import EngineConfig
-from switchyard.errors import ConfigError, EngineDeadError, EngineRequestError, SwitchyardError
-from switchyard.messages import EngineOutput, EngineRequest, FinishReason, LoadReport
+from switchyard.errors import (
+    ConfigError,
+    EngineDeadError,
+    EngineRequestError,
+    MigrationError,
+    SwitchyardError,
+)
+from switchyard.messages import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    KvSnapshot,
+    LoadReport,
+    SuspendedRequest,
+)
 from switchyard.workers.sim_instance import SimInstance, StepResult
 
 __all__ = ["OutputCallback", "SimEngine", "SimFleet", "VirtualClock"]
@@ -157,6 +170,24 @@ class SimEngine:
 
     def load(self) -> LoadReport:
         return self._instance.load(time.monotonic())
+
+    # Migration is not modelled yet: every step refuses, so a coordinator leaves requests put.
+    async def snapshot(
+        self, request_id: str, *, after_tokens: int = 0, min_new_blocks: int = 1
+    ) -> KvSnapshot:
+        raise MigrationError("migration is not supported by the simulator")
+
+    async def shadow_pull(self, snapshot: KvSnapshot) -> int:
+        raise MigrationError("migration is not supported by the simulator")
+
+    async def suspend(self, request_id: str) -> SuspendedRequest:
+        raise MigrationError("migration is not supported by the simulator")
+
+    def admit_migrated(self, req: SuspendedRequest) -> AsyncGenerator[EngineOutput, None]:
+        raise MigrationError("migration is not supported by the simulator")
+
+    async def release_suspended(self, request_id: str) -> bool:
+        raise MigrationError("migration is not supported by the simulator")
 
     async def check_health(self) -> None:
         """Raise ``EngineDeadError`` once the engine is closed."""

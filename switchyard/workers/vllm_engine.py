@@ -30,157 +30,53 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm import AsyncEngineArgs, SamplingParams
-from vllm.exceptions import GracefulHTTPError, VLLMClientError
+from vllm import AsyncEngineArgs
 from vllm.inputs.engine import tokens_input
 from vllm.platforms import current_platform
-from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
-from vllm.v1.engine.exceptions import EngineGenerateError
-from vllm.v1.metrics.loggers import StatLoggerBase
 
-from switchyard.config import EngineConfig
+from switchyard.config import EngineConfig, KvTransferConfig
 from switchyard.errors import (
-    CapacityError,
     ConfigError,
-    ContextLengthError,
     EngineDeadError,
-    EngineRequestError,
     InvalidRequestError,
+    MigrationError,
     SwitchyardError,
 )
-from switchyard.messages import EngineOutput, EngineRequest, FinishReason, LoadReport, SamplingOptions
+from switchyard.messages import (
+    EngineOutput,
+    EngineRequest,
+    KvSnapshot,
+    LoadReport,
+    SuspendedRequest,
+)
+from switchyard.workers.migration import continuation_request, migration_refusal
 from switchyard.workers.tiny_model import TINY_MODEL_NAME, default_cache_dir
 from switchyard.workers.vllm_env import apply_vllm_env, vllm_env
+from switchyard.workers.vllm_errors import finish_reason, translate_vllm_error
+from switchyard.workers.vllm_kv import KvEndpoint, KvMigrationOps, kv_transfer_engine_config, sampling_params
+from switchyard.workers.vllm_load import SchedulerLoad
 
 __all__ = ["VLLMEngine", "translate_vllm_error"]
 
 logger = logging.getLogger(__name__)
 
 _GIB = 1 << 30
-_STEP_TIME_ALPHA = 0.2  # EWMA weight of the newest step: roughly the last 5-10 steps count
-_FINISH_REASONS = {
-    "stop": FinishReason.STOP,
-    "length": FinishReason.LENGTH,
-    "abort": FinishReason.ABORT,
-    "repetition": FinishReason.STOP,  # vLLM's hallucination guard stopped it: a normal stop
-}
 # Engine arguments this adapter sets from typed config; ``extra_args`` may not repeat them.
 _TYPED_ARGS = frozenset(
     {"model", "served_model_name", "dtype", "block_size", "max_model_len", "max_num_seqs", "seed"}
     | {"enable_prefix_caching", "prefix_caching_hash_algo", "enforce_eager", "kv_cache_memory_bytes"}
-    | {"disable_log_stats", "enable_log_requests"}
+    | {"disable_log_stats", "enable_log_requests", "kv_transfer_config"}
 )
-
-
-def translate_vllm_error(
-    exc: BaseException, *, prompt_len: int, max_model_len: int, admitted: bool
-) -> SwitchyardError:
-    """The one table from vLLM's exceptions to Switchyard's (vLLM 0.32.0 classes).
-
-    ``admitted`` is False until the request produced its first output: before that a plain
-    ``ValueError``/``TypeError`` is vLLM rejecting the input (``AsyncLLM.generate`` wraps
-    those in ``EngineGenerateError``); afterwards it is an engine fault.
-    """
-    if isinstance(exc, SwitchyardError):
-        return exc
-    if isinstance(exc, VLLMEngineDeadError):
-        return EngineDeadError(f"the vLLM engine core died: {exc}")
-    if isinstance(exc, GracefulHTTPError):  # admission limits (queue length, queued tokens)
-        return CapacityError(f"the engine refused the request for now: {exc}")
-    cause = exc.__cause__ if isinstance(exc, EngineGenerateError) and exc.__cause__ else exc
-    rejected = isinstance(cause, VLLMClientError) or (
-        not admitted and isinstance(cause, ValueError | TypeError)
-    )
-    if rejected and prompt_len >= max_model_len:
-        return ContextLengthError(
-            f"the prompt has {prompt_len} tokens but max_model_len is {max_model_len}, "
-            f"which must also leave room for at least one generated token ({cause})",
-            param="prompt",
-        )
-    if rejected:
-        return InvalidRequestError(str(cause))
-    return EngineRequestError(f"the request failed in vLLM: {type(exc).__name__}: {exc}")
-
-
-def _sampling_params(opts: SamplingOptions) -> SamplingParams:
-    """Map our sampling options one to one; both use ``top_k=0`` for "disabled"."""
-    return SamplingParams(
-        max_tokens=opts.max_tokens,
-        temperature=opts.temperature,
-        top_p=opts.top_p,
-        top_k=opts.top_k,
-        seed=opts.seed,
-        ignore_eos=opts.ignore_eos,
-        stop_token_ids=list(opts.stop_token_ids),
-        min_tokens=opts.min_tokens,
-        presence_penalty=opts.presence_penalty,
-        frequency_penalty=opts.frequency_penalty,
-        repetition_penalty=opts.repetition_penalty,
-        detokenize=False,
-        output_kind=RequestOutputKind.DELTA,
-    )
-
-
-class _SchedulerLoad(StatLoggerBase):  # type: ignore[misc]
-    """Keeps the latest scheduler view and cumulative counters; vLLM calls ``record`` each step.
-
-    Runs on the event loop (vLLM's output handler task), so it needs no locking.
-    """
-
-    def __init__(self) -> None:
-        self.num_running = 0
-        self.num_waiting = 0
-        self.kv_usage = 0.0
-        self.kv_blocks_total = 0
-        self.step_time_s = 0.0
-        self.prefix_queries_total = 0
-        self.prefix_hits_total = 0
-        self.preemptions_total = 0
-        self._last_record: float | None = None
-        self._busy = False  # whether the engine had work at the previous record
-
-    def bind(self, vllm_config: Any, engine_index: int = 0) -> _SchedulerLoad:
-        """vLLM's logger factory: called once the engine core is up and its KV size known."""
-        # The pool holds one reserved null block; vLLM's usage fraction excludes it too.
-        self.kv_blocks_total = max(int(vllm_config.cache_config.num_gpu_blocks or 0) - 1, 0)
-        return self
-
-    def record(
-        self,
-        scheduler_stats: Any,
-        iteration_stats: Any,
-        mm_cache_stats: Any = None,
-        engine_idx: int = 0,
-    ) -> None:
-        now = time.monotonic()
-        if iteration_stats is not None:
-            self.preemptions_total += iteration_stats.num_preempted_reqs
-        if scheduler_stats is None:
-            return
-        # The gap since the previous record is one step only if the engine was busy in it.
-        if self._busy and self._last_record is not None:
-            dt = now - self._last_record
-            prev = self.step_time_s or dt
-            self.step_time_s = prev + _STEP_TIME_ALPHA * (dt - prev)
-        self._last_record = now
-        self.num_running = scheduler_stats.num_running_reqs
-        self.num_waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
-        self._busy = self.num_running + self.num_waiting > 0
-        self.kv_usage = scheduler_stats.kv_cache_usage
-        self.prefix_queries_total += scheduler_stats.prefix_cache_stats.queries
-        self.prefix_hits_total += scheduler_stats.prefix_cache_stats.hits
-
-    def log_engine_initialized(self) -> None:
-        logger.debug("vLLM engine ready with %d KV blocks", self.kv_blocks_total)
 
 
 @dataclass(slots=True)
 class _InFlight:
     """What the adapter remembers about one running request."""
 
-    prompt_len: int
+    prompt_len: int  # tokens of the engine's prompt (moved outputs included)
+    request: EngineRequest  # as its client sent it: the base of a migration
+    prior_outputs: tuple[int, ...] = ()  # outputs a migration moved into the engine's prompt
     started: bool = False  # produced its first output (its prefill is done)
     finished: bool = False
 
@@ -189,31 +85,54 @@ class VLLMEngine:
     """One vLLM instance behind the ``Engine`` protocol. Build it with :meth:`start`."""
 
     def __init__(
-        self, llm: AsyncLLM, load: _SchedulerLoad, *, instance_id: str, served_model_name: str
+        self,
+        llm: AsyncLLM,
+        load: SchedulerLoad,
+        *,
+        instance_id: str,
+        served_model_name: str,
+        kv: KvMigrationOps | None = None,
     ) -> None:
         self._llm: AsyncLLM | None = llm
         self._load = load
         self._instance_id = instance_id
         self._served_model_name = served_model_name
+        self._kv = kv
         self._block_size = int(llm.vllm_config.cache_config.block_size)
         self._max_model_len = int(llm.model_config.max_model_len)
         self._inflight: dict[str, _InFlight] = {}
         self._waiting_prefill_tokens = 0
 
     @classmethod
-    async def start(cls, cfg: EngineConfig, *, instance_id: str, model_dir: Path) -> VLLMEngine:
+    async def start(
+        cls,
+        cfg: EngineConfig,
+        *,
+        instance_id: str,
+        model_dir: Path,
+        kv_transfer: KvTransferConfig | None = None,
+    ) -> VLLMEngine:
         """Start the engine core (a spawned child process) and wait until it serves.
 
         Must run inside the event loop that will use the engine. vLLM's start is synchronous
         and holds the loop for its duration (~12 s for the tiny model on a fast CPU). Process
         environment variables from :func:`vllm_env` that the host did not set are filled in
         with defaults first; the host should have applied them before importing vLLM.
+
+        ``kv_transfer`` loads the migration connector (NIXL): the engine can then be a
+        migration source and destination (``snapshot``, ``suspend``, ``admit_migrated``, ...).
         """
         apply_vllm_env(vllm_env(cfg, cache_dir=default_cache_dir()), override=False)
+        kv_args: dict[str, Any] = {}
+        endpoint: KvEndpoint | None = None
+        if kv_transfer is not None:
+            if current_platform.is_cpu():  # NIXL over UCX: DRAM via TCP and shared memory
+                apply_vllm_env({"UCX_TLS": kv_transfer.ucx_tls}, override=False)
+            kv_args["kv_transfer_config"], endpoint = kv_transfer_engine_config(kv_transfer)
         name = cfg.served_model_name or (TINY_MODEL_NAME if cfg.model is None else model_dir.name)
         if clash := _TYPED_ARGS & cfg.extra_args.keys():
             raise ConfigError(f"engine.extra_args repeats typed engine settings: {sorted(clash)}")
-        load = _SchedulerLoad()
+        load = SchedulerLoad()
         try:
             args = AsyncEngineArgs(
                 model=str(model_dir),
@@ -229,6 +148,7 @@ class VLLMEngine:
                 kv_cache_memory_bytes=cfg.cpu_kvcache_space_gib * _GIB if current_platform.is_cpu() else None,
                 disable_log_stats=True,  # no periodic log lines; our stat logger still gets stats
                 enable_log_requests=False,
+                **kv_args,
                 **cfg.extra_args,
             )
         except (TypeError, ValueError) as exc:
@@ -246,7 +166,10 @@ class VLLMEngine:
         logger.info(
             "vLLM engine %s serving %s started in %.1f s", instance_id, name, time.monotonic() - started
         )
-        return cls(llm, load, instance_id=instance_id, served_model_name=name)
+        kv = None if endpoint is None else KvMigrationOps(llm, endpoint, instance_id=instance_id)
+        if kv is not None:
+            await kv.ping()
+        return cls(llm, load, instance_id=instance_id, served_model_name=name, kv=kv)
 
     @property
     def instance_id(self) -> str:
@@ -281,39 +204,49 @@ class VLLMEngine:
             raise EngineDeadError(f"engine {self._instance_id} died: {llm.dead_error}")
         return llm
 
-    async def generate(self, req: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
+    def generate(self, req: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         """Stream output deltas of ``req``; the first carries prompt and cached-token counts.
 
         Note: the consumer's pace sets the delta size. A slow consumer gets fewer, larger
         deltas (vLLM merges them), never an unbounded backlog.
         """
+        return self._run(req, _InFlight(prompt_len=len(req.prompt_token_ids), request=req), None)
+
+    async def _run(
+        self, req: EngineRequest, state: _InFlight, kv_params: dict[str, Any] | None
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """Run ``req`` (the engine's prompt; ``state.request`` the client's) and stream deltas.
+
+        Outputs report the client's prompt length, so usage is right after a migration moved
+        outputs into the engine's prompt.
+        """
         llm = self._require_llm()
         rid = req.request_id
         if rid in self._inflight:
             raise InvalidRequestError(f"request {rid!r} is already running here", param="request_id")
-        state = _InFlight(prompt_len=len(req.prompt_token_ids))
         try:
-            params = _sampling_params(req.sampling)
+            params = sampling_params(req.sampling, rid, kv_params)
         except Exception as exc:
             raise self._translate(exc, state) from exc
         self._inflight[rid] = state
         self._waiting_prefill_tokens += state.prompt_len
         stream = llm.generate(tokens_input(list(req.prompt_token_ids)), params, rid)
+        num_prompt = len(state.request.prompt_token_ids)
         num_cached = 0
         try:
             async for out in stream:
                 if not state.started:
                     self._mark_started(state)
-                    num_cached = out.num_cached_tokens or 0
+                    num_cached = min(out.num_cached_tokens or 0, num_prompt)
                 completion = out.outputs[0]
-                reason = _finish_reason(completion.finish_reason) if out.finished else None
+                reason = finish_reason(completion.finish_reason) if out.finished else None
                 state.finished = out.finished
                 yield EngineOutput(
                     request_id=rid,
                     token_ids=tuple(completion.token_ids),
                     finished=out.finished,
                     finish_reason=reason,
-                    num_prompt_tokens=state.prompt_len,
+                    num_prompt_tokens=num_prompt,
                     num_cached_tokens=num_cached,
                     instance_id=self._instance_id,
                 )
@@ -329,6 +262,70 @@ class VLLMEngine:
             self._mark_started(state)
             del self._inflight[rid]
             await stream.aclose()
+
+    # -- migration (see vllm_kv.py) -----------------------------------------------------------
+
+    @property
+    def kv_endpoint(self) -> KvEndpoint | None:
+        """The connector's handshake and control addresses; None without ``kv_transfer``."""
+        return None if self._kv is None else self._kv.endpoint
+
+    def _require_kv(self) -> KvMigrationOps:
+        self._require_llm()
+        if self._kv is None:
+            raise MigrationError(f"engine {self._instance_id} was started without kv_transfer")
+        return self._kv
+
+    async def snapshot(
+        self, request_id: str, *, after_tokens: int = 0, min_new_blocks: int = 1
+    ) -> KvSnapshot:
+        """Source: the running request's full KV blocks as a pull ticket; it keeps decoding."""
+        kv = self._require_kv()
+        if request_id not in self._inflight:
+            raise MigrationError(f"request {request_id!r} is not running on {self._instance_id}")
+        return await kv.snapshot(request_id, after_tokens=after_tokens, min_new_blocks=min_new_blocks)
+
+    async def shadow_pull(self, snapshot: KvSnapshot) -> int:
+        """Destination: pull a snapshot's blocks into the prefix cache; tokens it now holds."""
+        return await self._require_kv().shadow_pull(snapshot)
+
+    async def suspend(self, request_id: str) -> SuspendedRequest:
+        """Source: stop the request, hold its blocks for a pull, return its authoritative state.
+
+        Its stream ends with ``finish_reason=ABORT``; the caller continues it elsewhere.
+        Refuses (``MigrationError``) requests whose output would change by moving.
+        """
+        kv = self._require_kv()
+        state = self._inflight.get(request_id)
+        if state is None or state.finished:
+            raise MigrationError(f"request {request_id!r} is not running on {self._instance_id}")
+        if (why := migration_refusal(state.request.sampling)) is not None:
+            raise MigrationError(f"request {request_id!r} cannot migrate: {why}")
+        base = state.request
+        return await kv.suspend(
+            request_id,
+            prompt=list(base.prompt_token_ids),
+            prior_outputs=state.prior_outputs,
+            sampling=base.sampling,
+        )
+
+    def admit_migrated(self, req: SuspendedRequest) -> AsyncGenerator[EngineOutput, None]:
+        """Destination: continue a suspended request: ``prompt + outputs``, pulling the KV tail.
+
+        ``max_tokens``/``min_tokens`` shrink by the outputs already produced; without a ticket
+        (``kv_transfer_params`` empty) the destination recomputes the prefix instead.
+        """
+        self._require_kv()
+        if len(req.output_token_ids) >= req.sampling.max_tokens:
+            raise MigrationError(f"request {req.request_id!r} has nothing left to generate")
+        engine_req = continuation_request(req)
+        base = EngineRequest(req.request_id, req.prompt_token_ids, req.sampling)
+        state = _InFlight(len(engine_req.prompt_token_ids), base, prior_outputs=tuple(req.output_token_ids))
+        return self._run(engine_req, state, dict(req.kv_transfer_params) or None)
+
+    async def release_suspended(self, request_id: str) -> bool:
+        """Source: free blocks held for a destination that will not pull them."""
+        return await self._require_kv().release(request_id)
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False when it is not (or no longer) running.
@@ -401,10 +398,3 @@ class VLLMEngine:
             await llm.abort(request_ids)
         except Exception:
             logger.debug("abort of %s failed", request_ids, exc_info=True)
-
-
-def _finish_reason(reason: str | None) -> FinishReason:
-    """vLLM's finish reason string as ours; ``error`` (a retryable engine fault) raises."""
-    if reason is not None and (mapped := _FINISH_REASONS.get(reason)) is not None:
-        return mapped
-    raise EngineRequestError(f"vLLM finished the request with reason {reason!r}")

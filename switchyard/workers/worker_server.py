@@ -55,7 +55,7 @@ SERVICE_NAME = "switchyard.v1.Worker"
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
-    """Serves one engine: Generate, Abort, StreamLoad and GetInstanceInfo."""
+    """Serves one engine: Generate, Abort, StreamLoad, GetInstanceInfo and the migration steps."""
 
     def __init__(
         self, engine: Engine, info: InstanceInfo, *, load_interval_s: float = DEFAULT_LOAD_INTERVAL_S
@@ -73,11 +73,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     async def Generate(self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         """Stream the engine's output deltas; a client cancel aborts the engine request."""
         req = wire.engine_request_from_pb(request)
+        await self._serve_stream(lambda: self._engine.generate(req), req.request_id, context)
+
+    async def _serve_stream(
+        self,
+        start: Callable[[], AsyncIterator[EngineOutput]],
+        request_id: str,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         instance_id = self._info.instance_id
         stream: AsyncIterator[EngineOutput] | None = None
         finished = False
         try:
-            stream = self._engine.generate(req)
+            stream = start()
             # Hot path: one conversion and one write per delta, nothing else.
             async for out in stream:
                 await context.write(wire.output_to_pb(out, instance_id=instance_id))
@@ -85,14 +93,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
                     finished = True
                     break
         except Exception as exc:
-            await _abort(context, exc, "Generate %s", req.request_id)
+            await _abort(context, exc, "Generate %s", request_id)
         finally:
             # Close the engine's generator now rather than leaving it to the garbage collector.
             # Unfinished (client cancel, closed stream, error), that is the abort: GeneratorExit
             # inside the engine's generate aborts per the Engine contract, and abort() covers
             # engines whose generator had already ended.
             if stream is not None:
-                await _release(self._engine, stream, req.request_id, aborted=not finished)
+                await _release(self._engine, stream, request_id, aborted=not finished)
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -117,6 +125,59 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
                 await asyncio.sleep(interval)
         except Exception as exc:
             await _abort(context, exc, "StreamLoad")
+
+    # -- migration steps (workers/migration.py drives them; the engine does the work) ---------
+
+    async def Snapshot(
+        self, request: worker_pb2.SnapshotRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.KvSnapshot:
+        """The running request's full KV blocks as a pull ticket (it keeps decoding)."""
+        try:
+            snap = await self._engine.snapshot(
+                request.request_id,
+                after_tokens=request.after_tokens,
+                min_new_blocks=request.min_new_blocks or 1,
+            )
+        except Exception as exc:
+            await _abort(context, exc, "Snapshot %s", request.request_id)
+        return wire.kv_snapshot_to_pb(snap)
+
+    async def ShadowPull(
+        self, request: worker_pb2.KvSnapshot, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ShadowPullReply:
+        """Pull a snapshot's blocks into this engine's prefix cache."""
+        try:
+            cached = await self._engine.shadow_pull(wire.kv_snapshot_from_pb(request))
+        except Exception as exc:
+            await _abort(context, exc, "ShadowPull %s", request.request_id)
+        return worker_pb2.ShadowPullReply(num_cached_tokens=cached)
+
+    async def Suspend(
+        self, request: worker_pb2.SuspendRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.SuspendedRequest:
+        """Stop the request, hold its blocks for a pull, return its authoritative state."""
+        try:
+            suspended = await self._engine.suspend(request.request_id)
+        except Exception as exc:
+            await _abort(context, exc, "Suspend %s", request.request_id)
+        return wire.suspended_to_pb(suspended)
+
+    async def AdmitMigrated(
+        self, request: worker_pb2.SuspendedRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Continue a suspended request here; streams like ``Generate``, and a cancel aborts it."""
+        req = wire.suspended_from_pb(request)
+        await self._serve_stream(lambda: self._engine.admit_migrated(req), req.request_id, context)
+
+    async def ReleaseSuspended(
+        self, request: worker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReleaseReply:
+        """Free blocks held for a destination that will not pull them."""
+        try:
+            released = await self._engine.release_suspended(request.request_id)
+        except Exception as exc:
+            await _abort(context, exc, "ReleaseSuspended %s", request.request_id)
+        return worker_pb2.ReleaseReply(released=released)
 
     async def GetInstanceInfo(
         self, request: worker_pb2.InstanceInfoRequest, context: grpc.aio.ServicerContext

@@ -127,3 +127,67 @@ class InstanceInfo(_message.Message):
     max_model_len: int
     incarnation: int
     def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., role: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("request_id", "after_tokens", "min_new_blocks")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    after_tokens: int
+    min_new_blocks: int
+    def __init__(self, request_id: _Optional[str] = ..., after_tokens: _Optional[int] = ..., min_new_blocks: _Optional[int] = ...) -> None: ...
+
+class KvSnapshot(_message.Message):
+    __slots__ = ("request_id", "instance_id", "token_ids", "kv_transfer_params_json")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    instance_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    kv_transfer_params_json: str
+    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., kv_transfer_params_json: _Optional[str] = ...) -> None: ...
+
+class ShadowPullReply(_message.Message):
+    __slots__ = ("num_cached_tokens",)
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    num_cached_tokens: int
+    def __init__(self, num_cached_tokens: _Optional[int] = ...) -> None: ...
+
+class SuspendRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class SuspendedRequest(_message.Message):
+    __slots__ = ("request_id", "instance_id", "prompt_token_ids", "output_token_ids", "sampling", "kv_transfer_params_json", "finish_reason")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    instance_id: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: SamplingParams
+    kv_transfer_params_json: str
+    finish_reason: str
+    def __init__(self, request_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., kv_transfer_params_json: _Optional[str] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...

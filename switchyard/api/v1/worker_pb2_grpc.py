@@ -54,6 +54,31 @@ class WorkerStub:
                 request_serializer=switchyard_dot_v1_dot_worker__pb2.InstanceInfoRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_worker__pb2.InstanceInfo.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/switchyard.v1.Worker/Snapshot',
+                request_serializer=switchyard_dot_v1_dot_worker__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_worker__pb2.KvSnapshot.FromString,
+                _registered_method=True)
+        self.ShadowPull = channel.unary_unary(
+                '/switchyard.v1.Worker/ShadowPull',
+                request_serializer=switchyard_dot_v1_dot_worker__pb2.KvSnapshot.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_worker__pb2.ShadowPullReply.FromString,
+                _registered_method=True)
+        self.Suspend = channel.unary_unary(
+                '/switchyard.v1.Worker/Suspend',
+                request_serializer=switchyard_dot_v1_dot_worker__pb2.SuspendRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_worker__pb2.SuspendedRequest.FromString,
+                _registered_method=True)
+        self.AdmitMigrated = channel.unary_stream(
+                '/switchyard.v1.Worker/AdmitMigrated',
+                request_serializer=switchyard_dot_v1_dot_worker__pb2.SuspendedRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
+                _registered_method=True)
+        self.ReleaseSuspended = channel.unary_unary(
+                '/switchyard.v1.Worker/ReleaseSuspended',
+                request_serializer=switchyard_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_worker__pb2.ReleaseReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -83,6 +108,36 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShadowPull(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Suspend(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdmitMigrated(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseSuspended(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +160,31 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetInstanceInfo,
                     request_deserializer=switchyard_dot_v1_dot_worker__pb2.InstanceInfoRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_worker__pb2.InstanceInfo.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=switchyard_dot_v1_dot_worker__pb2.SnapshotRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_worker__pb2.KvSnapshot.SerializeToString,
+            ),
+            'ShadowPull': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShadowPull,
+                    request_deserializer=switchyard_dot_v1_dot_worker__pb2.KvSnapshot.FromString,
+                    response_serializer=switchyard_dot_v1_dot_worker__pb2.ShadowPullReply.SerializeToString,
+            ),
+            'Suspend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Suspend,
+                    request_deserializer=switchyard_dot_v1_dot_worker__pb2.SuspendRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_worker__pb2.SuspendedRequest.SerializeToString,
+            ),
+            'AdmitMigrated': grpc.unary_stream_rpc_method_handler(
+                    servicer.AdmitMigrated,
+                    request_deserializer=switchyard_dot_v1_dot_worker__pb2.SuspendedRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_worker__pb2.GenerateChunk.SerializeToString,
+            ),
+            'ReleaseSuspended': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseSuspended,
+                    request_deserializer=switchyard_dot_v1_dot_worker__pb2.ReleaseRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_worker__pb2.ReleaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +295,141 @@ class Worker:
             '/switchyard.v1.Worker/GetInstanceInfo',
             switchyard_dot_v1_dot_worker__pb2.InstanceInfoRequest.SerializeToString,
             switchyard_dot_v1_dot_worker__pb2.InstanceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Worker/Snapshot',
+            switchyard_dot_v1_dot_worker__pb2.SnapshotRequest.SerializeToString,
+            switchyard_dot_v1_dot_worker__pb2.KvSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShadowPull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Worker/ShadowPull',
+            switchyard_dot_v1_dot_worker__pb2.KvSnapshot.SerializeToString,
+            switchyard_dot_v1_dot_worker__pb2.ShadowPullReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Suspend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Worker/Suspend',
+            switchyard_dot_v1_dot_worker__pb2.SuspendRequest.SerializeToString,
+            switchyard_dot_v1_dot_worker__pb2.SuspendedRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdmitMigrated(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/switchyard.v1.Worker/AdmitMigrated',
+            switchyard_dot_v1_dot_worker__pb2.SuspendedRequest.SerializeToString,
+            switchyard_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseSuspended(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchyard.v1.Worker/ReleaseSuspended',
+            switchyard_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
+            switchyard_dot_v1_dot_worker__pb2.ReleaseReply.FromString,
             options,
             channel_credentials,
             insecure,

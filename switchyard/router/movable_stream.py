@@ -1,0 +1,185 @@
+"""``MovableStream``: one request's upstream that can change instances mid-stream.
+
+Why a wrapper and not more logic in the router's streaming loop: the loop already handles
+dispatch, failover and metrics per attempt; a live migration is different, because the
+client's stream must continue with no token lost or repeated while the request changes
+instance *within* one attempt. This wrapper hides the switch: the consumer iterates it like
+any ``EngineOutput`` stream.
+
+How a move looks from here (:meth:`move` runs the coordinator):
+
+1. The source's stream keeps flowing during pre-copy.
+2. The suspend aborts the request on the source, whose stream then ends with ``ABORT`` (or
+   dies). While a move is in progress that end is not forwarded: the wrapper waits for the
+   coordinator's outcome instead.
+3. ``moved``/``recomputed``: the source's authoritative outputs may be ahead of what reached
+   us (abort drops in-flight outputs), so the tokens we have not yielded yet are emitted first
+   (``suspended.output_token_ids[seen:]``), then the destination's stream follows.
+   ``finished``: those tokens and a final output. ``stayed``: nothing changed (an ``ABORT``
+   seen meanwhile was a real one and is forwarded). ``lost``: ``EngineDeadError``, so the
+   router fails over by recompute from what the client has seen.
+
+Every output is restated with the prompt and cached-token counts of the first one, so usage
+counts the client's prompt, not the destination's (which includes the moved outputs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import TYPE_CHECKING
+
+from switchyard.errors import EngineDeadError, MigrationError
+from switchyard.messages import EngineOutput, FinishReason
+
+if TYPE_CHECKING:
+    from switchyard.workers.migration import MigrationCoordinator, MigrationOutcome, MigrationPeer
+
+__all__ = ["MovableStream"]
+
+
+class MovableStream:
+    """An async iterator of one request's outputs whose source instance can be swapped."""
+
+    def __init__(self, request_id: str, instance_id: str, upstream: AsyncIterator[EngineOutput]) -> None:
+        self.request_id = request_id
+        self.instance_id = instance_id
+        """The instance the request runs on now (changes after a move)."""
+        self._upstream = upstream
+        self._seen = 0  # tokens yielded so far: the suspended outputs are counted the same way
+        self._num_prompt = self._num_cached = -1
+        self._moving: asyncio.Future[MigrationOutcome] | None = None
+        self._closed = False
+        self._gen = self._iterate()
+
+    def __aiter__(self) -> MovableStream:
+        return self
+
+    async def __anext__(self) -> EngineOutput:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._gen.aclose()
+        await _aclose(self._upstream)
+
+    @property
+    def moving(self) -> bool:
+        return self._moving is not None
+
+    async def move(
+        self,
+        coordinator: MigrationCoordinator,
+        src: MigrationPeer,
+        dst: MigrationPeer,
+        *,
+        block_size: int | None = None,
+    ) -> MigrationOutcome:
+        """Migrate the request from ``src`` (where it runs) to ``dst``; the stream follows it."""
+        if self._moving is not None:
+            raise MigrationError(f"request {self.request_id!r} is already moving")
+        if self._closed:
+            raise MigrationError(f"request {self.request_id!r} has ended")
+        fut: asyncio.Future[MigrationOutcome] = asyncio.get_running_loop().create_future()
+        self._moving = fut
+        try:
+            outcome = await coordinator.migrate(self.request_id, src, dst, block_size=block_size)
+        except BaseException:
+            self._moving = None
+            if not fut.done():
+                fut.cancel()
+            raise
+        fut.set_result(outcome)
+        if outcome.status == "stayed":
+            self._moving = None  # nothing was aborted: a later ABORT is a real one
+        if self._closed and outcome.stream is not None:
+            await _aclose(outcome.stream)  # the client went away meanwhile
+        return outcome
+
+    async def _iterate(self) -> AsyncGenerator[EngineOutput, None]:
+        while True:
+            ended: EngineOutput | EngineDeadError | None = None
+            try:
+                async for out in self._upstream:
+                    if self._moving is not None and out.finished and out.finish_reason is FinishReason.ABORT:
+                        if out.token_ids:
+                            yield self._restate(out, tokens=out.token_ids, finished=False, reason=None)
+                        ended = out
+                        break
+                    yield self._restate(
+                        out, tokens=out.token_ids, finished=out.finished, reason=out.finish_reason
+                    )
+                    if out.finished:
+                        return
+                else:
+                    ended = EngineDeadError(f"instance {self.instance_id} ended the stream early")
+            except EngineDeadError as exc:
+                ended = exc
+            if self._moving is None:
+                if isinstance(ended, EngineDeadError):
+                    raise ended
+                assert ended is not None
+                yield self._restate(ended, tokens=(), finished=True, reason=ended.finish_reason)
+                return
+            outcome = await self._moving
+            self._moving = None
+            await _aclose(self._upstream)
+            if outcome.status == "stayed":  # nothing was suspended: the end we saw is real
+                if isinstance(ended, EngineOutput):
+                    yield self._restate(ended, tokens=(), finished=True, reason=ended.finish_reason)
+                    return
+                raise ended or EngineDeadError(f"instance {self.instance_id} ended the stream early")
+            suspended = outcome.suspended
+            missed = tuple(suspended.output_token_ids[self._seen :]) if suspended is not None else ()
+            if outcome.status == "finished" and suspended is not None:
+                yield self._emit(missed, finished=True, reason=suspended.finish_reason or FinishReason.LENGTH)
+                return
+            if outcome.stream is None:  # lost: the router fails over from what was yielded
+                if missed:
+                    yield self._emit(missed, finished=False, reason=None)
+                raise EngineDeadError(
+                    f"request {self.request_id} was lost by its migration ({outcome.reason})"
+                )
+            self.instance_id = outcome.instance_id
+            self._upstream = outcome.stream
+            if missed:
+                yield self._emit(missed, finished=False, reason=None)
+
+    def _restate(
+        self,
+        out: EngineOutput,
+        *,
+        tokens: Sequence[int],
+        finished: bool,
+        reason: FinishReason | None,
+    ) -> EngineOutput:
+        if self._num_prompt < 0:
+            self._num_prompt, self._num_cached = out.num_prompt_tokens, out.num_cached_tokens
+        self._seen += len(tokens)
+        return EngineOutput(
+            self.request_id,
+            tuple(tokens),
+            finished,
+            reason,
+            self._num_prompt,
+            self._num_cached,
+            self.instance_id,
+        )
+
+    def _emit(self, tokens: tuple[int, ...], *, finished: bool, reason: FinishReason | None) -> EngineOutput:
+        self._seen += len(tokens)
+        return EngineOutput(
+            self.request_id,
+            tokens,
+            finished,
+            reason,
+            max(self._num_prompt, 0),
+            max(self._num_cached, 0),
+            self.instance_id,
+        )
+
+
+async def _aclose(stream: AsyncIterator[EngineOutput]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
