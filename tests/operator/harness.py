@@ -125,7 +125,6 @@ class OperatorRunner:
         settings.posting.level = logging.WARNING
         settings.networking.error_backoffs = [0.1]
         settings.watching.reconnect_backoff = 0.1
-        settings.batching.batch_window = 0.01  # react to each event at once (default 0.1 s)
         memo = kopf.Memo(
             options=options or fast_options(),
             kube=KubeApi(k8s_client.ApiClient(k8s_client.Configuration(host=self.url))),

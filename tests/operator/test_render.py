@@ -1,0 +1,237 @@
+"""The pure renderers: what each custom resource becomes, checked without a cluster."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from switchyard.config import ServeConfig
+from switchyard.operator.kube import contains
+from switchyard.operator.models import KVCachePoolSpec, LLMServiceSpec, ServingPoolSpec
+from switchyard.operator.render import (
+    Owner,
+    kvcache_children,
+    pool_children,
+    selector_string,
+    service_children,
+)
+from tests.operator.harness import load_examples
+
+NS = "prod"
+
+
+def examples() -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d["spec"] for d in load_examples("llmservice-pd.yaml", NS)}
+
+
+def service_spec(**overrides: Any) -> LLMServiceSpec:
+    return LLMServiceSpec.model_validate({**examples()["llama-pd"], **overrides})
+
+
+def pool_spec(name: str = "llama-pd-prefill", **overrides: Any) -> ServingPoolSpec:
+    return ServingPoolSpec.model_validate({**examples()[name], **overrides})
+
+
+def owner(kind: str, name: str) -> Owner:
+    return Owner(kind=kind, name=name, namespace=NS, uid=f"uid-{name}")
+
+
+def by_key(children: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(c["kind"], c["metadata"]["name"]): c for c in children}
+
+
+def pod(workload: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def test_service_children_are_the_ray_head_router_services_and_config() -> None:
+    """An LLMService renders exactly its config, Ray head and router with their Services."""
+    children = by_key(service_children(owner("LLMService", "llama-pd"), service_spec(), {}))
+    assert sorted(children) == [
+        ("ConfigMap", "llama-pd-config"),
+        ("Deployment", "llama-pd-ray-head"),
+        ("Deployment", "llama-pd-router"),
+        ("Service", "llama-pd-ray-head"),
+        ("Service", "llama-pd-router"),
+        ("Service", "llama-pd-router-grpc"),
+    ]
+
+
+def test_every_child_is_controlled_by_its_owner_and_labelled() -> None:
+    """Each child has one controller ownerReference (so the garbage collector removes it with its
+    owner) and the standard labels, with pool and role where they apply."""
+    svc = service_spec()
+    children = [
+        *service_children(owner("LLMService", "llama-pd"), svc, {}),
+        *pool_children(owner("ServingPool", "llama-pd-prefill"), pool_spec(), svc),
+        *kvcache_children(
+            owner("KVCachePool", "kv"), KVCachePoolSpec.model_validate(examples()["llama-pd-kv"]), svc
+        ),
+    ]
+    for child in children:
+        meta = child["metadata"]
+        (ref,) = meta["ownerReferences"]
+        assert ref["controller"] is True and ref["blockOwnerDeletion"] is True
+        assert ref["apiVersion"] == "switchyard.dev/v1alpha1" and ref["uid"].startswith("uid-")
+        assert meta["namespace"] == NS
+        labels = meta["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "switchyard-operator"
+        assert labels["app.kubernetes.io/name"] == "switchyard"
+        assert labels["app.kubernetes.io/instance"] == labels["switchyard.dev/service"] == "llama-pd"
+        assert {"app.kubernetes.io/component", "switchyard.dev/role"} <= set(labels)
+    worker = by_key(children)["StatefulSet", "llama-pd-prefill-worker"]
+    assert worker["metadata"]["labels"]["switchyard.dev/pool"] == "llama-pd-prefill"
+    assert worker["metadata"]["labels"]["switchyard.dev/role"] == "prefill"
+
+
+def test_images_accounts_and_security_contexts_come_from_spec_and_rbac() -> None:
+    """Router pods use the router image and the switchyard-router account; Ray pods the worker
+    image and switchyard-worker; every container is non-root, read-only, without capabilities."""
+    images = {"router": "r.example/router:1", "worker": "r.example/worker:2"}
+    svc = service_spec(images={**images, "pullPolicy": "Always", "pullSecrets": ["regcred"]})
+    children = by_key(service_children(owner("LLMService", "llama-pd"), svc, {}))
+    workers = pool_children(owner("ServingPool", "p"), pool_spec(), svc)
+    expected = {
+        ("Deployment", "llama-pd-router"): ("r.example/router:1", "switchyard-router"),
+        ("Deployment", "llama-pd-ray-head"): ("r.example/worker:2", "switchyard-worker"),
+        ("StatefulSet", "p-worker"): ("r.example/worker:2", "switchyard-worker"),
+    }
+    workloads = {**children, **by_key(workers)}
+    for key, (image, account) in expected.items():
+        spec = pod(workloads[key])
+        assert spec["serviceAccountName"] == account
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for container in spec["containers"]:
+            assert container["image"] == image and container["imagePullPolicy"] == "Always"
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_worker_pods_join_the_services_ray_cluster_with_the_pool_resource() -> None:
+    """Worker pods run `ray start` against the service's head with one unit of pool-<name>, the
+    resource the supervisor pins the pool's instances to, and request the pool's GPUs."""
+    sts = by_key(pool_children(owner("ServingPool", "llama-pd-prefill"), pool_spec(), service_spec()))
+    worker = sts["StatefulSet", "llama-pd-prefill-worker"]
+    container = pod(worker)["containers"][0]
+    cmd = container["command"]
+    assert cmd[:3] == ["ray", "start", "--address=llama-pd-ray-head.prod.svc:6379"]
+    assert cmd[-1] == "--block"
+    resources_flag = next(a for a in cmd if a.startswith("--resources="))
+    assert json.loads(resources_flag.removeprefix("--resources=")) == {"pool-llama-pd-prefill": 1}
+    assert "--num-gpus=1" in cmd and "--num-cpus=8" in cmd
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1, "memory": "64Gi"}
+    assert pod(worker)["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+
+
+def test_statefulset_selector_is_the_scale_selector_and_excludes_the_role() -> None:
+    """The selector is stable (role may change, a selector may not) and is what status.selector says."""
+    svc = service_spec()
+    prefill = by_key(pool_children(owner("ServingPool", "p"), pool_spec(role="prefill"), svc))[
+        "StatefulSet", "p-worker"
+    ]
+    decode = by_key(pool_children(owner("ServingPool", "p"), pool_spec(role="decode"), svc))[
+        "StatefulSet", "p-worker"
+    ]
+    selector = prefill["spec"]["selector"]["matchLabels"]
+    assert selector == decode["spec"]["selector"]["matchLabels"]
+    assert "switchyard.dev/role" not in selector
+    assert contains(prefill["spec"]["template"]["metadata"]["labels"], selector)
+    assert (
+        selector_string(selector)
+        == "app.kubernetes.io/component=worker,switchyard.dev/pool=p,switchyard.dev/service=llama-pd"
+    )
+
+
+def test_held_replicas_override_the_spec_during_a_drain() -> None:
+    """While pods drain, the StatefulSet keeps its old size whatever the spec says."""
+    children = pool_children(owner("ServingPool", "p"), pool_spec(replicas=1), service_spec(), replicas=3)
+    assert by_key(children)["StatefulSet", "p-worker"]["spec"]["replicas"] == 3
+
+
+def test_router_config_lists_every_pool_with_its_ray_resource() -> None:
+    """The ConfigMap holds a valid ServeConfig: Ray address of the head, one pool per ServingPool
+    pinned to its pool-<name> resource, the service engine defaults under the pool overrides."""
+    pools = {"llama-pd-prefill": pool_spec(), "llama-pd-decode": pool_spec("llama-pd-decode")}
+    children = by_key(service_children(owner("LLMService", "llama-pd"), service_spec(), pools))
+    config = ServeConfig.model_validate_json(children["ConfigMap", "llama-pd-config"]["data"]["serve.json"])
+    assert config.ray_address == "llama-pd-ray-head.prod.svc:6379"
+    assert config.gateway.host == "0.0.0.0" and config.router.policy == "dualmap"
+    assert {p.name: (p.role, p.instances, p.ray_resource) for p in config.pools} == {
+        "llama-pd-prefill": ("prefill", 2, "pool-llama-pd-prefill"),
+        "llama-pd-decode": ("decode", 2, "pool-llama-pd-decode"),
+    }
+    decode = next(p for p in config.pools if p.name == "llama-pd-decode")
+    assert decode.engine is not None
+    assert decode.engine.max_num_seqs == 128 and decode.engine.max_model_len == 8192  # override + default
+    assert str(decode.engine.model) == "/models/Meta-Llama-3.1-8B-Instruct"
+
+
+def test_router_pods_roll_when_the_config_changes() -> None:
+    """The router reads its config once, so its pod template carries a hash of it."""
+    svc, o = service_spec(), owner("LLMService", "llama-pd")
+
+    def config_hash(replicas: int) -> str:
+        children = by_key(service_children(o, svc, {"p": pool_spec(replicas=replicas)}))
+        annotations = children["Deployment", "llama-pd-router"]["spec"]["template"]["metadata"]["annotations"]
+        return str(annotations["switchyard.dev/config-hash"])
+
+    assert config_hash(2) == config_hash(2) != config_hash(3)
+
+
+def test_router_exposes_gateway_and_grpc_services_and_reads_the_api_key_secret() -> None:
+    children = by_key(service_children(owner("LLMService", "llama-pd"), service_spec(), {}))
+    http = children["Service", "llama-pd-router"]["spec"]
+    grpc = children["Service", "llama-pd-router-grpc"]["spec"]
+    assert [p["port"] for p in http["ports"]] == [8000] and [p["port"] for p in grpc["ports"]] == [50051]
+    container = pod(children["Deployment", "llama-pd-router"])["containers"][0]
+    assert container["command"] == ["switchyard", "serve", "--config", "/etc/switchyard/serve.json"]
+    (key,) = [e for e in container["env"] if e["name"] == "SWITCHYARD_API_KEY"]
+    assert key["valueFrom"]["secretKeyRef"] == {"name": "llama-pd-api-keys", "key": "api-key"}
+
+
+@pytest.mark.parametrize(
+    ("model", "volume", "init"),
+    [
+        (
+            {"pvc": {"claimName": "weights"}},
+            {"persistentVolumeClaim": {"claimName": "weights", "readOnly": True}},
+            False,
+        ),
+        ({"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"}, {"emptyDir": {}}, True),
+        ({"path": "/opt/model"}, None, False),
+    ],
+)
+def test_model_sources_become_volumes_or_fetchers(model: dict[str, Any], volume: Any, init: bool) -> None:
+    """A PVC is mounted read-only, an hf:// model is fetched by an init container, a path is used as is."""
+    svc = LLMServiceSpec.model_validate({"model": model})
+    children = by_key(service_children(owner("LLMService", "m"), svc, {}))
+    router = pod(children["Deployment", "m-router"])
+    volumes = {v["name"]: v for v in router["volumes"]}
+    if volume is None:
+        assert "model" not in volumes
+    else:
+        assert {k: v for k, v in volumes["model"].items() if k != "name"} == volume
+    assert ("initContainers" in router) is init
+
+
+def test_kvcache_pool_renders_a_statefulset_and_headless_service() -> None:
+    spec = KVCachePoolSpec.model_validate(examples()["llama-pd-kv"])
+    children = by_key(kvcache_children(owner("KVCachePool", "llama-pd-kv"), spec, service_spec()))
+    sts = children["StatefulSet", "llama-pd-kv-kvcache"]
+    assert sts["spec"]["replicas"] == 2 and sts["spec"]["serviceName"] == "llama-pd-kv-kvcache"
+    assert pod(sts)["containers"][0]["resources"]["requests"]["memory"] == "64Gi"
+    assert children["Service", "llama-pd-kv-kvcache"]["spec"]["clusterIP"] == "None"
+
+
+def test_rendering_is_deterministic() -> None:
+    """Same spec, same manifests: the basis of write-nothing-when-converged."""
+    args = (owner("LLMService", "llama-pd"), service_spec(), {"p": pool_spec()})
+    assert service_children(*args) == service_children(*args)
