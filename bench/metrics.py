@@ -143,6 +143,7 @@ def summarize(result: ReplayResult, slo_s: float, base_rate: float) -> dict[str,
         "virtual_end_s": _r(result.virtual_end_s),
         "decision_us_mean": _r(result.decision_us_mean, 3),
         "wall_s": _r(result.wall_s, 3),
+        "cpu_s": _r(result.cpu_s, 3),
         "ttft_estimate_error_s": {
             "_what": "measured TTFT minus the policy's TTFT estimate for its choice (TtftFeedback policies)",
             "p50": _r(percentile(result.ttft_estimate_error_s, 50)),

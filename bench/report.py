@@ -95,7 +95,8 @@ def render_summary(doc: Mapping[str, Any]) -> str:
     for inv in doc["invocations"]:
         lines.append(
             f"Runtime of `{' '.join(inv['policies'])}`: {inv['wall_s']:.0f} s wall for {inv['runs']} runs "
-            f"with {inv['jobs']} process(es) ({inv['sum_of_run_wall_s']:.0f} s summed over runs)."
+            f"with {inv['jobs']} process(es) ({inv['sum_of_run_wall_s']:.0f} s wall, "
+            f"{inv.get('sum_of_run_cpu_s', float('nan')):.0f} s CPU summed over runs)."
         )
     lines.append("")
     return "\n".join(lines)

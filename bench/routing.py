@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import os
 import platform
 import shlex
 import subprocess
@@ -253,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "jobs": args.jobs,
             "runs": len(results),
             "sum_of_run_wall_s": sum(r.wall_s for r in results),
+            "sum_of_run_cpu_s": sum(r.cpu_s for r in results),
+            "load_average_at_end": list(os.getloadavg()),
         }
     )
     old_path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
@@ -327,7 +330,8 @@ def _progress(res: ReplayResult, slo_s: float, done: int, total: int) -> None:
     att = metrics.slo_attainment(res.ttft_s, slo_s)
     print(
         f"[{done}/{total}] {res.policy:>16} x{res.scale:<6g} attainment {att:.3f} "
-        f"hit {res.cached_tokens / max(1, res.prompt_tokens):.3f} ({res.wall_s:.0f} s)",
+        f"hit {res.cached_tokens / max(1, res.prompt_tokens):.3f} "
+        f"({res.wall_s:.0f} s, cpu {res.cpu_s:.0f} s)",
         file=sys.stderr,
         flush=True,
     )
