@@ -30,8 +30,10 @@ class OperatorOptions(StrictModel):
     kubeconfig: str | None = None
     """Kubeconfig file to use outside a cluster; None tries in-cluster config, then ~/.kube/config."""
 
-    posting_level: int = logging.INFO
-    """Least severe handler log level Kopf also posts as a Kubernetes Event."""
+    posting_level: int = logging.WARNING
+    """Least severe handler log level Kopf also posts as a Kubernetes Event. WARNING: failures
+    and retries become Events, routine "handler succeeded" lines (one per child workload
+    event) do not; autoscaler decisions are posted explicitly whatever this says."""
 
     error_backoffs: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0)
     """Waits between retries of failed API calls; the last one repeats (no retry storm)."""

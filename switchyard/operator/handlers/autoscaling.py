@@ -72,7 +72,12 @@ def _inputs(
 
 
 EventPoster = Callable[..., None]
-"""``kopf.info``'s signature: ``(objs, *, reason, message)``."""
+"""Posts a Kubernetes Event: ``(objs, *, reason, message)``."""
+
+
+def post_normal_event(obj: Any, *, reason: str, message: str) -> None:
+    """A ``Normal`` Event, posted whatever ``settings.posting.level`` filters out of handler logs."""
+    kopf.event(obj, type="Normal", reason=reason, message=message)
 
 
 def _record(
@@ -105,7 +110,7 @@ def run_autoscaler(
     index: Any,
     logger: Any,
     now: datetime.datetime | None = None,
-    post: EventPoster = kopf.info,
+    post: EventPoster = post_normal_event,
 ) -> list[ScaleDecision]:
     """One autoscaler tick for one LLMService; returns the decisions (tests read them)."""
     meta = body["metadata"]
