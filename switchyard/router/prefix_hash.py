@@ -292,6 +292,11 @@ class PromptHasher:
             h = self._hashers[block_size] = BlockHasher(block_size, self._algo, self._seed)
         return h
 
+    def last(self, req: RoutingRequest) -> PromptDigest | None:
+        """The digest made for ``req`` by the latest :meth:`digest` call, if that was for ``req``."""
+        last_req, _, last = self._last
+        return last if last_req is req else None
+
     def digest(self, req: RoutingRequest, block_size: int) -> PromptDigest:
         """The digest of ``req``'s prompt for engines with ``block_size``-token blocks."""
         last_req, last_bs, last = self._last

@@ -16,7 +16,8 @@ the prefill it saves outweighs the wait, and comparing those needs one unit: sec
   waits for the step in flight to end).
 * ``a`` (s) and ``b`` (s per 1k tokens) start at a prior (a vLLM-style prefill fit, e.g. a
   simulator profile's ``fits.prefill_ms``) and follow measurements by recursive least
-  squares with forgetting, per instance, from two sources: observed TTFTs
+  squares with forgetting, pooled per served model (optionally per instance), from two
+  sources: observed TTFTs
   (:meth:`TtftEstimator.observe_ttft`, fed by the router core through the
   :class:`TtftFeedback` hook) and, from load reports alone, prefill throughput while an
   instance stays backlogged (``Δ(prefix-cache queries - hits)`` over ``Δtimestamp``,
@@ -106,19 +107,28 @@ class TtftEstimate:
         }
 
 
-class _Model:
-    """One instance's fitted coefficients, RLS covariance and report-derived state."""
+class _Fit:
+    """Fitted coefficients and their RLS covariance: one per served model (or per instance)."""
 
-    __slots__ = ("a", "b", "miss", "n_obs", "p00", "p01", "p11", "report", "win_s", "win_tokens")
+    __slots__ = ("a", "b", "n_obs", "p00", "p01", "p11")
 
     def __init__(self, a: float, b: float, p0: float) -> None:
         self.a, self.b = a, b  # s, s per 1k tokens
         self.p00, self.p01, self.p11 = p0, 0.0, p0
+        self.n_obs = 0
+
+
+class _Instance:
+    """What the estimator derives from one instance's load reports."""
+
+    __slots__ = ("fit", "miss", "report", "win_s", "win_tokens")
+
+    def __init__(self, fit: _Fit) -> None:
+        self.fit = fit
         self.miss = 1.0  # until reports say otherwise, every queued token needs computing
         self.report: LoadReport | None = None
         self.win_s = 0.0
         self.win_tokens = 0
-        self.n_obs = 0
 
 
 class TtftEstimator:
@@ -127,12 +137,20 @@ class TtftEstimator:
     ``forgetting`` (λ) weighs the newest observation against the past: λ=0.99 remembers
     about the last 100. ``prior_weight`` is how many observations the prior is worth.
     ``throughput_weight`` scales report-derived samples against TTFT observations.
+
+    The cost coefficients are fitted once per served model by default: instances of one
+    model run the same hardware, so pooling gives every instance the whole fleet's data,
+    and the comparison between two candidates then turns on queue and cache alone rather
+    than on noise in separately fitted intercepts (which, for short prompts, can exceed the
+    prefill a warm cache saves). ``per_instance=True`` fits each instance on its own, for
+    fleets that mix hardware under one model name.
     """
 
     def __init__(
         self,
         prior: PrefillCost | None = None,
         *,
+        per_instance: bool = False,
         forgetting: float = 0.99,
         prior_weight: float = 10.0,
         miss_ratio_alpha: float = 0.2,
@@ -144,52 +162,60 @@ class TtftEstimator:
         if prior_weight <= 0:
             raise ValueError(f"prior_weight must be positive, got {prior_weight}")
         self.prior = prior or PrefillCost()
+        self.per_instance = per_instance
         self._lam = forgetting
         self._p0 = 1.0 / prior_weight
         self._alpha = miss_ratio_alpha
         self._window_s = throughput_window_s
         self._tp_weight = throughput_weight
         self._c = self.prior.per_token2_s
-        self._models: dict[str, _Model] = {}
+        self._fits: dict[str, _Fit] = {}
+        self._instances: dict[str, _Instance] = {}
 
-    def _model(self, instance_id: str) -> _Model:
-        m = self._models.get(instance_id)
-        if m is None:
-            p = self.prior
-            m = self._models[instance_id] = _Model(p.fixed_s, p.per_token_s / _K, self._p0)
-        return m
+    def _instance(self, instance_id: str, model: str | None = None) -> _Instance:
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            key = instance_id if self.per_instance or model is None else f"model:{model}"
+            fit = self._fits.get(key)
+            if fit is None:
+                fit = self._fits[key] = _Fit(self.prior.fixed_s, self.prior.per_token_s / _K, self._p0)
+            inst = self._instances[instance_id] = _Instance(fit)
+        return inst
 
     # -- estimates (hot path) -------------------------------------------------------------------
 
     def estimate(self, state: InstanceState, uncached_tokens: int) -> float:
         """Estimated TTFT in seconds of a request with ``uncached_tokens`` to prefill on ``state``."""
-        m = self._models.get(state.info.instance_id) or self._model(state.info.instance_id)
+        info = state.info
+        inst = self._instances.get(info.instance_id) or self._instance(info.instance_id, info.model)
         r = state.report
         step = 0.0
         if r is not None:
-            if r is not m.report:
-                self._ingest(m, r)
+            if r is not inst.report:
+                self._ingest(inst, r)
             if r.num_running or r.num_waiting or state.pending_requests:
                 step = 0.5 * r.step_time_s
-        tokens = (state.pending_prefill_tokens + (r.waiting_prefill_tokens if r else 0)) * m.miss
+        tokens = (state.pending_prefill_tokens + (r.waiting_prefill_tokens if r else 0)) * inst.miss
         tokens += uncached_tokens
-        return m.a + m.b * _K * tokens + self._c * uncached_tokens * uncached_tokens + step
+        fit = inst.fit
+        return fit.a + fit.b * _K * tokens + self._c * uncached_tokens * uncached_tokens + step
 
     def load_terms(self, state: InstanceState) -> tuple[float, float]:
         """``(queued_tokens, step_s)`` as :meth:`estimate` uses them: what to remember at dispatch
         so that a measured TTFT can later be attributed (:meth:`observe_ttft`)."""
-        m = self._models.get(state.info.instance_id) or self._model(state.info.instance_id)
+        inst = self._instance(state.info.instance_id, state.info.model)
         r = state.report
         busy = r is not None and bool(r.num_running or r.num_waiting or state.pending_requests)
-        return state.waiting_prefill_tokens * m.miss, 0.5 * r.step_time_s if busy and r else 0.0
+        return state.waiting_prefill_tokens * inst.miss, 0.5 * r.step_time_s if busy and r else 0.0
 
     def explain(self, state: InstanceState, uncached_tokens: int) -> TtftEstimate:
         """The same estimate as :meth:`estimate`, by component."""
         total = self.estimate(state, uncached_tokens)  # also ingests a new report
-        m = self._model(state.info.instance_id)
-        queued = state.waiting_prefill_tokens * m.miss
-        queue_s = m.b * _K * queued
-        prefill_s = m.a + m.b * _K * uncached_tokens + self._c * uncached_tokens * uncached_tokens
+        inst = self._instance(state.info.instance_id)
+        queued = state.waiting_prefill_tokens * inst.miss
+        fit = inst.fit
+        queue_s = fit.b * _K * queued
+        prefill_s = fit.a + fit.b * _K * uncached_tokens + self._c * uncached_tokens * uncached_tokens
         return TtftEstimate(
             state.info.instance_id,
             queued,
@@ -200,17 +226,21 @@ class TtftEstimator:
         )
 
     def coefficients(self, instance_id: str) -> PrefillCost:
-        """The instance's current cost model (the prior until it has data)."""
-        m = self._model(instance_id)
-        return PrefillCost(fixed_s=m.a, per_token_s=m.b * _K, per_token2_s=self._c)
+        """The cost model an instance is estimated with (the prior until there is data)."""
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            return self.prior
+        return PrefillCost(fixed_s=inst.fit.a, per_token_s=inst.fit.b * _K, per_token2_s=self._c)
 
     def miss_ratio(self, instance_id: str) -> float:
         """Recent fraction of prompt tokens the instance had to compute (1.0 before data)."""
-        return self._model(instance_id).miss
+        inst = self._instances.get(instance_id)
+        return 1.0 if inst is None else inst.miss
 
     def forget(self, instance_id: str) -> None:
-        """Drop a departed (or restarted) instance's state."""
-        self._models.pop(instance_id, None)
+        """Drop a departed (or restarted) instance's state (and its own fit, if per instance)."""
+        self._instances.pop(instance_id, None)
+        self._fits.pop(instance_id, None)
 
     # -- learning ---------------------------------------------------------------------------------
 
@@ -220,9 +250,9 @@ class TtftEstimator:
         """Learn from one measured TTFT: what was queued at dispatch, what was really uncached."""
         u = uncached_tokens
         y = ttft_s - self._c * u * u - step_s
-        self._update(self._model(instance_id), 1.0, (queued_tokens + u) * _K, y, 1.0)
+        self._update(self._instance(instance_id).fit, 1.0, (queued_tokens + u) * _K, y, 1.0)
 
-    def _ingest(self, m: _Model, r: LoadReport) -> None:
+    def _ingest(self, m: _Instance, r: LoadReport) -> None:
         """A new load report: update the miss ratio and the backlogged-throughput window."""
         prev, m.report = m.report, r
         if prev is None:
@@ -241,12 +271,12 @@ class TtftEstimator:
             m.win_tokens += dq - dh
             if m.win_s >= self._window_s:
                 if m.win_tokens > 0:  # time = b · tokens while it never ran dry
-                    self._update(m, 0.0, m.win_tokens * _K, m.win_s, self._tp_weight)
+                    self._update(m.fit, 0.0, m.win_tokens * _K, m.win_s, self._tp_weight)
                 m.win_s, m.win_tokens = 0.0, 0
         else:
             m.win_s, m.win_tokens = 0.0, 0
 
-    def _update(self, m: _Model, x0: float, x1: float, y: float, weight: float) -> None:
+    def _update(self, m: _Fit, x0: float, x1: float, y: float, weight: float) -> None:
         """One weighted RLS step on ``y ≈ a·x0 + b·x1``, covariance capped at the prior's."""
         lam = self._lam
         px0 = m.p00 * x0 + m.p01 * x1

@@ -139,9 +139,23 @@ def test_idle_gaps_and_engine_restarts_do_not_make_throughput_samples() -> None:
     assert est.coefficients("w0") == PrefillCost(PRIOR.fixed_s, PRIOR.per_token_s, PRIOR.per_token2_s)
 
 
-def test_forget_returns_an_instance_to_the_prior() -> None:
-    """A restarted or departed instance starts over from the prior."""
+def test_instances_of_one_model_share_a_fit_other_models_do_not() -> None:
+    """By default TTFTs measured on one instance teach its model's other instances, not another model's."""
     est = TtftEstimator(PRIOR)
+    w0 = state()
+    w1 = InstanceState(make_info("w1"))
+    other = InstanceState(make_info("x0", model="other"))
+    for s in (w0, w1, other):
+        est.estimate(s, 0)
+    for _ in range(50):
+        est.observe_ttft("w0", queued_tokens=0, uncached_tokens=500, step_s=0.0, ttft_s=0.5)
+    assert est.estimate(w1, 500) == pytest.approx(est.estimate(w0, 500))
+    assert est.estimate(w1, 500) > 10 * est.estimate(other, 500)
+
+
+def test_forget_returns_an_instance_to_the_prior() -> None:
+    """With per-instance fits, a restarted or departed instance starts over from the prior."""
+    est = TtftEstimator(PRIOR, per_instance=True)
     est.observe_ttft("w0", queued_tokens=0, uncached_tokens=100, step_s=0.0, ttft_s=5.0)
     assert est.coefficients("w0").fixed_s > PRIOR.fixed_s
     est.forget("w0")

@@ -72,6 +72,9 @@ class EstimatorParams(StrictModel):
     """Prefill cost per uncached or queued token, ms."""
     prior_per_token2_ms: float = Field(default=3.224e-7, ge=0)
     """Attention's quadratic prefill term, ms per token²; kept fixed (not fitted)."""
+    per_instance: bool = False
+    """Fit one cost model per instance (mixed hardware under one model name) instead of one
+    per served model; pooling is less noisy, so candidates differ by queue and cache only."""
     forgetting: float = Field(default=0.99, ge=0.5, le=1.0)
     """RLS forgetting factor: 0.99 follows roughly the last 100 observations per instance."""
     prior_weight: float = Field(default=10.0, gt=0)
@@ -93,6 +96,7 @@ class EstimatorParams(StrictModel):
             )
         return TtftEstimator(
             prior,
+            per_instance=self.per_instance,
             forgetting=self.forgetting,
             prior_weight=self.prior_weight,
             throughput_window_s=self.throughput_window_s,
