@@ -67,7 +67,7 @@ class _InstanceActorImpl:
         instance_id: str,
         incarnation: int,
         model_dir: str | None,
-        host: str,
+        host: str | None,
         served_model_name: str,
         role: str = "unified",
     ) -> InstanceInfo:
@@ -77,11 +77,15 @@ class _InstanceActorImpl:
         path = Path(model_dir) if model_dir else None
         self._engine = await build_engine(cfg, instance_id=instance_id, model_dir=path)
         engine = self._engine
+        # None: bind every interface and advertise this node's IP, so routers on other
+        # machines (Kubernetes pods) can reach the instance.
+        bind = host or "0.0.0.0"
+        advertised = host or ray.util.get_node_ip_address()
 
         def info_for(port: int) -> InstanceInfo:
             return InstanceInfo(
                 instance_id=instance_id,
-                address=f"{host}:{port}",
+                address=f"{advertised}:{port}",
                 model=served_model_name,
                 engine=cfg.kind,
                 role=role,
@@ -90,7 +94,7 @@ class _InstanceActorImpl:
                 incarnation=incarnation,
             )
 
-        self._server, port = await start_worker_server(engine, info_for, host=host, port=0)
+        self._server, port = await start_worker_server(engine, info_for, host=bind, port=0)
         self._info = info_for(port)
         self._health_task = asyncio.create_task(self._watch_engine_health())
         logger.info(
@@ -101,6 +105,13 @@ class _InstanceActorImpl:
     async def run_until_stopped(self) -> None:
         """Returns only on a clean stop; raises RayActorError in the caller if the actor dies."""
         await self._stopped.wait()
+
+    async def busy(self) -> bool:
+        """Whether the engine still has requests (running or waiting); drains poll this."""
+        if self._engine is None:
+            return False
+        report = self._engine.load()
+        return report.num_running + report.num_waiting > 0
 
     async def ping(self) -> str:
         """Liveness probe: the instance id once started."""

@@ -55,6 +55,8 @@ class LocalPool:
     supervisors: dict[str, Any]
     memberships: dict[str, Membership]
     started_ray: bool
+    owns_supervisors: bool = True
+    """False on a joined cluster: supervisors are shared by every router and outlive this one."""
     _follow_tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     @property
@@ -98,7 +100,7 @@ class LocalPool:
         for task in self._follow_tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for supervisor in self.supervisors.values():
+        for supervisor in self.supervisors.values() if self.owns_supervisors else ():
             with contextlib.suppress(Exception):
                 await supervisor.stop.remote()
             with contextlib.suppress(Exception):
@@ -123,13 +125,23 @@ async def start_local_pools(
             log_to_driver=True,
         )
         started = True
-    supervisors = {s.name: Supervisor.options(name=f"supervisor-{s.name}").remote(s) for s in specs}
+    # On a joined cluster (Kubernetes) every router replica attaches to the same detached,
+    # named supervisors and brings them to its spec; the first one starts the instances.
+    shared = ray_address is not None
+    options: dict[str, Any] = {"lifetime": "detached", "get_if_exists": True} if shared else {}
+    supervisors = {
+        s.name: Supervisor.options(name=f"supervisor-{s.name}", **options).remote(s) for s in specs
+    }
+    if shared:
+        await asyncio.gather(
+            *(sup.apply.remote(s) for s, sup in zip(specs, supervisors.values(), strict=True))
+        )
     results = await asyncio.gather(
         *(sup.start.remote() for sup in supervisors.values()), return_exceptions=True
     )
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
-        for sup in supervisors.values():
+        for sup in supervisors.values() if not shared else ():
             with contextlib.suppress(Exception):
                 await sup.stop.remote()
             ray.kill(sup, no_restart=True)
@@ -137,7 +149,9 @@ async def start_local_pools(
             ray.shutdown()
         raise errors[0]
     memberships = {name: m for name, m in zip(supervisors, results, strict=True) if isinstance(m, Membership)}
-    return LocalPool(supervisors=supervisors, memberships=memberships, started_ray=started)
+    return LocalPool(
+        supervisors=supervisors, memberships=memberships, started_ray=started, owns_supervisors=not shared
+    )
 
 
 async def start_local_pool(

@@ -53,8 +53,12 @@ class PoolSpec(StrictModel):
     served_model_name: str
     """Model name instances advertise; the gateway's tokenizer map is keyed by it."""
 
-    host: str = "127.0.0.1"
-    """Address instances bind their Worker gRPC service to."""
+    host: str | None = "127.0.0.1"
+    """Address instances bind their Worker gRPC service to; None binds all interfaces and
+    advertises the node's IP (instances on other machines, e.g. Kubernetes worker pods)."""
+
+    drain_timeout_s: float = Field(default=300.0, ge=0)
+    """On scale-in, how long a removed instance may keep finishing its requests before it stops."""
 
     restart_backoff_s: float = Field(default=1.0, ge=0)
     """First wait before restarting a dead instance; doubles per failed attempt."""
@@ -76,6 +80,8 @@ class _SupervisorImpl:
         self._version = 0
         self._changed = asyncio.Event()
         self._stopping = False
+        self._started = False
+        self._draining: dict[str, asyncio.Task[None]] = {}
         self.restarts = 0
 
     def _bump(self) -> None:
@@ -88,7 +94,14 @@ class _SupervisorImpl:
         return Membership(version=self._version, instances=tuple(self._infos[k] for k in sorted(self._infos)))
 
     async def start(self) -> Membership:
-        """Start every instance; raises the first start failure (nothing left running then)."""
+        """Start every instance; raises the first start failure (nothing left running then).
+
+        Idempotent: a supervisor shared by several routers (a detached, named actor on a joined
+        Ray cluster) is started by the first and merely returns its membership to the others.
+        """
+        if self._started:
+            return self._membership()
+        self._started = True
         ids = [f"{self._spec.name}-{i}" for i in range(self._spec.instances)]
         results = await asyncio.gather(*(self._start_instance(i, 0) for i in ids), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -96,6 +109,48 @@ class _SupervisorImpl:
             await self.stop()
             raise errors[0]
         return self._membership()
+
+    async def apply(self, spec: PoolSpec) -> Membership:
+        """Adopt a new spec: start missing instances, drain and stop surplus ones.
+
+        Engine settings of a running instance are not changed in place; a changed ``engine``
+        applies to instances started from now on (restarts included). Surplus instances leave
+        membership at once, so routers stop sending them work, and stop once their requests
+        finish or ``drain_timeout_s`` passes.
+        """
+        self._spec = spec
+        if not self._started:
+            return self._membership()
+        wanted = {f"{spec.name}-{i}" for i in range(spec.instances)}
+        missing = sorted(wanted - set(self._actors) - set(self._draining))
+        surplus = sorted(set(self._actors) - wanted)
+        for instance_id in surplus:
+            actor = self._actors.pop(instance_id)
+            self._infos.pop(instance_id, None)
+            watcher = self._watchers.pop(instance_id, None)
+            if watcher is not None:
+                watcher.cancel()
+            self._draining[instance_id] = asyncio.create_task(self._drain_and_stop(instance_id, actor))
+        if surplus:
+            self._bump()
+        await asyncio.gather(*(self._start_instance(i, 0) for i in missing))
+        return self._membership()
+
+    async def _drain_and_stop(self, instance_id: str, actor: Any) -> None:
+        """Wait until the instance runs nothing (or the drain timeout), then stop it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._spec.drain_timeout_s
+        try:
+            # Polling a remote actor: there is no event to await across processes.
+            while loop.time() < deadline and await actor.busy.remote():  # noqa: ASYNC110
+                await asyncio.sleep(0.5)
+            await actor.stop.remote(5.0)
+        except RayActorError:
+            pass  # already gone: nothing left to drain
+        finally:
+            ray.kill(actor, no_restart=True)
+            self._draining.pop(instance_id, None)
+            logger.info("instance %s drained and stopped", instance_id)
 
     async def _start_instance(self, instance_id: str, incarnation: int) -> None:
         spec = self._spec
@@ -183,7 +238,7 @@ class _SupervisorImpl:
         self._infos.clear()
         self._bump()
         await asyncio.gather(*(a.stop.remote(grace_s) for a in actors), return_exceptions=True)
-        for task in self._watchers.values():
+        for task in [*self._watchers.values(), *self._draining.values()]:
             task.cancel()
         for actor in actors:
             ray.kill(actor, no_restart=True)
