@@ -220,6 +220,11 @@ class PoolConfig(StrictModel):
     """Custom Ray resource each instance takes one unit of, so instances land on this pool's
     nodes (worker pods advertise ``pool-<name>``); None places them anywhere."""
 
+    instance_resource: str | None = Field(default=None, pattern=r"\{index\}")
+    """Template of a Ray resource only instance ``index`` takes (``"<pool>-worker-{index}"``:
+    each worker pod advertises its own name), so instance ``<pool>-<i>`` always runs on pod
+    ordinal ``i`` and scale-in removes the instances of the pods a StatefulSet removes."""
+
 
 class ServeConfig(StrictModel):
     """Everything ``switchyard serve`` starts on one machine."""

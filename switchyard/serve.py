@@ -110,6 +110,7 @@ async def start_stack(config: ServeConfig) -> RunningStack:
             served_model_name=model_name,
             restart_backoff_s=config.restart_backoff_s,
             ray_resource=pool.ray_resource,
+            instance_resource=pool.instance_resource,
             # Joined cluster: instances run on other machines and must be reachable from here.
             host=None if config.ray_address else "127.0.0.1",
         )

@@ -104,6 +104,7 @@ def serve_config(
             instances=pool.replicas,
             engine=pool.engine.over(spec.engine).engine_config(model=model, served_model_name=name),
             ray_resource=f"pool-{pool_name}",
+            instance_resource=f"{pool_name}-worker-{{index}}",
         )
         for pool_name, pool in sorted(pools.items())
     )
@@ -280,7 +281,9 @@ def pool_children(
         "start",
         f"--address={head}",
         f"--num-gpus={pool.resources.gpus}",
-        "--resources=" + json.dumps({f"pool-{owner.name}": 1}),
+        # Kubernetes expands $(POD_NAME): each pod also advertises its own name, the resource
+        # that pins instance <pool>-<i> to pod <pool>-worker-<i> (PoolConfig.instance_resource).
+        "--resources=" + json.dumps({f"pool-{owner.name}": 1, "$(POD_NAME)": 1}),
         "--block",
     ]
     if pool.resources.cpu is not None:
@@ -292,6 +295,7 @@ def pool_children(
         "command": command,
         "env": [
             *ENV,
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "SWITCHYARD_POOL", "value": owner.name},
             {"name": "SWITCHYARD_ROLE", "value": pool.role},
         ],

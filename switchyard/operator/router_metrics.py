@@ -145,5 +145,8 @@ class MetricsDrainClient:
 
     def running_requests(self, router_url: str, pod_name: str) -> int | None:
         snap = parse_router_metrics(self._source.scrape(f"{router_url.rstrip('/')}/metrics"))
-        mine = [v for k, v in snap.running.items() if k == pod_name or k.startswith(f"{pod_name}-")]
+        # Instance <pool>-<i> is pinned to pod <pool>-worker-<i> (PoolConfig.instance_resource).
+        pool, _, ordinal = pod_name.rpartition("-worker-")
+        instance = f"{pool}-{ordinal}" if pool else pod_name
+        mine = [v for k, v in snap.running.items() if k == instance]
         return int(sum(mine)) if mine else None

@@ -69,6 +69,9 @@ class PoolSpec(StrictModel):
     ray_resource: str | None = None
     """Custom Ray resource each instance takes one unit of (pins instances to the pool's nodes)."""
 
+    instance_resource: str | None = None
+    """Template (with ``{index}``) of a resource only instance ``<name>-<index>`` takes."""
+
 
 class _SupervisorImpl:
     def __init__(self, spec: PoolSpec) -> None:
@@ -155,8 +158,14 @@ class _SupervisorImpl:
     async def _start_instance(self, instance_id: str, incarnation: int) -> None:
         spec = self._spec
         options: dict[str, Any] = {"name": f"{instance_id}.{incarnation}"}
+        resources: dict[str, float] = {}
         if spec.ray_resource:
-            options["resources"] = {spec.ray_resource: 1}
+            resources[spec.ray_resource] = 1
+        if spec.instance_resource:
+            index = int(instance_id.rsplit("-", 1)[1])
+            resources[spec.instance_resource.format(index=index)] = 1
+        if resources:
+            options["resources"] = resources
         actor = InstanceActor.options(**options).remote()
         try:
             info: InstanceInfo = await asyncio.wait_for(

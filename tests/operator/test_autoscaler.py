@@ -137,8 +137,8 @@ switchyard_instance_kv_usage_ratio{instance_id="llama-pd-prefill-0"} 0.9
 switchyard_instance_kv_usage_ratio{instance_id="llama-pd-prefill-1"} 0.8
 switchyard_instance_kv_usage_ratio{instance_id="llama-pd-decode-0"} 0.1
 # TYPE switchyard_instance_running_requests gauge
-switchyard_instance_running_requests{instance_id="llama-pd-prefill-worker-1"} 2.0
-switchyard_instance_running_requests{instance_id="llama-pd-prefill-worker-1-1"} 1.0
+switchyard_instance_running_requests{instance_id="llama-pd-prefill-1"} 3.0
+switchyard_instance_running_requests{instance_id="llama-pd-prefill-11"} 1.0
 """
 
 
@@ -158,7 +158,8 @@ def test_attainment_from_histogram_buckets() -> None:
     assert snap.pool_kv_usage("nothing") is None
 
 
-def test_drain_client_sums_the_pods_instances() -> None:
+def test_drain_client_reads_the_instance_pinned_to_the_pod() -> None:
+    """Instance <pool>-<i> runs on pod <pool>-worker-<i>; other ordinals never count."""
     metrics = FakeMetrics()
     metrics.bodies["http://router:8000/metrics"] = METRICS
     drain = MetricsDrainClient(metrics)

@@ -122,7 +122,12 @@ def test_worker_pods_join_the_services_ray_cluster_with_the_pool_resource() -> N
     assert cmd[:3] == ["ray", "start", "--address=llama-pd-ray-head.prod.svc:6379"]
     assert cmd[-1] == "--block"
     resources_flag = next(a for a in cmd if a.startswith("--resources="))
-    assert json.loads(resources_flag.removeprefix("--resources=")) == {"pool-llama-pd-prefill": 1}
+    assert json.loads(resources_flag.removeprefix("--resources=")) == {
+        "pool-llama-pd-prefill": 1,
+        "$(POD_NAME)": 1,
+    }
+    pod_name_env = {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+    assert pod_name_env in container["env"], "the $(POD_NAME) resource needs the downward-API env var"
     assert "--num-gpus=1" in cmd and "--num-cpus=8" in cmd
     assert container["resources"]["limits"] == {"nvidia.com/gpu": 1, "memory": "64Gi"}
     assert pod(worker)["tolerations"] == [
