@@ -114,7 +114,8 @@ def serve_config(
         gateway=GatewayConfig(
             host="0.0.0.0", port=spec.gateway.port, max_body_bytes=spec.gateway.max_body_bytes
         ),
-        ray_address=f"{child_names(service)['head']}.{namespace}.svc:{RAY_GCS_PORT}",
+        # Ray Client: the router pod is not a Ray node, so it joins through the head's client server.
+        ray_address=f"ray://{child_names(service)['head']}.{namespace}.svc:{RAY_CLIENT_PORT}",
         pools=pool_configs,
     )
 

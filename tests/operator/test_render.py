@@ -167,7 +167,7 @@ def test_router_config_lists_every_pool_with_its_ray_resource() -> None:
     pools = {"llama-pd-prefill": pool_spec(), "llama-pd-decode": pool_spec("llama-pd-decode")}
     children = by_key(service_children(owner("LLMService", "llama-pd"), service_spec(), pools))
     config = ServeConfig.model_validate_json(children["ConfigMap", "llama-pd-config"]["data"]["serve.json"])
-    assert config.ray_address == "llama-pd-ray-head.prod.svc:6379"
+    assert config.ray_address == "ray://llama-pd-ray-head.prod.svc:10001"
     assert config.gateway.host == "0.0.0.0" and config.router.policy == "dualmap"
     assert {p.name: (p.role, p.instances, p.ray_resource) for p in config.pools} == {
         "llama-pd-prefill": ("prefill", 2, "pool-llama-pd-prefill"),
