@@ -240,8 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc["policies"] = dict(sorted(doc["policies"].items()))
     all_runs = [r for p in doc["policies"].values() for r in p["runs"]]
     doc["scales"] = sorted({r["scale"] for r in all_runs})
-    caps = [p["capacity_scale"] for p in doc["policies"].values() if p["capacity_scale"] is not None]
-    cdf_scale = args.cdf_scale if args.cdf_scale is not None else (max(caps) if caps else doc["scales"][0])
+    cdf_scale = args.cdf_scale if args.cdf_scale is not None else _default_cdf_scale(doc, args.target)
     doc["cdf_scale"] = cdf_scale
     wall_s = time.perf_counter() - t_start
     doc["invocations"].append(
@@ -273,6 +272,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"wrote {out}/ in {wall_s:.0f} s", file=sys.stderr)
     return 0
+
+
+def _default_cdf_scale(doc: dict[str, Any], target: float) -> float:
+    """The highest scale every policy ran at where at least one policy still meets the target:
+    where the policies separate (the best still passes, the others show how they fail)."""
+    common = set(doc["scales"])
+    for p in doc["policies"].values():
+        common &= {r["scale"] for r in p["runs"]}
+    passing = [
+        r["scale"]
+        for p in doc["policies"].values()
+        for r in p["runs"]
+        if r["scale"] in common and r["slo_attainment"] >= target
+    ]
+    return float(max(passing) if passing else min(common or doc["scales"]))
 
 
 def _describe(args: argparse.Namespace, trace: Trace, dropped: int, probe: SimInstance) -> dict[str, Any]:
