@@ -310,6 +310,7 @@ class DualMapPolicy(PolicyBase):
             return  # not our choice (a caller overriding the policy): nothing sound to record
         _, d, _, raw_cached, capacity, queued, step = chosen
         self._chosen = None
+        self._hasher.release(req)
         rec = self._records.get(iid)
         if rec is None:
             rec = self._records[iid] = PrefixRecord(capacity or _DEFAULT_CAPACITY_TOKENS)

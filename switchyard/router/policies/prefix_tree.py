@@ -127,6 +127,7 @@ class PrefixTreePolicy(PolicyBase):
     def on_dispatched(self, req: RoutingRequest, decision: RoutingDecision) -> None:
         iid = decision.instance_id
         d = self._hasher.last(req) or self._hasher.digest(req, self._block_size.get(iid, 32))
+        self._hasher.release(req)
         tree, size = self._tree, self._size
         added = 0
         for f in reversed(d.fingerprints):
