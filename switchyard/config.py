@@ -18,6 +18,7 @@ __all__ = [
     "KvTransferConfig",
     "MigrationConfig",
     "PoolConfig",
+    "RebalancerConfig",
     "RouterConfig",
     "ServeConfig",
     "SimConfig",
@@ -154,6 +155,32 @@ class MigrationConfig(StrictModel):
     """Deadline of each step (snapshot, pull, suspend, first token on the destination)."""
 
 
+class RebalancerConfig(StrictModel):
+    """The router's hotspot rebalancer (DualMap §4 over Llumnix migration); off by default."""
+
+    enabled: bool = False
+    """Run the periodic rebalancer. Off by default: migration needs KV-transfer-enabled engines."""
+
+    period_s: float = Field(default=1.0, gt=0, le=60)
+    """Seconds between two plans; each plan's moves are applied before the next one starts."""
+
+    max_moves_per_period: int = Field(default=2, ge=0, le=64)
+    """Migrations started per period at most, fleet-wide (a rate limit: each costs a pause)."""
+
+    imbalance_ratio: float = Field(default=1.5, ge=1.0)
+    """An instance is overloaded when its queue length is at least this times the fleet mean."""
+
+    min_load_gap: int = Field(default=2, ge=1)
+    """...and at least this many requests above the mean, so a tiny fleet load never triggers."""
+
+    max_waiting: int = Field(default=4, ge=1)
+    """An instance with this many requests waiting for prefill is overloaded whatever the mean:
+    its queue is what breaks the TTFT SLO first."""
+
+    request_cooldown_s: float = Field(default=10.0, ge=0)
+    """A request moved (or tried) is not picked again for this long, so nothing ping-pongs."""
+
+
 class RouterConfig(StrictModel):
     """The router core: which policy decides, and how it learns instance load."""
 
@@ -180,6 +207,9 @@ class RouterConfig(StrictModel):
 
     decision_log_size: int = Field(default=256, ge=0)
     """Recent routing decisions kept for the debug view."""
+
+    rebalancer: RebalancerConfig = Field(default_factory=RebalancerConfig)
+    """Hotspot rebalancing by live migration (off by default)."""
 
 
 class GatewayConfig(StrictModel):

@@ -26,6 +26,8 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "DRAINS",
+    "DRAIN_REQUESTS",
     "FAILOVERS",
     "INSTANCES",
     "INSTANCE_KV_USAGE",
@@ -38,6 +40,7 @@ __all__ = [
     "MIGRATION_BYTES",
     "MIGRATION_DOWNTIME",
     "MIGRATION_DURATION",
+    "REBALANCER_ACTIONS",
     "REGISTRY",
     "REQUESTS",
     "REQUEST_E2E",
@@ -46,6 +49,7 @@ __all__ = [
     "ROUTER_DECISION_LATENCY",
     "ROUTER_TTFT_ESTIMATE_ERROR",
     "ROUTING_DECISIONS",
+    "ModelRequestMetrics",
     "forget_instance",
     "render_latest",
 ]
@@ -189,6 +193,42 @@ MIGRATION_BYTES = Counter(
     "KV bytes pulled by migration destinations (blocks times the model's bytes per block).",
     registry=REGISTRY,
 )
+
+REBALANCER_ACTIONS = Counter(
+    "switchyard_rebalancer_actions",
+    "Moves the hotspot rebalancer made, by action (migrate) and the migration's outcome "
+    "(moved, recomputed, finished, stayed, lost, error).",
+    ["action", "outcome"],
+    registry=REGISTRY,
+)
+DRAINS = Counter(
+    "switchyard_drains",
+    "Instance drains, by outcome: complete (no request left on it) or incomplete (deadline).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+DRAIN_REQUESTS = Counter(
+    "switchyard_drain_requests",
+    "Requests a drain dealt with, by result: moved (migrated off), finished (ended in place), "
+    "failed (still there at the deadline, or lost by its migration and failed over).",
+    ["result"],
+    registry=REGISTRY,
+)
+
+_OUTCOMES = ("finished", "aborted", "cancelled", "error")  # label values of switchyard_requests_total
+
+
+class ModelRequestMetrics:
+    """One model's request series, label children resolved once (the router's hot path never
+    calls ``labels()``)."""
+
+    def __init__(self, model: str, policy: str) -> None:
+        self.ttft = REQUEST_TTFT.labels(model, policy)
+        self.tpot = REQUEST_TPOT.labels(model, policy)
+        self.e2e = REQUEST_E2E.labels(model, policy)
+        self.failovers = FAILOVERS.labels(model)
+        self.requests = {o: REQUESTS.labels(model, o) for o in _OUTCOMES}
+
 
 _PER_INSTANCE = (INSTANCE_RUNNING, INSTANCE_WAITING, INSTANCE_KV_USAGE)
 

@@ -30,7 +30,8 @@ import dataclasses
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from switchyard import metrics
@@ -45,18 +46,19 @@ from switchyard.errors import (
 )
 from switchyard.messages import (
     EngineOutput,
-    EngineRequest,
     FinishReason,
     InstanceInfo,
     Membership,
     RoutingRequest,
 )
+from switchyard.router.drain import DrainResult, drain_instance
 from switchyard.router.movable_stream import MovableStream
 from switchyard.router.policies import RoutingDecision, RoutingOutcome, make_policy
+from switchyard.router.rebalancer import Rebalancer
 from switchyard.router.registry import InstanceRegistry, InstanceState
 from switchyard.router.ttft_estimator import TtftFeedback
 from switchyard.router.worker_client import WorkerClient
-from switchyard.workers.migration import MigrationCoordinator, MigrationOutcome
+from switchyard.workers.migration import MigrationCoordinator, MigrationOutcome, resubmission
 
 __all__ = ["RouterCore"]
 
@@ -64,7 +66,6 @@ logger = logging.getLogger(__name__)
 
 _LOAD_RETRY_MIN_S = 0.1
 _LOAD_RETRY_MAX_S = 2.0
-_OUTCOMES = ("finished", "aborted", "cancelled", "error")  # label values of switchyard_requests_total
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -77,17 +78,6 @@ class _DecisionRecord:
     attempt: int
     decision: RoutingDecision
     latency_s: float
-
-
-class _ModelMetrics:
-    """Label children resolved once per model, so the hot path never calls ``labels()``."""
-
-    def __init__(self, model: str, policy: str) -> None:
-        self.ttft = metrics.REQUEST_TTFT.labels(model, policy)
-        self.tpot = metrics.REQUEST_TPOT.labels(model, policy)
-        self.e2e = metrics.REQUEST_E2E.labels(model, policy)
-        self.failovers = metrics.FAILOVERS.labels(model)
-        self.requests = {o: metrics.REQUESTS.labels(model, o) for o in _OUTCOMES}
 
 
 class RouterCore:
@@ -112,7 +102,7 @@ class RouterCore:
         self._background: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()  # set and replaced on every membership change
         self._decisions: deque[_DecisionRecord] = deque(maxlen=config.decision_log_size)
-        self._model_metrics: dict[str, _ModelMetrics] = {}
+        self._model_metrics: dict[str, metrics.ModelRequestMetrics] = {}
         self._decision_latency = metrics.ROUTER_DECISION_LATENCY.labels(config.policy)
         self._decision_counts = {
             o: metrics.ROUTING_DECISIONS.labels(config.policy, o.value) for o in RoutingOutcome
@@ -122,6 +112,7 @@ class RouterCore:
         self._ttft_error = metrics.ROUTER_TTFT_ESTIMATE_ERROR.labels(config.policy)
         self._migrator = MigrationCoordinator(migration, clock=clock)
         self._streams: dict[str, MovableStream] = {}  # request id -> its upstream, for migrate()
+        self._rebalancer: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
 
@@ -132,6 +123,8 @@ class RouterCore:
         self._started = True
         for iid, client in self._clients.items():
             self._start_load(iid, client)
+        if self._config.rebalancer.enabled and self._rebalancer is None:
+            self._rebalancer = self._spawn(Rebalancer(self, self._config.rebalancer, clock=self._clock).run())
 
     async def close(self) -> None:
         """Drop every instance (their in-flight requests fail) and stop background work."""
@@ -140,6 +133,8 @@ class RouterCore:
         self.apply_membership(Membership(version=self._registry.membership.version + 1))
         self._closed = True
         self._changed.set()
+        if self._rebalancer is not None:
+            self._rebalancer.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
@@ -292,7 +287,7 @@ class RouterCore:
 
     async def _stream(self, req: RoutingRequest, model: str) -> AsyncGenerator[EngineOutput, None]:
         mm = self._model_metrics.get(model) or self._model_metrics.setdefault(
-            model, _ModelMetrics(model, self._policy_name)
+            model, metrics.ModelRequestMetrics(model, self._policy_name)
         )
         clock = self._clock
         t_start = clock()
@@ -303,7 +298,7 @@ class RouterCore:
         attempt = 0
         try:
             while True:
-                engine_req = _resubmission(req, generated)
+                engine_req = resubmission(req, generated)
                 if engine_req is None:  # the instance died after the last token, before "finished"
                     outcome = "finished"
                     yield EngineOutput(
@@ -408,6 +403,20 @@ class RouterCore:
         block_size = next((i.block_size for i in info if i.instance_id == dst_instance_id), 32)
         return await stream.move(self._migrator, src, dst, block_size=block_size)
 
+    @property
+    def streams(self) -> Mapping[str, MovableStream]:
+        """Request id -> its upstream (read-only; ``instance_id`` says where it runs now)."""
+        return MappingProxyType(self._streams)
+
+    async def drain(self, instance_id: str, *, timeout_s: float = 60.0) -> DrainResult:
+        """Stop routing to ``instance_id`` and migrate its requests off (``router/drain.py``).
+        Raises ``KeyError`` for an unknown instance."""
+        return await drain_instance(self, instance_id, timeout_s=timeout_s)
+
+    def undrain(self, instance_id: str) -> bool:
+        """Route to a drained instance again; False if it is unknown."""
+        return self._registry.set_draining(instance_id, False)
+
     def _feed_back_ttft(
         self, request_id: str, decision: RoutingDecision, ttft_s: float, num_cached_tokens: int
     ) -> None:
@@ -438,16 +447,3 @@ class RouterCore:
             }
             for r in self._decisions
         ]
-
-
-def _resubmission(req: RoutingRequest, generated: list[int]) -> EngineRequest | None:
-    """The engine request for the next attempt: the original, or its continuation after
-    ``generated`` tokens (None when nothing is left to generate)."""
-    if not generated:
-        return EngineRequest(req.request_id, req.prompt_token_ids, req.sampling)
-    s = req.sampling
-    remaining = s.max_tokens - len(generated)
-    if remaining <= 0:
-        return None
-    sampling = dataclasses.replace(s, max_tokens=remaining, min_tokens=max(0, s.min_tokens - len(generated)))
-    return EngineRequest(req.request_id, [*req.prompt_token_ids, *generated], sampling)

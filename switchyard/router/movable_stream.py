@@ -67,6 +67,11 @@ class MovableStream:
     def moving(self) -> bool:
         return self._moving is not None
 
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + output tokens seen so far: the request's KV size, for picking what to move."""
+        return max(self._num_prompt, 0) + self._seen
+
     async def move(
         self,
         coordinator: MigrationCoordinator,

@@ -13,6 +13,10 @@ network delay of one report (well under a millisecond locally), during which a r
 counted by neither. Everything here is O(1) per request; only membership and liveness changes
 (rare) rebuild the per-model ``FleetView`` snapshots that policies read.
 
+Draining (``set_draining``) takes an instance out of every ``FleetView`` at once, so no policy
+can choose it, while its load keeps being followed and its in-flight requests keep streaming
+until the drain moves them off (``router/drain.py``).
+
 The registry is plain data, single-threaded (the router's event loop), with no I/O and no
 metrics; the router core drives it.
 """
@@ -126,6 +130,7 @@ class InstanceRegistry:
         self._states: dict[str, InstanceState] = {}
         self._models: dict[str, InstanceInfo] = {}
         self._fleets: dict[str, FleetView] = {}
+        self._draining: set[str] = set()
 
     # -- membership --------------------------------------------------------------------------
 
@@ -142,6 +147,8 @@ class InstanceRegistry:
         added = tuple(i for iid, i in new.items() if iid not in self._states or self._states[iid].info != i)
         for info in removed:
             del self._states[info.instance_id]
+            if new.get(info.instance_id) is None:
+                self._draining.discard(info.instance_id)
         for info in added:
             self._states[info.instance_id] = InstanceState(info)
         self._membership = membership
@@ -174,7 +181,11 @@ class InstanceRegistry:
         if view is None:
             live = tuple(
                 sorted(
-                    (s for s in self._states.values() if s.live and s.info.model == model),
+                    (
+                        s
+                        for s in self._states.values()
+                        if s.live and s.info.model == model and s.info.instance_id not in self._draining
+                    ),
                     key=lambda s: s.info.instance_id,
                 )
             )
@@ -185,6 +196,23 @@ class InstanceRegistry:
     def ready(self) -> bool:
         """At least one live instance has reported its load."""
         return any(s.live and s.report is not None for s in self._states.values())
+
+    # -- draining -------------------------------------------------------------------------------
+
+    def set_draining(self, instance_id: str, draining: bool) -> bool:
+        """Exclude (or re-include) an instance from every fleet view; False if it is unknown."""
+        state = self._states.get(instance_id)
+        if state is None:
+            return False
+        if draining:
+            self._draining.add(instance_id)
+        else:
+            self._draining.discard(instance_id)
+        self._fleets.pop(state.info.model, None)
+        return True
+
+    def is_draining(self, instance_id: str) -> bool:
+        return instance_id in self._draining
 
     # -- load reports and liveness -------------------------------------------------------------
 

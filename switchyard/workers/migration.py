@@ -42,6 +42,7 @@ from switchyard.messages import (
     EngineRequest,
     KvSnapshot,
     LoadReport,
+    RoutingRequest,
     SamplingOptions,
     SuspendedRequest,
 )
@@ -340,3 +341,16 @@ def continuation_request(s: SuspendedRequest) -> EngineRequest:
         s.sampling, max_tokens=s.sampling.max_tokens - n, min_tokens=max(0, s.sampling.min_tokens - n)
     )
     return EngineRequest(s.request_id, [*s.prompt_token_ids, *s.output_token_ids], sampling)
+
+
+def resubmission(req: RoutingRequest, generated: list[int]) -> EngineRequest | None:
+    """The engine request for the next attempt: the original, or its continuation after
+    ``generated`` tokens (None when nothing is left to generate)."""
+    if not generated:
+        return EngineRequest(req.request_id, req.prompt_token_ids, req.sampling)
+    s = req.sampling
+    remaining = s.max_tokens - len(generated)
+    if remaining <= 0:
+        return None
+    sampling = dataclasses.replace(s, max_tokens=remaining, min_tokens=max(0, s.min_tokens - len(generated)))
+    return EngineRequest(req.request_id, [*req.prompt_token_ids, *generated], sampling)
