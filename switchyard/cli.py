@@ -1,4 +1,4 @@
-"""``switchyard`` command line: ``serve``, ``build-tiny-model``, ``crds``, ``operator`` (and later ``bench``).
+"""``switchyard`` command line: ``serve``, ``drain``, ``build-tiny-model``, ``crds``, ``operator``.
 
 This is a process entry point, so it is one of the two places allowed to import Ray and to
 read environment variables. Arguments are parsed into the same pydantic config models the
@@ -71,6 +71,16 @@ def _build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="a ServeConfig as JSON or YAML (pools, engine, router, gateway); flags override it",
     )
+
+    drain = sub.add_parser(
+        "drain",
+        help="stop routing to an instance and move its requests off (gateway /admin/drain)",
+    )
+    drain.add_argument("instance", help="instance id (as in the membership)")
+    drain.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8000")
+    drain.add_argument("--api-key", default=None, help="bearer key (default: SWITCHYARD_API_KEY, if set)")
+    drain.add_argument("--timeout-s", type=float, default=60.0, help="drain deadline (default 60)")
+    drain.add_argument("--undrain", action="store_true", help="route to the instance again instead")
 
     tiny = sub.add_parser("build-tiny-model", help="build the tiny random-weight model and print its path")
     tiny.add_argument("--cache-dir", type=Path, default=None)
@@ -169,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "drain":
+        return _drain(args)
     if args.command == "build-tiny-model":
         from switchyard.workers.tiny_model import build_tiny_model
 
@@ -205,6 +217,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _drain(args: argparse.Namespace) -> int:
+    """POST to the gateway's admin endpoint, print its JSON; 1 if a request failed or the call did."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    key = args.api_key or os.environ.get("SWITCHYARD_API_KEY")
+    body: dict[str, Any] = {"instance": args.instance}
+    if not args.undrain:
+        body["timeout_s"] = args.timeout_s
+    path = "/admin/undrain" if args.undrain else "/admin/drain"
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(
+        args.url.rstrip("/") + path, data=json.dumps(body).encode(), headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout_s + 30) as resp:
+            result = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        print(f"switchyard drain: HTTP {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"switchyard drain: {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 1 if result.get("failed") else 0
 
 
 def _run_until_signal(main_coro: Coroutine[Any, Any, int]) -> int:

@@ -57,6 +57,7 @@ from switchyard.errors import (
 )
 from switchyard.messages import EngineOutput, InstanceInfo, Membership, RoutingRequest
 from switchyard.metrics import render_latest
+from switchyard.router.gateway import admin
 from switchyard.router.gateway.detokenizer import OutputDecoder
 from switchyard.router.gateway.schemas import (
     ChatCompletionRequest,
@@ -260,6 +261,12 @@ class _Gateway:
         body = json.dumps({"decisions": self.core.recent_decisions()}, default=str)
         return Response(body, media_type="application/json")
 
+    async def admin_drain(self, request: Request) -> Response:
+        return await admin.drain(self.core, await self._read_body(request))
+
+    async def admin_undrain(self, request: Request) -> Response:
+        return await admin.undrain(self.core, await self._read_body(request))
+
 
 def build_gateway_app(
     core: RouterCoreLike, *, tokenizers: Mapping[str, TokenizerAdapter], config: GatewayConfig
@@ -279,6 +286,8 @@ def build_gateway_app(
         gw.route("/v1/chat/completions", gw.chat_completions, "POST"),
         gw.route("/v1/models", gw.models, "GET"),
         gw.route("/debug/routing", gw.debug_routing, "GET"),
+        gw.route("/admin/drain", gw.admin_drain, "POST"),
+        gw.route("/admin/undrain", gw.admin_undrain, "POST"),
         gw.route("/health", gw.health, "GET", auth=False),
         gw.route("/metrics", gw.metrics, "GET", auth=False),
     ]
