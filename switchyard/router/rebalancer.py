@@ -19,6 +19,7 @@ their requests, and they never receive any):
   ``q >= imbalance_ratio * mean(q)`` and ``q - mean(q) >= min_load_gap`` (far above the mean;
   the gap keeps a nearly idle fleet, where ratios are noise, from moving anything);
 * **freeness** (Llumnix) = free KV blocks / (batch size + 1): how much room a new request has;
+  the batch counts waiting requests too (``q``), since they will claim blocks before a newcomer;
 * **source**: the overloaded instance with the longest queue (ties: least freeness);
 * **request**: its shortest running request first (Llumnix "SR": least KV to copy, shortest
   pause), skipping requests already moving or moved within ``request_cooldown_s``;
@@ -66,7 +67,8 @@ logger = logging.getLogger(__name__)
 
 
 def freeness(free_blocks: int, batch_size: int) -> float:
-    """Llumnix freeness: free KV blocks per request of the batch (plus the one to come)."""
+    """Llumnix freeness: free KV blocks per request of the batch (plus the one to come).
+    Callers pass running + waiting as the batch: queued requests claim blocks first."""
     return max(free_blocks, 0) / (max(batch_size, 0) + 1)
 
 
@@ -74,7 +76,7 @@ def state_freeness(state: InstanceState, extra_requests: int = 0) -> float:
     """Freeness of a registry instance from its last report plus what was dispatched since."""
     r = state.report
     free = r.kv_blocks_total - r.kv_blocks_used if r is not None else 0
-    return freeness(free, state.num_running + state.pending_requests + extra_requests)
+    return freeness(free, state.queue_length + extra_requests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +119,11 @@ class _Sim:
     load: InstanceLoad
     q: int
     free: int
-    running: int
     movable: list[RequestLoad] = field(default_factory=list)
 
     @property
     def freeness(self) -> float:
-        return freeness(self.free, self.running)
+        return freeness(self.free, self.q)
 
 
 def _overload(s: _Sim, mean: float, p: RebalancerConfig) -> str | None:
@@ -146,7 +147,7 @@ def plan_rebalance(
         movable = sorted(
             (r for r in inst.requests if r.request_id not in skip), key=lambda r: (r.num_tokens, r.request_id)
         )
-        by_model.setdefault(inst.model, []).append(_Sim(inst, q, inst.free_blocks, inst.num_running, movable))
+        by_model.setdefault(inst.model, []).append(_Sim(inst, q, inst.free_blocks, movable))
     moves: list[Move] = []
     for model in sorted(by_model):
         sims = by_model[model]
@@ -185,10 +186,8 @@ def _next_move(sims: Sequence[_Sim], mean: float, p: RebalancerConfig) -> Move |
             dst = max(dests, key=lambda d: (d.freeness, -d.q, d.load.instance_id))
             src.movable.remove(req)
             src.q -= 1
-            src.running = max(src.running - 1, 0)
             src.free += need
             dst.q += 1
-            dst.running += 1
             dst.free -= need
             return Move(req.request_id, src.load.instance_id, dst.load.instance_id, reason)
     return None
