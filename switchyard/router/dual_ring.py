@@ -41,7 +41,7 @@ def _seed_key(seed: int) -> bytes:
 class HashRing:
     """One consistent-hash ring of instance ids with ``virtual_nodes`` points each."""
 
-    __slots__ = ("_members", "_owners", "_points", "_seed_key", "seed", "virtual_nodes")
+    __slots__ = ("_blake", "_members", "_owners", "_points", "seed", "virtual_nodes")
 
     def __init__(
         self, *, seed: int = 0, virtual_nodes: int = DEFAULT_VIRTUAL_NODES, instances: Iterable[str] = ()
@@ -52,7 +52,8 @@ class HashRing:
             raise ValueError(f"seed must fit in 64 unsigned bits, got {seed}")
         self.seed = seed
         self.virtual_nodes = virtual_nodes
-        self._seed_key = _seed_key(seed)
+        # Copying a keyed hasher skips the keyword parsing and the key block of a new one.
+        self._blake = hashlib.blake2b(digest_size=8, key=_seed_key(seed))
         self._points: list[int] = []
         self._owners: list[str] = []
         self._members: set[str] = set()
@@ -74,8 +75,9 @@ class HashRing:
 
     def position(self, key: bytes) -> int:
         """Where ``key`` falls on this ring: 64 bits of BLAKE2b keyed with the ring's seed."""
-        digest = hashlib.blake2b(key, digest_size=8, key=self._seed_key).digest()
-        return int.from_bytes(digest, "big")
+        h = self._blake.copy()
+        h.update(key)
+        return int.from_bytes(h.digest(), "big")
 
     def _instance_points(self, instance_id: str) -> list[int]:
         raw = instance_id.encode("utf-8")
@@ -104,21 +106,22 @@ class HashRing:
         self._points = [self._points[i] for i in keep]
         self._owners = [self._owners[i] for i in keep]
 
-    def _first_index(self, key: bytes) -> int:
-        i = bisect.bisect_right(self._points, self.position(key))
-        return 0 if i == len(self._points) else i
-
     def lookup(self, key: bytes, alive: Alive | None = None, *, exclude: str | None = None) -> str | None:
         """The owner of ``key``: the first point clockwise whose instance is alive and not ``exclude``.
 
         None only when no instance qualifies. The walk is one step in the common case.
         """
         owners = self._owners
-        if not owners:
-            return None
-        start = self._first_index(key)
         n = len(owners)
-        for step in range(n):
+        if not n:
+            return None
+        start = bisect.bisect_right(self._points, self.position(key))
+        if start == n:
+            start = 0
+        owner = owners[start]
+        if owner != exclude and (alive is None or alive(owner)):
+            return owner  # the common case: no walk
+        for step in range(1, n):
             owner = owners[(start + step) % n]
             if owner != exclude and (alive is None or alive(owner)):
                 return owner

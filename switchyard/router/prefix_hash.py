@@ -12,13 +12,14 @@ Why two hashes. Cache-affinity routing needs two different things from a prompt:
   with ``PYTHONHASHSEED`` set (then pass that value as ``seed``). So a router hash *is* an
   engine block hash, and KV events (which publish the low 64 bits, see
   :func:`external_block_hash`) can be matched against router state. It costs ~3 µs per block
-  in CPython, so routing hashes only the first K blocks (:meth:`BlockHasher.prefix_key`).
+  in CPython, so routing hashes only the first K blocks (:meth:`BlockHasher.prefix_key`),
+  through a bounded LRU of recent blocks: requests that share a prefix share those blocks.
 * A **per-instance record** of what was routed where, matched against every prompt on the
   hot path. Hashing all 256 blocks of an 8k-token prompt with SHA-256 takes ~700 µs, and
   even CPython's tuple hash over every token costs ~60-130 µs, over the whole decision
   budget. :func:`chunk_fingerprints` therefore chains CPython's built-in (deterministic for
   ints) tuple hash over chunks of whole blocks that double in size up to a cap
-  (:func:`chunk_ends`: 1, 2, 4, ..., 16, 32, 48, ... blocks) and, with ``stride > 1``, over
+  (:func:`chunk_ends`: 1, 2, 4, ..., 32, 64, 96, ... blocks) and, with ``stride > 1``, over
   every ``stride``-th token of each chunk including its last. That is
   an *approximation*: two prompts that differ only at unsampled positions of a chunk get the
   same fingerprint there (a contiguous difference of ``stride`` tokens or more is always
@@ -126,6 +127,24 @@ def _cbor_block(parent: bytes, tokens: Sequence[int]) -> bytes:
     )
 
 
+_BLOCK_CACHE_SIZE = 8192  # (parent, block) -> hash entries, ~3 MB at 32-token blocks
+_SHA256 = hashlib.sha256()  # copied, not constructed: OpenSSL 3 looks the algorithm up per construction
+
+
+@functools.lru_cache(maxsize=_BLOCK_CACHE_SIZE)
+def _sha256_block(parent: bytes, tokens: tuple[int, ...]) -> bytes:
+    h = _SHA256.copy()
+    h.update(pickle.dumps((parent, tokens, None), protocol=_PICKLE_PROTOCOL))
+    return h.digest()
+
+
+@functools.lru_cache(maxsize=_BLOCK_CACHE_SIZE)
+def _sha256_cbor_block(parent: bytes, tokens: tuple[int, ...]) -> bytes:
+    h = _SHA256.copy()
+    h.update(_cbor_block(parent, tokens))
+    return h.digest()
+
+
 class BlockHasher:
     """vLLM V1's prefix-cache block hashes, bit for bit (no LoRA, multimodal or salt keys).
 
@@ -156,12 +175,8 @@ class BlockHasher:
 
     def hash_block(self, parent: bytes | None, tokens: Sequence[int]) -> bytes:
         """One chain step: ``H((parent or NONE_HASH, tuple(tokens), None))``."""
-        parent = parent or self.none_hash
-        if self.algo == "sha256":
-            data = pickle.dumps((parent, tuple(tokens), None), protocol=_PICKLE_PROTOCOL)
-        else:
-            data = _cbor_block(parent, tokens)
-        return hashlib.sha256(data).digest()
+        cached = _sha256_block if self.algo == "sha256" else _sha256_cbor_block
+        return cached(parent or self.none_hash, tuple(tokens))
 
     def block_hashes(self, token_ids: Sequence[int], max_blocks: int | None = None) -> list[bytes]:
         """Hashes of the full blocks of ``token_ids`` (at most ``max_blocks``), as vLLM computes them."""
@@ -171,14 +186,11 @@ class BlockHasher:
             n = min(n, max_blocks)
         out: list[bytes] = []
         parent = self.none_hash
-        if self.algo == "sha256":  # the common case, inlined: it is most of a decision's cost
-            sha256, dumps, proto = hashlib.sha256, pickle.dumps, _PICKLE_PROTOCOL
-            for start in range(0, n * bs, bs):
-                parent = sha256(dumps((parent, tuple(token_ids[start : start + bs]), None), proto)).digest()
-                out.append(parent)
-            return out
+        # Requests that share a prefix share these blocks: a C-level LRU over (parent, tokens)
+        # turns most of the routing key into lookups (vLLM memoises the same way).
+        cached = _sha256_block if self.algo == "sha256" else _sha256_cbor_block
         for start in range(0, n * bs, bs):
-            parent = self.hash_block(parent, token_ids[start : start + bs])
+            parent = cached(parent, tuple(token_ids[start : start + bs]))
             out.append(parent)
         return out
 
@@ -273,8 +285,8 @@ class PromptHasher:
         self,
         *,
         prefix_blocks: int,
-        chunk_blocks: int = 16,
-        sample_stride: int = 8,
+        chunk_blocks: int = 32,
+        sample_stride: int = 16,
         algo: HashAlgo = "sha256",
         seed: str | None = None,
     ) -> None:

@@ -244,7 +244,7 @@ def test_promised_parameter_defaults() -> None:
         "sha256",
         None,
     )
-    assert (p.record_chunk_blocks, p.record_sample_stride, p.record_capacity_tokens) == (16, 8, None)
+    assert (p.record_chunk_blocks, p.record_sample_stride, p.record_capacity_tokens) == (32, 16, None)
     assert p.ring_seeds[0] != p.ring_seeds[1] and p.estimator.prior_profile is None
 
 

@@ -119,10 +119,10 @@ class DualMapParams(PolicyParams):
     """The engines' ``prefix_caching_hash_algo``, so keys equal engine block hashes."""
     hash_seed: str | None = None
     """The engines' ``NONE_HASH`` seed (their ``PYTHONHASHSEED`` if set); None is vLLM's default."""
-    record_chunk_blocks: int = Field(default=16, ge=1, le=1024)
+    record_chunk_blocks: int = Field(default=32, ge=1, le=1024)
     """Largest fingerprinted chunk of the per-instance record, in blocks (chunks double up to it):
     cost per prompt vs. resolution of long prefixes; see ``prefix_hash.chunk_ends``."""
-    record_sample_stride: int = Field(default=8, ge=1, le=64)
+    record_sample_stride: int = Field(default=16, ge=1, le=64)
     """Fingerprint every n-th token of a chunk (1 = exact): a differing run of n tokens or more
     is always seen; see ``prefix_hash``."""
     record_capacity_tokens: int | None = Field(default=None, ge=1)

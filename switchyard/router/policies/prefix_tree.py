@@ -49,9 +49,9 @@ class PrefixTreeParams(PolicyParams):
     """Queue-length gap (requests) above which, with the relative one, load decides."""
     balance_rel_threshold: float = Field(default=1.5, ge=1)
     """Ratio of the longest to the shortest queue above which, with the absolute gap, load decides."""
-    chunk_blocks: int = Field(default=16, ge=1, le=1024)
+    chunk_blocks: int = Field(default=32, ge=1, le=1024)
     """Largest tree node, in blocks (nodes double from one block up to it)."""
-    sample_stride: int = Field(default=8, ge=1, le=64)
+    sample_stride: int = Field(default=16, ge=1, le=64)
     """Fingerprint every n-th token of a chunk (1 = exact)."""
     max_tree_chunks: int = Field(default=1 << 20, ge=1)
     """Nodes kept across all instances before the least recently routed are evicted."""
