@@ -120,8 +120,8 @@ async def drain_instance(
             if dst is None:
                 result.reasons[rid] = "no_destination"
                 break  # nowhere to go right now: retry next round
-            try:
-                outcome = await core.migrate(rid, dst)
+            try:  # shielded: a drain cancelled mid-move (client gone) must not cut a stream
+                outcome = await asyncio.shield(core.migrate(rid, dst))
             except MigrationError:
                 continue  # it ended (or its stream closed) meanwhile: counted next round
             if outcome.status in ("moved", "recomputed") and outcome.instance_id != instance_id:

@@ -252,7 +252,8 @@ class Rebalancer:
             self._tried[move.request_id] = self._clock()
             outcome: str
             try:
-                outcome = (await self._core.migrate(move.request_id, move.destination)).status
+                moving = self._core.migrate(move.request_id, move.destination)
+                outcome = (await asyncio.shield(moving)).status  # a cancelled loop never cuts a move
             except MigrationError as exc:  # it ended, or an instance left, since the snapshot
                 logger.info("rebalancer: %s not moved (%s)", move.request_id, exc)
                 outcome = "error"

@@ -264,3 +264,20 @@ def test_cli_prints_result(capsys: pytest.CaptureFixture[str], monkeypatch: pyte
     monkeypatch.setattr("urllib.request.urlopen", lambda req, timeout: Resp())
     assert cli.main(["drain", "--url", "http://x", "w0"]) == 1
     assert '"failed"' in capsys.readouterr().out
+
+
+async def test_cancelled_drain_never_cuts_a_stream(fleet: Fleet) -> None:
+    """A drain cancelled mid-move (its HTTP client went away): the move in flight completes,
+    every stream still ends with the exact tokens, and the instance stays draining."""
+    h = await hotspot(fleet, n=3, max_tokens=80)
+    task = asyncio.create_task(h.core.drain("w0", timeout_s=10))
+    await until(lambda: any(s.moving for s in h.core.streams.values()), "a move to start")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await h.finish()
+    for rid in h.prompts:
+        assert h.tokens(rid) == h.expected(rid), rid
+        assert h.outs[rid][-1].finish_reason is FinishReason.LENGTH
+    assert h.core.registry.is_draining("w0")
+    await h.core.close()
