@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal
 
 from pydantic import Field
 
@@ -55,8 +54,6 @@ class PrefixTreeParams(PolicyParams):
     """Fingerprint every n-th token of a chunk (1 = exact)."""
     max_tree_chunks: int = Field(default=1 << 20, ge=1)
     """Nodes kept across all instances before the least recently routed are evicted."""
-    hash_algo: Literal["sha256", "sha256_cbor"] = "sha256"
-    """Only for the digest's key (unused here); kept so digests match other policies'."""
 
 
 @register_policy("prefix_tree")
@@ -70,8 +67,9 @@ class PrefixTreePolicy(PolicyBase):
         super().__init__(params, clock=clock)
         p = params if isinstance(params, PrefixTreeParams) else PrefixTreeParams()
         self._p = p
+        # Only the chunk fingerprints are used; the one-block ring key is a by-product.
         self._hasher = PromptHasher(
-            prefix_blocks=1, chunk_blocks=p.chunk_blocks, sample_stride=p.sample_stride, algo=p.hash_algo
+            prefix_blocks=1, chunk_blocks=p.chunk_blocks, sample_stride=p.sample_stride
         )
         self._tree: OrderedDict[int, dict[str, None]] = OrderedDict()
         self._size: dict[str, int] = {}  # nodes per instance
