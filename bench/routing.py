@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bench import metrics, plots
+from bench import provenance as bench_provenance
 from bench.replay import ReplayConfig, ReplayResult, engine_config, replay
 from bench.report import render_summary
 from bench.traces import Trace, load_trace, lru_hit_rate, prefix_hit_bound
@@ -120,29 +119,6 @@ def _load(args: argparse.Namespace, max_model_len: int) -> tuple[Trace, int]:
     return dataclasses.replace(trace, requests=kept), len(trace.requests) - len(kept)
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
-
-
-def _provenance(policies: Sequence[str]) -> dict[str, Any]:
-    """Which code produced the numbers: commit, uncommitted changes, and each policy's source hash."""
-    sources = {}
-    for name in policies:
-        module = sys.modules[POLICIES[name].__module__]
-        digest = hashlib.sha256(Path(str(module.__file__)).read_bytes()).hexdigest()[:16]
-        sources[name] = {"module": module.__name__, "sha256_16": digest}
-    dirty = _git("status", "--porcelain", "--", "switchyard/router", "switchyard/workers")
-    return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "uncommitted_switchyard_files": dirty.splitlines() if dirty else [],
-        "policy_sources": sources,
-    }
-
-
 _COMPAT_KEYS = ("trace", "profile", "instances", "slo", "load_report_interval_s", "seed")
 """What must agree for ``--merge`` to put runs of two invocations into one document."""
 
@@ -157,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     slo_s = args.slo_ttft_ms / 1000.0
     scales = sorted({float(s) for s in args.rates.split(",") if s.strip()})
     policies = _policies(args.policies)
-    provenance = _provenance(policies)  # now: the code the forked workers will run
+    provenance = bench_provenance.provenance(policies)  # now: the code the forked workers will run
     given: dict[str, dict[str, Any]] = json.loads(args.policy_params)
     params = {p: _params_for(p, given.get(p, {}), args.slo_ttft_ms) for p in policies}
     probe_instance = SimInstance.from_config(engine_config(args.profile, args.compute_derate))

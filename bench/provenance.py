@@ -1,0 +1,108 @@
+"""Which code produced a benchmark's numbers, precisely enough to tell when they are stale.
+
+Policies are developed while benchmarks run, so a results file must say what it measured. A
+hash of the policy's own module is not enough: DualMap's decisions also depend on the prefix
+hasher, the rings and the TTFT estimator. ``policy_digest`` therefore hashes the policy
+module together with every ``switchyard.router`` module it imports, transitively (read from
+the source with ``ast``, so nothing is executed). The package ``switchyard.router.policies``
+itself is left out: it is the registry that imports every policy, and including it would make
+each policy's digest change with any other policy. The simulator gets one digest of its own.
+``--merge`` in ``bench.routing`` keeps earlier runs of a policy only while its digest holds.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from switchyard.router.policies import POLICIES
+
+__all__ = ["policy_digest", "provenance", "sim_digest"]
+
+_TRACKED = "switchyard.router"
+_REGISTRY = "switchyard.router.policies"
+_SIM_MODULES = (
+    "switchyard.workers.sim_cost",
+    "switchyard.workers.sim_engine",
+    "switchyard.workers.sim_instance",
+    "switchyard.workers.sim_kv_pool",
+)
+
+
+def _path(module: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # ``pkg.mod.Name``: a name, not a module
+        return None
+    return Path(spec.origin) if spec is not None and spec.origin else None
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)  # ``from pkg import mod``
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def _closure(module: str) -> dict[str, Path]:
+    """``module`` and the ``switchyard.router`` modules it imports, transitively."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name == _REGISTRY or not name.startswith(_TRACKED):
+            continue
+        path = _path(name)
+        if path is None or path.suffix != ".py":
+            continue
+        seen[name] = path
+        todo.extend(_imports(path))
+    return seen
+
+
+def _digest(paths: dict[str, Path]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(paths):
+        h.update(name.encode() + b"\0" + paths[name].read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def policy_digest(name: str) -> dict[str, Any]:
+    """The digest of a registered policy's code and the router modules it depends on."""
+    module = POLICIES[name].__module__
+    closure = _closure(module)
+    return {"module": module, "closure_sha256_16": _digest(closure), "closure": sorted(closure)}
+
+
+def sim_digest() -> str:
+    """The digest of the simulator's modules (the engine model every run shares)."""
+    paths = {m: p for m in _SIM_MODULES if (p := _path(m)) is not None}
+    return _digest(paths)
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def provenance(policies: Sequence[str]) -> dict[str, Any]:
+    """Commit, uncommitted router/worker files, the simulator digest and each policy's digest."""
+    dirty = _git("status", "--porcelain", "--", "switchyard/router", "switchyard/workers")
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "uncommitted_switchyard_files": dirty.splitlines() if dirty else [],
+        "sim_sha256_16": sim_digest(),
+        "policy_sources": {name: policy_digest(name) for name in policies},
+    }
