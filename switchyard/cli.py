@@ -57,6 +57,14 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", help="routing policy (default least_load)")
     serve.add_argument("--max-model-len", type=int, help="context length per instance")
     serve.add_argument(
+        "--migration",
+        action="store_true",
+        help="load the KV-transfer connector (NIXL) so requests can be live-migrated (drain, rebalancer)",
+    )
+    serve.add_argument(
+        "--rebalance", action="store_true", help="run the hotspot rebalancer (needs --migration with vllm)"
+    )
+    serve.add_argument(
         "--api-key",
         action="append",
         default=[],
@@ -128,6 +136,8 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
             "max_model_len": "max_model_len",
         },
     )
+    if given.get("migration"):
+        engine["kv_transfer"] = engine.get("kv_transfer") or {}
     if "sim_profile" in given:
         engine["sim"] = {**engine.get("sim", {}), "profile": given["sim_profile"]}
     gateway = section("gateway", {"host": "host", "port": "port", "max_body_bytes": "max_body_bytes"})
@@ -136,6 +146,8 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
         keys.append(os.environ["SWITCHYARD_API_KEY"])
     gateway["api_keys"] = tuple(keys)
     router = section("router", {"policy": "policy", "router_port": "grpc_port", "host": "grpc_host"})
+    if given.get("rebalance"):
+        router["rebalancer"] = {**router.get("rebalancer", {}), "enabled": True}
     top = {flag: given[flag] for flag in ("instances", "ray_address") if flag in given}
     return ServeConfig.model_validate({**data, **top, "engine": engine, "gateway": gateway, "router": router})
 

@@ -58,6 +58,29 @@ class SimConfig(StrictModel):
     ``sustained_prefill_compute_derate`` (0.7 on H100) the conservative variant to compare with."""
 
 
+class KvTransferConfig(StrictModel):
+    """KV transfer between instances (live migration, P/D) through vLLM's NIXL connector."""
+
+    side_channel_host: str = "127.0.0.1"
+    """Address peers use for the NIXL handshake with this instance; loopback for one machine."""
+
+    side_channel_port: int = Field(default=0, ge=0, le=65535)
+    """NIXL handshake port of this instance; 0 picks a free one (one per instance)."""
+
+    control_port: int = Field(default=0, ge=0, le=65535)
+    """Loopback port of the connector's control channel in the engine core; 0 picks a free one."""
+
+    lease_s: int = Field(default=30, ge=1)
+    """Seconds a source holds blocks a destination has not pulled yet (NIXL's default lease)."""
+
+    keep_cpu_affinity: bool = True
+    """Undo NIXL's pinning of the CPU worker to one core per NUMA node, which makes decode
+    ~10x slower on small machines (research §5.3); only for the CPU build."""
+
+    ucx_tls: str = "tcp,self,sm"
+    """UCX transports on the CPU build (``UCX_TLS``); DRAM over TCP and shared memory."""
+
+
 class EngineConfig(StrictModel):
     """How each engine instance is built."""
 
@@ -103,35 +126,17 @@ class EngineConfig(StrictModel):
     sim: SimConfig = Field(default_factory=SimConfig)
     """Simulator settings, used when ``kind`` is ``sim``."""
 
+    kv_transfer: KvTransferConfig | None = None
+    """KV transfer through the migration connector (NIXL), which live migration, drain by
+    migration and the rebalancer need; None leaves it out (vLLM then starts without NIXL, and
+    a move falls back to recomputing the request on the destination)."""
+
     @field_validator("block_size")
     @classmethod
     def _block_size_is_power_of_two_multiple(cls, v: int) -> int:
         if v & (v - 1):
             raise ValueError(f"block_size must be a power of two, got {v}")
         return v
-
-
-class KvTransferConfig(StrictModel):
-    """KV transfer between instances (live migration, P/D) through vLLM's NIXL connector."""
-
-    side_channel_host: str = "127.0.0.1"
-    """Address peers use for the NIXL handshake with this instance; loopback for one machine."""
-
-    side_channel_port: int = Field(default=0, ge=0, le=65535)
-    """NIXL handshake port of this instance; 0 picks a free one (one per instance)."""
-
-    control_port: int = Field(default=0, ge=0, le=65535)
-    """Loopback port of the connector's control channel in the engine core; 0 picks a free one."""
-
-    lease_s: int = Field(default=30, ge=1)
-    """Seconds a source holds blocks a destination has not pulled yet (NIXL's default lease)."""
-
-    keep_cpu_affinity: bool = True
-    """Undo NIXL's pinning of the CPU worker to one core per NUMA node, which makes decode
-    ~10x slower on small machines (research §5.3); only for the CPU build."""
-
-    ucx_tls: str = "tcp,self,sm"
-    """UCX transports on the CPU build (``UCX_TLS``); DRAM over TCP and shared memory."""
 
 
 class MigrationConfig(StrictModel):
@@ -292,4 +297,15 @@ class ServeConfig(StrictModel):
         names = [p.name for p in self.pools]
         if len(set(names)) != len(names):
             raise ValueError(f"pool names must be unique, got {names}")
+        if self.router.rebalancer.enabled:
+            bare = [
+                p.name
+                for p in self.effective_pools()
+                if p.engine and p.engine.kind == "vllm" and not p.engine.kv_transfer
+            ]
+            if bare:
+                raise ValueError(
+                    "router.rebalancer.enabled needs live migration, but the vllm engines of pools "
+                    f"{bare} have no engine.kv_transfer (add it, or pass --migration)"
+                )
         return self

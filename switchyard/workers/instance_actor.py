@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InstanceActor", "build_engine"]
+__all__ = ["InstanceActor", "build_engine", "with_reachable_kv_endpoint"]
 
 # How often the actor checks that its engine still serves; a dead engine is noticed within this.
 _HEALTH_INTERVAL_S = 1.0
@@ -48,6 +48,22 @@ async def build_engine(cfg: EngineConfig, *, instance_id: str, model_dir: Path |
     from switchyard.workers.sim_engine import SimEngine
 
     return SimEngine.from_config(cfg, instance_id=instance_id)
+
+
+def with_reachable_kv_endpoint(cfg: EngineConfig, advertised_host: str) -> EngineConfig:
+    """Point the NIXL handshake at the address peers reach this instance on.
+
+    Why: the migration destination connects to the *source's* handshake address, which the
+    source puts into the tickets it hands out. The loopback default works on one machine; on
+    a cluster it would send every destination to itself, so a loopback value is replaced by
+    the address the instance advertises (an explicitly configured routable host is kept).
+    """
+    kv = cfg.kv_transfer
+    if kv is None or not kv.side_channel_host.startswith("127.") or advertised_host.startswith("127."):
+        return cfg
+    return cfg.model_copy(
+        update={"kv_transfer": kv.model_copy(update={"side_channel_host": advertised_host})}
+    )
 
 
 class _InstanceActorImpl:
@@ -75,12 +91,13 @@ class _InstanceActorImpl:
         from switchyard.workers.worker_server import start_worker_server
 
         path = Path(model_dir) if model_dir else None
-        self._engine = await build_engine(cfg, instance_id=instance_id, model_dir=path)
-        engine = self._engine
         # None: bind every interface and advertise this node's IP, so routers on other
         # machines (Kubernetes pods) can reach the instance.
         bind = host or "0.0.0.0"
         advertised = host or ray.util.get_node_ip_address()
+        cfg = with_reachable_kv_endpoint(cfg, advertised)
+        self._engine = await build_engine(cfg, instance_id=instance_id, model_dir=path)
+        engine = self._engine
 
         def info_for(port: int) -> InstanceInfo:
             return InstanceInfo(

@@ -119,10 +119,11 @@ class VLLMEngine:
         environment variables from :func:`vllm_env` that the host did not set are filled in
         with defaults first; the host should have applied them before importing vLLM.
 
-        ``kv_transfer`` loads the migration connector (NIXL): the engine can then be a
-        migration source and destination (``snapshot``, ``suspend``, ``admit_migrated``, ...).
+        ``kv_transfer`` (default: ``cfg.kv_transfer``) loads the migration connector (NIXL): the
+        engine can then be a migration source and destination (``snapshot``, ``suspend``, ...).
         """
         apply_vllm_env(vllm_env(cfg, cache_dir=default_cache_dir()), override=False)
+        kv_transfer = kv_transfer or cfg.kv_transfer
         kv_args: dict[str, Any] = {}
         endpoint: KvEndpoint | None = None
         if kv_transfer is not None:

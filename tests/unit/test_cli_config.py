@@ -94,3 +94,36 @@ def test_unreadable_config_file_is_named(tmp_path: Path) -> None:
     bad.write_text("{nope")
     with pytest.raises(SystemExit, match="not valid JSON"):
         main(["serve", "--config", str(bad)])
+
+
+def test_migration_and_rebalance_flags() -> None:
+    """--migration loads the KV-transfer connector; --rebalance turns the rebalancer on."""
+    config = _config("--migration", "--rebalance")
+    assert config.engine.kv_transfer is not None
+    assert config.engine.kv_transfer.ucx_tls == "tcp,self,sm"
+    assert config.router.rebalancer.enabled
+    assert _config().engine.kv_transfer is None
+
+
+def test_rebalance_without_migration_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    """A rebalancer over vLLM engines without KV transfer could never move anything: say so."""
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--rebalance"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "kv_transfer" in err and "--migration" in err
+    assert _config("--rebalance", "--engine", "sim").router.rebalancer.enabled  # the simulator needs none
+
+
+def test_loopback_kv_endpoint_is_replaced_by_the_advertised_address() -> None:
+    """On a cluster, tickets must name an address peers reach; loopback only works on one node."""
+    from switchyard.config import EngineConfig, KvTransferConfig
+    from switchyard.workers.instance_actor import with_reachable_kv_endpoint
+
+    cfg = EngineConfig(kv_transfer=KvTransferConfig())
+    moved = with_reachable_kv_endpoint(cfg, "10.1.2.3").kv_transfer
+    assert moved is not None and moved.side_channel_host == "10.1.2.3"
+    assert with_reachable_kv_endpoint(cfg, "127.0.0.1") == cfg
+    explicit = EngineConfig(kv_transfer=KvTransferConfig(side_channel_host="10.9.9.9"))
+    assert with_reachable_kv_endpoint(explicit, "10.1.2.3") == explicit
+    assert with_reachable_kv_endpoint(EngineConfig(), "10.1.2.3") == EngineConfig()
