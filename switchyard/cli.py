@@ -1,4 +1,5 @@
-"""``switchyard`` command line: ``serve``, ``drain``, ``build-tiny-model``, ``crds``, ``operator``.
+"""``switchyard`` command line: ``serve``, ``drain``, ``build-tiny-model``, ``crds``, ``operator``,
+``kvcache-server``.
 
 This is a process entry point, so it is one of the two places allowed to import Ray and to
 read environment variables. Arguments are parsed into the same pydantic config models the
@@ -112,6 +113,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--peering", default=None, help="Kopf peering object for several replicas (default: standalone)"
     )
     op.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+
+    from switchyard.kvcache import cli as kvcache_cli
+
+    kvcache = sub.add_parser("kvcache-server", help="run one shard of a KVCachePool's shared KV-block store")
+    kvcache_cli.add_arguments(kvcache)
     return parser
 
 
@@ -215,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             peering=args.peering,
             liveness_endpoint=args.liveness,
         )
+    if args.command == "kvcache-server":
+        from switchyard.kvcache.cli import run as run_kvcache_server
+
+        return run_kvcache_server(args)
     if args.command == "serve":
         try:
             config = _serve_config(args)
