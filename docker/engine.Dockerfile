@@ -21,7 +21,7 @@ COPY switchyard /src/switchyard
 RUN python3 -m pip freeze | grep -iE '^(torch|torchvision|torchaudio|vllm|triton|xformers|flashinfer[-_a-z]*|transformers|tokenizers)==' > /tmp/base-constraints.txt \
  && python3 -m pip install --no-cache-dir -c /tmp/base-constraints.txt /src "ray[default]==2.60.0" \
  && rm -rf /src /tmp/base-constraints.txt \
- && python3 -c "import vllm, ray, switchyard.workers, switchyard.router" \
+ && python3 -c "import vllm, ray, switchyard.workers, switchyard.router, switchyard.kvcache.server" \
  && (id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --user-group --no-create-home --home-dir /tmp --shell /usr/sbin/nologin switchyard)
 # uid 1000 is the user the operator's pod templates run as (runAsUser), with a read-only root
 # filesystem and an emptyDir on /tmp for Ray's session files and caches.

@@ -17,15 +17,15 @@ URI is downloaded by a ``fetch-model`` init container into an emptyDir in every 
 pod. Other URI schemes have no fetcher and are reported by the handler, never rendered.
 A ServingPool ``P`` becomes the ``P-worker`` StatefulSet (+ headless Service): pods that join the
 service's Ray cluster with one unit of the ``pool-P`` resource, on which the supervisor places that
-pool's instance actors. A KVCachePool ``K`` becomes the ``K-kvcache`` StatefulSet + headless Service.
+pool's instance actors. A KVCachePool ``K`` becomes the ``K-kvcache`` StatefulSet + headless Service
+(``render_kvcache.py``).
 
 Entry points. The router pods run ``switchyard serve --config /etc/switchyard/serve.json`` with
 ``ray_address`` set in the file: the composition that exists today. Its limits are the renderers'
 too: the config is read once, so a pod-template hash of it rolls the router when pools change,
 and every router replica starts its own supervisors (run one router replica until the intended
 ``switchyard router`` entry point, which attaches to per-pool named supervisors and follows pool
-changes, replaces it). The cache servers' ``switchyard kvcache-server`` is likewise the intended
-entry point of the KV-cache issue; only its manifest exists here.
+changes, replaces it).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from switchyard.config import GatewayConfig, PoolConfig, ServeConfig
-from switchyard.operator.models import KVCachePoolSpec, LLMServiceSpec, ServingPoolSpec
+from switchyard.operator.models import LLMServiceSpec, ServingPoolSpec
+from switchyard.operator.render_kvcache import kvcache_children
 from switchyard.operator.render_pods import (
     CONFIG_DIR,
     CONFIG_KEY,
@@ -332,52 +333,3 @@ def pool_children(
         },
     }
     return [sts, service_manifest(owner, name, lbls, selector, {}, headless=True)]
-
-
-def kvcache_children(
-    owner: Owner, spec: KVCachePoolSpec, service: LLMServiceSpec, ports: Ports = DEFAULT_PORTS
-) -> list[dict[str, Any]]:
-    """Cache server StatefulSet + headless Service (each shard addressed as ``<pod>.<service>``)."""
-    svc = spec.service_ref.name
-    name = f"{owner.name}-kvcache"
-    lbls = labels(svc, "kvcache", "kvcache", owner.name)
-    selector = pool_selector(svc, owner.name, component="kvcache")
-    tmp_vols, tmp_mounts = scratch_volumes(shm=False)
-    container = {
-        "name": "kvcache",
-        "command": [
-            "switchyard",
-            "kvcache-server",
-            f"--port={ports.kvcache}",
-            f"--memory={spec.memory_per_replica}",
-            f"--eviction={spec.eviction_policy}",
-        ],
-        "ports": [{"name": "kvcache", "containerPort": ports.kvcache}],
-        "env": list(ENV),
-        "resources": {"requests": {"memory": spec.memory_per_replica}},
-        "readinessProbe": {"tcpSocket": {"port": ports.kvcache}, "periodSeconds": 5},
-        "volumeMounts": tmp_mounts,
-    }
-    sts = {
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": meta(owner, name, lbls),
-        "spec": {
-            "replicas": spec.replicas,
-            "serviceName": name,
-            "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": lbls},
-                "spec": pod_spec(
-                    service,
-                    image=service.images.worker,
-                    account=WORKER_SERVICE_ACCOUNT,
-                    container=container,
-                    volumes=tmp_vols,
-                    automountServiceAccountToken=False,
-                ),
-            },
-        },
-    }
-    return [sts, service_manifest(owner, name, lbls, selector, {"kvcache": ports.kvcache}, headless=True)]

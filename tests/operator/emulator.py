@@ -27,7 +27,7 @@ from kmock._internal import dicts as kmock_dicts
 
 
 @attrs.define(kw_only=True)
-class K8sEmulator(kmock.KubernetesEmulator):
+class K8sEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]  # kmock is untyped here
     _last_rv: int = attrs.field(default=0, init=False)
 
     def _next_rv(self) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import celpy
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 from celpy.adapter import json_to_cel
 
 __all__ = ["admission_errors", "apply_defaults", "cel_rules", "structural_problems", "to_json_schema"]

@@ -8,6 +8,7 @@ the operator deletes them (which it does, explicitly). See tests/operator/harnes
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import pytest
@@ -241,7 +242,7 @@ async def test_restarted_operator_converges_without_writing(
         "llama-pd-prefill-worker",
         "llama-pd-decode-worker",
     ):
-        await eventually(lambda child=child: reads(f"services/{child}") >= 1, 15)
+        await eventually(functools.partial(lambda c: reads(f"services/{c}") >= 1, child), 15)
     await asyncio.sleep(0.5)
     assert [f"{r.method.value} {r.url.path}" for r in writes(k8s, mark)] == []
 

@@ -7,16 +7,21 @@ from typing import Any
 
 import pytest
 
+from switchyard import cli
 from switchyard.config import ServeConfig
+from switchyard.kvcache import KVCacheServerConfig
+from switchyard.kvcache.server import KVCacheServer
 from switchyard.operator.kube import contains
 from switchyard.operator.models import KVCachePoolSpec, LLMServiceSpec, ServingPoolSpec
 from switchyard.operator.render import (
     Owner,
+    Ports,
     kvcache_children,
     pool_children,
     selector_string,
     service_children,
 )
+from switchyard.operator.render_kvcache import kvcache_pod_memory
 from tests.operator.harness import load_examples
 
 NS = "prod"
@@ -232,8 +237,45 @@ def test_kvcache_pool_renders_a_statefulset_and_headless_service() -> None:
     children = by_key(kvcache_children(owner("KVCachePool", "llama-pd-kv"), spec, service_spec()))
     sts = children["StatefulSet", "llama-pd-kv-kvcache"]
     assert sts["spec"]["replicas"] == 2 and sts["spec"]["serviceName"] == "llama-pd-kv-kvcache"
-    assert pod(sts)["containers"][0]["resources"]["requests"]["memory"] == "64Gi"
+    resources = pod(sts)["containers"][0]["resources"]
+    # 64Gi for blocks plus 10 % headroom (over the 256Mi floor), request = limit (Guaranteed)
+    assert resources["requests"]["memory"] == resources["limits"]["memory"] == "72090Mi"
     assert children["Service", "llama-pd-kv-kvcache"]["spec"]["clusterIP"] == "None"
+
+
+@pytest.mark.parametrize(
+    ("memory", "pod_memory"), [("64Gi", "72090Mi"), ("1Gi", "1280Mi"), ("100M", "352Mi")]
+)
+def test_kvcache_pod_memory_adds_headroom(memory: str, pod_memory: str) -> None:
+    assert kvcache_pod_memory(memory) == pod_memory
+
+
+@pytest.mark.parametrize("eviction", ["lru", "lfu"])
+def test_kvcache_command_is_the_real_cli_and_matches_ports_and_probes(eviction: str) -> None:
+    """The rendered container runs a ``switchyard kvcache-server`` command line that the real
+    CLI parser and config accept, with the spec's memory and eviction policy, listening on every
+    interface at the container port that the probes and the Service use; the probe paths are
+    routes of the real server app."""
+    spec = KVCachePoolSpec.model_validate({**examples()["llama-pd-kv"], "evictionPolicy": eviction})
+    ports = Ports(kvcache=9123)
+    children = by_key(kvcache_children(owner("KVCachePool", "kv"), spec, service_spec(), ports))
+    container = pod(children["StatefulSet", "kv-kvcache"])["containers"][0]
+    program, *argv = container["command"]
+    assert program == "switchyard"
+    args = cli._build_parser().parse_args(argv)
+    assert args.command == "kvcache-server" and args.log_format == "json"
+    config = KVCacheServerConfig.model_validate(
+        {f: getattr(args, f) for f in ("host", "port", "memory", "eviction") if hasattr(args, f)}
+    )
+    assert (config.host, config.port, config.eviction) == ("0.0.0.0", 9123, eviction)
+    assert config.memory == 64 * 2**30
+    assert container["ports"] == [{"name": "kvcache", "containerPort": 9123}]
+    routes = {getattr(r, "path", None) for r in KVCacheServer(config).app.routes}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == 9123
+        assert container[probe]["httpGet"]["path"] in routes
+    service = children["Service", "kv-kvcache"]
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("kvcache", 9123)]
 
 
 def test_rendering_is_deterministic() -> None:
