@@ -129,6 +129,7 @@ class InstanceInfo:
     block_size: int = 32
     max_model_len: int = 2048
     incarnation: int = 0  # bumped each time the supervisor restarts this instance
+    kv_bytes_per_block: int = 0  # what one KV block weighs on the wire (migration bytes); 0 unknown
 
 
 @dataclass(frozen=True, slots=True)

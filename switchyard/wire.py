@@ -272,6 +272,7 @@ def instance_info_to_pb(info: InstanceInfo) -> worker_pb2.InstanceInfo:
         block_size=info.block_size,
         max_model_len=info.max_model_len,
         incarnation=info.incarnation,
+        kv_bytes_per_block=info.kv_bytes_per_block,
     )
 
 
@@ -286,6 +287,7 @@ def instance_info_from_pb(pb: worker_pb2.InstanceInfo) -> InstanceInfo:
         block_size=pb.block_size,
         max_model_len=pb.max_model_len,
         incarnation=pb.incarnation,
+        kv_bytes_per_block=pb.kv_bytes_per_block,
     )
 
 

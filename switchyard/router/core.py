@@ -399,9 +399,15 @@ class RouterCore:
             raise MigrationError(
                 f"cannot move {request_id!r} from {stream.instance_id!r} to {dst_instance_id!r}"
             )
-        info = self._registry.membership.instances
-        block_size = next((i.block_size for i in info if i.instance_id == dst_instance_id), 32)
-        return await stream.move(self._migrator, src, dst, block_size=block_size)
+        infos = {i.instance_id: i for i in self._registry.membership.instances}
+        dst_info, src_info = infos.get(dst_instance_id), infos.get(stream.instance_id)
+        return await stream.move(
+            self._migrator,
+            src,
+            dst,
+            block_size=dst_info.block_size if dst_info else None,
+            kv_bytes_per_block=src_info.kv_bytes_per_block if src_info else None,
+        )
 
     @property
     def streams(self) -> Mapping[str, MovableStream]:

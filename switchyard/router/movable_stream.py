@@ -79,6 +79,7 @@ class MovableStream:
         dst: MigrationPeer,
         *,
         block_size: int | None = None,
+        kv_bytes_per_block: int | None = None,
     ) -> MigrationOutcome:
         """Migrate the request from ``src`` (where it runs) to ``dst``; the stream follows it."""
         if self._moving is not None:
@@ -88,7 +89,9 @@ class MovableStream:
         fut: asyncio.Future[MigrationOutcome] = asyncio.get_running_loop().create_future()
         self._moving = fut
         try:
-            outcome = await coordinator.migrate(self.request_id, src, dst, block_size=block_size)
+            outcome = await coordinator.migrate(
+                self.request_id, src, dst, block_size=block_size, kv_bytes_per_block=kv_bytes_per_block
+            )
         except BaseException:
             self._moving = None
             if not fut.done():

@@ -31,6 +31,11 @@ class Engine(Protocol):
         ...
 
     @property
+    def kv_bytes_per_block(self) -> int:
+        """Bytes one KV block holds (every layer's keys and values); 0 when the engine cannot say."""
+        ...
+
+    @property
     def max_model_len(self) -> int:
         """Longest prompt + completion the engine accepts."""
         ...

@@ -109,6 +109,7 @@ class _InstanceActorImpl:
                 block_size=engine.block_size,
                 max_model_len=engine.max_model_len,
                 incarnation=incarnation,
+                kv_bytes_per_block=engine.kv_bytes_per_block,
             )
 
         self._server, port = await start_worker_server(engine, info_for, host=bind, port=0)

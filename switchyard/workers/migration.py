@@ -152,6 +152,7 @@ class MigrationOutcome:
     downtime_s: float | None = None  # suspend -> first token on the destination
     total_s: float = 0.0
     blocks_moved: int = 0
+    bytes_moved: int = 0  # blocks_moved x the source's KV bytes per block (0 when unknown)
 
 
 class MigrationCoordinator:
@@ -173,11 +174,18 @@ class MigrationCoordinator:
         self._cfg_max = self._cfg.max_concurrent_per_instance
 
     async def migrate(
-        self, request_id: str, src: MigrationPeer, dst: MigrationPeer, *, block_size: int | None = None
+        self,
+        request_id: str,
+        src: MigrationPeer,
+        dst: MigrationPeer,
+        *,
+        block_size: int | None = None,
+        kv_bytes_per_block: int | None = None,
     ) -> MigrationOutcome:
         """Move ``request_id`` from ``src`` to ``dst``; never raises for a failed move (see outcome).
 
-        ``block_size`` overrides the coordinator's for instances of another geometry.
+        ``block_size`` and ``kv_bytes_per_block`` override the coordinator's for instances of
+        another geometry.
         """
         t0 = self._clock()
         metrics.MIGRATIONS_STARTED.inc()
@@ -190,7 +198,10 @@ class MigrationCoordinator:
                 outcome = await self._run(request_id, src, dst, block_size or self._block_size)
             finally:
                 self._active.subtract((src.instance_id, dst.instance_id))
-        outcome = dataclasses.replace(outcome, total_s=self._clock() - t0)
+        bpb = self._bytes_per_block if kv_bytes_per_block is None else kv_bytes_per_block
+        outcome = dataclasses.replace(
+            outcome, total_s=self._clock() - t0, bytes_moved=outcome.blocks_moved * bpb
+        )
         self._record(outcome)
         return outcome
 
@@ -312,7 +323,7 @@ class MigrationCoordinator:
         metrics.MIGRATION_DURATION.observe(o.total_s)
         if o.blocks_moved:
             metrics.MIGRATION_BLOCKS.inc(o.blocks_moved)
-            metrics.MIGRATION_BYTES.inc(o.blocks_moved * self._bytes_per_block)
+            metrics.MIGRATION_BYTES.inc(o.bytes_moved)
         logger.info(
             "migration of %s %s -> %s: %s%s, %d stages, downtime %s, total %.3f s",
             o.request_id, o.source, o.instance_id, o.status, f" ({o.reason})" if o.reason else "",

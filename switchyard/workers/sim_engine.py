@@ -135,6 +135,11 @@ class SimEngine:
         return self._instance.block_size
 
     @property
+    def kv_bytes_per_block(self) -> int:
+        """Unknown (0) until the simulator's migration model sizes blocks from its profile."""
+        return 0
+
+    @property
     def max_model_len(self) -> int:
         return self._instance.max_model_len
 

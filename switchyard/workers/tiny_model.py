@@ -23,7 +23,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TINY_MODEL_NAME", "build_tiny_model", "default_cache_dir"]
+__all__ = ["MODEL_SHAPES", "TINY_MODEL_NAME", "build_tiny_model", "default_cache_dir"]
 
 TINY_MODEL_NAME = "switchyard-tiny"
 
@@ -37,6 +37,21 @@ _RECIPE = {
     "max_position_embeddings": 2048,
     "seed": 0,
     "version": 2,
+}
+
+#: Larger random-weight shapes for benchmarks that need prefill to cost what it costs on a real
+#: model (migration vs recompute): only the size fields of ``_RECIPE`` may change.
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {},
+    # ~100M parameters, Llama-style (head_dim 128, no GQA): 64 KiB of float32 KV per token.
+    "bench-100m": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096,
+    },
 }
 
 # A ChatML-style template: simple, and it exercises the gateway's chat-template path.
@@ -118,15 +133,21 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _recipe_key() -> str:
-    blob = json.dumps({"recipe": _RECIPE, "template": _CHAT_TEMPLATE}, sort_keys=True).encode()
+def _recipe_key(recipe: dict[str, int]) -> str:
+    blob = json.dumps({"recipe": recipe, "template": _CHAT_TEMPLATE}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def build_tiny_model(cache_dir: Path | None = None) -> Path:
-    """Return the directory of the tiny model, building it first if needed (a few seconds)."""
+def build_tiny_model(cache_dir: Path | None = None, *, shape: str = "tiny") -> Path:
+    """Return the directory of the tiny model, building it first if needed (a few seconds).
+
+    ``shape`` names an entry of ``MODEL_SHAPES``: the same tokenizer and recipe at another size.
+    """
+    if shape not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; known: {sorted(MODEL_SHAPES)}")
+    recipe = {**_RECIPE, **MODEL_SHAPES[shape]}
     root = (cache_dir or default_cache_dir()) / "models"
-    target = root / f"{TINY_MODEL_NAME}-{_recipe_key()}"
+    target = root / f"{TINY_MODEL_NAME}-{_recipe_key(recipe)}"
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -134,7 +155,7 @@ def build_tiny_model(cache_dir: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         staging = Path(tmp) / "model"
         _write_tokenizer(staging)
-        _write_weights(staging)
+        _write_weights(staging, recipe)
         try:
             os.rename(staging, target)
         except OSError:
@@ -170,19 +191,19 @@ def _write_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def _write_weights(out: Path) -> None:
+def _write_weights(out: Path, recipe: dict[str, int]) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(int(_RECIPE["seed"]))
+    torch.manual_seed(int(recipe["seed"]))
     config = LlamaConfig(
-        vocab_size=_RECIPE["vocab_size"],
-        hidden_size=_RECIPE["hidden_size"],
-        intermediate_size=_RECIPE["intermediate_size"],
-        num_hidden_layers=_RECIPE["num_hidden_layers"],
-        num_attention_heads=_RECIPE["num_attention_heads"],
-        num_key_value_heads=_RECIPE["num_key_value_heads"],
-        max_position_embeddings=_RECIPE["max_position_embeddings"],
+        vocab_size=recipe["vocab_size"],
+        hidden_size=recipe["hidden_size"],
+        intermediate_size=recipe["intermediate_size"],
+        num_hidden_layers=recipe["num_hidden_layers"],
+        num_attention_heads=recipe["num_attention_heads"],
+        num_key_value_heads=recipe["num_key_value_heads"],
+        max_position_embeddings=recipe["max_position_embeddings"],
         bos_token_id=1,
         eos_token_id=2,
         torch_dtype="float32",

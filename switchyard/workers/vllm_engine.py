@@ -43,18 +43,18 @@ from switchyard.errors import (
     MigrationError,
     SwitchyardError,
 )
-from switchyard.messages import (
-    EngineOutput,
-    EngineRequest,
-    KvSnapshot,
-    LoadReport,
-    SuspendedRequest,
-)
+from switchyard.messages import EngineOutput, EngineRequest, KvSnapshot, LoadReport, SuspendedRequest
 from switchyard.workers.migration import continuation_request, migration_refusal
 from switchyard.workers.tiny_model import TINY_MODEL_NAME, default_cache_dir
 from switchyard.workers.vllm_env import apply_vllm_env, vllm_env
 from switchyard.workers.vllm_errors import finish_reason, translate_vllm_error
-from switchyard.workers.vllm_kv import KvEndpoint, KvMigrationOps, kv_transfer_engine_config, sampling_params
+from switchyard.workers.vllm_kv import (
+    KvEndpoint,
+    KvMigrationOps,
+    kv_bytes_per_block,
+    kv_transfer_engine_config,
+    sampling_params,
+)
 from switchyard.workers.vllm_load import SchedulerLoad
 
 __all__ = ["VLLMEngine", "translate_vllm_error"]
@@ -99,6 +99,7 @@ class VLLMEngine:
         self._served_model_name = served_model_name
         self._kv = kv
         self._block_size = int(llm.vllm_config.cache_config.block_size)
+        self._kv_bytes_per_block = kv_bytes_per_block(llm.vllm_config)
         self._max_model_len = int(llm.model_config.max_model_len)
         self._inflight: dict[str, _InFlight] = {}
         self._waiting_prefill_tokens = 0
@@ -186,6 +187,11 @@ class VLLMEngine:
     def block_size(self) -> int:
         """Tokens per KV block, as the engine actually runs."""
         return self._block_size
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        """Bytes one KV block holds here (migration moves whole blocks)."""
+        return self._kv_bytes_per_block
 
     @property
     def max_model_len(self) -> int:

@@ -37,7 +37,7 @@ from switchyard.messages import FinishReason, KvSnapshot, SamplingOptions, Suspe
 from switchyard.workers.kv_connector import REQUEST_ID_ARG
 from switchyard.workers.kv_control import ConnectorControl, free_port
 
-__all__ = ["KvEndpoint", "KvMigrationOps", "kv_transfer_engine_config"]
+__all__ = ["KvEndpoint", "KvMigrationOps", "kv_bytes_per_block", "kv_transfer_engine_config"]
 
 CONNECTOR_MODULE = "switchyard.workers.kv_connector"
 CONNECTOR_CLASS = "MigrationConnector"
@@ -78,6 +78,24 @@ def kv_transfer_engine_config(cfg: KvTransferConfig) -> tuple[KVTransferConfig, 
         },
     )
     return config, endpoint
+
+
+def kv_bytes_per_block(vllm_config: Any) -> int:
+    """Bytes one KV block holds on this engine (keys and values of every layer).
+
+    Why: migration moves whole blocks, so this turns blocks moved into bytes on the wire (the
+    ``switchyard_migration_bytes`` metric, the migration benchmark). Read from the resolved
+    engine config, so the attention layout the engine really runs decides it.
+    """
+    import torch
+
+    model, parallel, cache = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    dtype = (
+        model.dtype if cache.cache_dtype == "auto" else getattr(torch, str(cache.cache_dtype), model.dtype)
+    )
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token = 2 * model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * model.get_head_size()
+    return int(per_token * elem * cache.block_size)
 
 
 def sampling_params(

@@ -101,7 +101,7 @@ async def fleet() -> AsyncIterator[dict[str, tuple[MigratableEngine, InstanceInf
         engine = MigratableEngine(iid, refuse=refuse)
 
         def info(port: int, iid: str = iid) -> InstanceInfo:
-            return InstanceInfo(iid, f"127.0.0.1:{port}", MODEL, engine="sim")
+            return InstanceInfo(iid, f"127.0.0.1:{port}", MODEL, engine="sim", kv_bytes_per_block=4096)
 
         server, port = await start_worker_server(engine, info, host="127.0.0.1", load_interval_s=0.02)
         out[iid] = (engine, info(port), server)
@@ -158,6 +158,7 @@ async def test_migrated_stream_continues_without_loss_or_duplicates(
     assert (
         outs[-1].finished and outs[-1].finish_reason is FinishReason.LENGTH and outs[-1].instance_id == "w1"
     )
+    assert outcome.blocks_moved > 0 and outcome.bytes_moved == outcome.blocks_moved * 4096  # source's size
     admitted = fleet["w1"][0].admitted
     assert len(admitted) == 1 and admitted[0].kv_transfer_params == {"ticket": 1}
     await core.close()

@@ -103,7 +103,7 @@ def test_load_report_round_trip_and_instance_fill_in() -> None:
 def test_instance_info_and_membership_round_trip() -> None:
     """Membership (the InstanceList on the wire) keeps version, order and every instance field."""
     infos = (
-        InstanceInfo("w0", "10.0.0.1:5000", "m", "vllm", "prefill", 16, 8192, 3),
+        InstanceInfo("w0", "10.0.0.1:5000", "m", "vllm", "prefill", 16, 8192, 3, kv_bytes_per_block=65536),
         InstanceInfo("w1", "10.0.0.2:5000", "m"),
     )
     assert wire.instance_info_from_pb(wire.instance_info_to_pb(infos[0])) == infos[0]

@@ -109,7 +109,7 @@ class InstanceInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("instance_id", "address", "model", "engine", "role", "block_size", "max_model_len", "incarnation")
+    __slots__ = ("instance_id", "address", "model", "engine", "role", "block_size", "max_model_len", "incarnation", "kv_bytes_per_block")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class InstanceInfo(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     address: str
     model: str
@@ -126,7 +127,8 @@ class InstanceInfo(_message.Message):
     block_size: int
     max_model_len: int
     incarnation: int
-    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., role: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    kv_bytes_per_block: int
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., role: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., incarnation: _Optional[int] = ..., kv_bytes_per_block: _Optional[int] = ...) -> None: ...
 
 class SnapshotRequest(_message.Message):
     __slots__ = ("request_id", "after_tokens", "min_new_blocks")
