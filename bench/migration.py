@@ -129,10 +129,15 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     rows: list[dict[str, Any]] = []
     try:
-        # Warm-up: the first NIXL handshake between two engines and the first prefill of each
-        # shape are one-off costs; a 2-block request moves both ways before timing starts.
+        # Warm-up: the first NIXL handshake between two engines (tens of seconds on a busy CPU,
+        # past the default step deadline) and the first prefill of each shape are one-off
+        # costs; a 2-block request moves both ways, with a patient coordinator, before timing.
+        warm = MigrationCoordinator(MigrationConfig(step_timeout_s=300), kv_bytes_per_block=bpb)
         for a, b in ((src, dst), (dst, src)):
-            await _migrate_once(coordinators["multistage"], a, b, _prompt(rng, 64), 2, 4)
+            outcome, _ = await _migrate_once(warm, a, b, _prompt(rng, 64), 2, 4)
+            print(
+                f"warm-up {a.instance_id} -> {b.instance_id}: {outcome.status} {outcome.reason}", flush=True
+            )
         for length, rep in itertools.product(args.lengths, range(args.reps)):
             prompt_len = length - args.decode_before
             for name, coord in coordinators.items():

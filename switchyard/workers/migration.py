@@ -224,7 +224,7 @@ class MigrationCoordinator:
             logger.info("migration of %s: pre-copy refused (%s); stays on %s", rid, exc, src.instance_id)
             return self._stay(rid, src, "precopy_refused")
         except Exception as exc:
-            logger.warning("migration of %s: pre-copy failed (%s); stays on %s", rid, exc, src.instance_id)
+            logger.warning("migration of %s: pre-copy failed (%r); stays on %s", rid, exc, src.instance_id)
             return self._stay(rid, src, "precopy_failed")
         t_suspend = self._clock()
         try:
