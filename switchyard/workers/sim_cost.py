@@ -26,7 +26,7 @@ import json
 import math
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
@@ -38,6 +38,8 @@ __all__ = [
     "ClosedFormFits",
     "EngineDefaults",
     "GpuProfile",
+    "KvTransferCost",
+    "KvTransferProfile",
     "ModelShape",
     "StepCostModel",
     "StepTimeCoefficients",
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 _PROFILE_DIR = "profiles"  # under switchyard/workers; data files, not a package
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1}  # KV cache dtype "auto" = model dtype
 
 
 class ModelShape(StrictModel):
@@ -62,9 +65,14 @@ class ModelShape(StrictModel):
     ffn: int = Field(ge=1)
     vocab: int = Field(ge=2)
     params: int = Field(ge=1)
-    dtype: str = "bfloat16"
+    dtype: Literal["bfloat16", "float16", "float32", "fp8"] = "bfloat16"
     max_model_len: int = Field(ge=16)
     """Native context length of the model, in tokens."""
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of every layer (vLLM's ``AttentionSpec.page_size_bytes`` per token, all TP ranks)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * _DTYPE_BYTES[self.dtype]
 
 
 class Hardware(StrictModel):
@@ -113,6 +121,31 @@ class StepTimeCoefficients(StrictModel):
     allreduce: AllReduceCost | None = None
 
 
+class KvTransferProfile(StrictModel):
+    """Moving KV blocks between instances (sim-profiles.md §7.3, vLLM's NixlConnector pull model).
+
+    ``setup_ms + descriptors x post_us + bytes / bandwidth`` per pull and per TP rank (ranks pull
+    in parallel, each over its own NIC); a descriptor is one (layer, K or V, block).
+    """
+
+    link: str = "RDMA 400 Gb/s, one NIC per GPU"
+    """The link the bandwidth stands for (a calibration choice, sim-profiles.md §7.1)."""
+
+    bandwidth_bytes_per_s: float = Field(default=3.0e10, gt=0)
+    """Achievable bytes/s per TP rank; 400 Gb/s RDMA measured 24-33 GB/s per NIC (Mooncake, PegaFlow)."""
+
+    setup_ms: float = Field(default=1.0, ge=0)
+    """Fixed cost of one pull (request, notification), sim-profiles.md §7.3."""
+
+    post_us_per_descriptor: float = Field(default=3.5, ge=0)
+    """NIXL posting cost per descriptor: 3.2-3.75 us measured in vLLM issues #34054 and #50913."""
+
+    control_rpc_ms: float = Field(default=5.0, ge=0)
+    """Round trip of one migration control call (snapshot, shadow pull, suspend, admit). An
+    assumption: a LAN gRPC call is under 1 ms, the CPU prototype's suspend took 6-13 ms
+    (vllm-migration.md §5.6); not measured on GPUs."""
+
+
 class PrefillFit(StrictModel):
     """Isolated prefill of n tokens: ``a_n2·n² + b_n·n + c`` ms (default chunking)."""
 
@@ -158,6 +191,9 @@ class GpuProfile(StrictModel):
 
     frontend_overhead_ms: float = Field(ge=0)
     """HTTP/template/tokenise time outside the engine step; not part of the step model."""
+
+    kv_transfer: KvTransferProfile = Field(default_factory=KvTransferProfile)
+    """How fast this instance's KV moves to another (migration); sim-profiles.md §7."""
 
     notes: dict[str, str] = Field(default_factory=dict)
     """Why each constant has its value."""
@@ -272,3 +308,47 @@ class StepCostModel:
     def step_time_s(self, work: StepWork) -> float:
         """Modeled duration of one step in seconds."""
         return self.step_time_ms(work) / 1e3
+
+
+@dataclass(frozen=True, slots=True)
+class KvTransferCost:
+    """Time and bytes of pulling KV blocks from one instance to another (sim-profiles.md §7.3).
+
+    ``transfer_s(n) = setup + n x (descriptors_per_block x post + bytes_per_block_per_rank / bw)``:
+    vLLM's NixlConnector posts one descriptor per (layer, K or V, block) on every TP rank, and the
+    ranks pull their shards in parallel. ``bytes_per_block`` is the whole instance's (all ranks).
+    """
+
+    bytes_per_block: int
+    bytes_per_block_per_rank: int
+    descriptors_per_block: int
+    setup_s: float
+    post_s_per_descriptor: float
+    bandwidth_bytes_per_s: float
+    control_rpc_s: float
+
+    @classmethod
+    def from_profile(cls, profile: GpuProfile, *, block_size: int) -> KvTransferCost:
+        """The profile's link, with blocks of ``block_size`` tokens of its model's KV."""
+        m, t = profile.model, profile.kv_transfer
+        tp = profile.hardware.tensor_parallel
+        per_block = m.kv_bytes_per_token * block_size
+        return cls(
+            bytes_per_block=per_block,
+            bytes_per_block_per_rank=per_block // tp,
+            descriptors_per_block=2 * m.layers,
+            setup_s=t.setup_ms / 1e3,
+            post_s_per_descriptor=t.post_us_per_descriptor / 1e6,
+            bandwidth_bytes_per_s=t.bandwidth_bytes_per_s,
+            control_rpc_s=t.control_rpc_ms / 1e3,
+        )
+
+    def transfer_s(self, num_blocks: int) -> float:
+        """Seconds to pull ``num_blocks`` blocks in one transfer; 0 when there is nothing to pull."""
+        if num_blocks <= 0:
+            return 0.0
+        per_block = (
+            self.descriptors_per_block * self.post_s_per_descriptor
+            + self.bytes_per_block_per_rank / self.bandwidth_bytes_per_s
+        )
+        return self.setup_s + num_blocks * per_block

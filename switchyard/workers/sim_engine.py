@@ -1,29 +1,31 @@
-"""The simulated engine (a performance model, never inference) in real time and in virtual time.
+"""The simulated engine (a performance model, never inference) in real time.
 
 ``SimInstance`` says what one vLLM V1 instance would do in each step and how long the step
-takes; this module supplies the clock, in one of two ways:
+takes; ``SimEngine`` implements the ``Engine`` protocol over it in **real time**: an asyncio
+task runs the step loop and sleeps each step's modeled duration, so the instance actor, the
+worker gRPC service, the router and the gateway can be run against it exactly as against
+``VLLMEngine``. Steps are kept on a modeled timeline (a late wake-up is made up by the next
+sleep, up to ``max_lag_s``) so event-loop jitter does not accumulate into simulated slowness.
 
-* ``SimEngine`` implements the ``Engine`` protocol in **real time**: an asyncio task runs the
-  step loop and sleeps each step's modeled duration, so the instance actor, the worker gRPC
-  service, the router and the gateway can be run against it exactly as against ``VLLMEngine``.
-  Steps are kept on a modeled timeline (a late wake-up is made up by the next sleep, up to
-  ``max_lag_s``) so event-loop jitter does not accumulate into simulated slowness.
-* ``SimFleet`` drives many ``SimInstance``s in **virtual time**: a discrete-event loop over a
-  ``VirtualClock`` that jumps from one step end (or scheduled callback) to the next without
-  sleeping. Benchmarks replay hours of trace against 8-32 instances in seconds, and runs are
-  deterministic (events at equal times run in the order they were scheduled). It is not an
-  ``Engine``: asyncio code cannot share one virtual clock across instances without a
-  virtual-time event loop, so benchmarks call routing policies from its callbacks instead.
+Migration works as on vLLM when the engine has a ``KvTransferCost`` (``from_config`` takes the
+profile's): the coordinator's steps act on the instance (``snapshot`` reads its full blocks,
+``shadow_pull`` lands them in the destination's prefix cache, ``suspend`` ends the stream with
+ABORT, ``admit_migrated`` continues the same token sequence with the KV in place) and each
+pull sleeps its modeled transfer time. The ticket is a small JSON dict (the source's KV
+extent); the source frees its blocks at the suspend, so ``release_suspended`` has nothing to
+free. Without a ``KvTransferCost`` every migration step refuses and requests stay put.
+
+The virtual-time driver of many instances, for benchmarks, is ``sim_fleet.SimFleet``
+(re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Sequence
 from types import TracebackType
 
 from switchyard.config import EngineConfig
@@ -42,14 +44,15 @@ from switchyard.messages import (
     LoadReport,
     SuspendedRequest,
 )
-from switchyard.workers.sim_instance import SimInstance, StepResult
+from switchyard.workers.migration import migration_refusal
+from switchyard.workers.sim_cost import KvTransferCost, load_profile
+from switchyard.workers.sim_fleet import OutputCallback, SimFleet, VirtualClock
+from switchyard.workers.sim_instance import SimInstance
+from switchyard.workers.sim_request import SimSuspended
 
 __all__ = ["OutputCallback", "SimEngine", "SimFleet", "VirtualClock"]
 
 logger = logging.getLogger(__name__)
-
-#: ``(virtual time, instance id, output delta)``, called when a step's outputs are delivered.
-OutputCallback = Callable[[float, str, EngineOutput], None]
 
 
 class _OutputStream:
@@ -111,10 +114,14 @@ class _OutputStream:
 class SimEngine:
     """``Engine`` over one ``SimInstance``, stepping in real time (asyncio sleeps per modeled step)."""
 
-    def __init__(self, instance: SimInstance, *, max_lag_s: float = 0.05) -> None:
+    def __init__(
+        self, instance: SimInstance, *, max_lag_s: float = 0.05, kv_transfer: KvTransferCost | None = None
+    ) -> None:
         self._instance = instance
         self._max_lag_s = max_lag_s
+        self._kv_transfer = kv_transfer
         self._streams: dict[str, _OutputStream] = {}
+        self._requests: dict[str, EngineRequest] = {}  # the client's request behind each stream
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._dead: EngineDeadError | None = None
@@ -124,7 +131,8 @@ class SimEngine:
         """Build a real-time engine; ``sim.time_mode="virtual"`` belongs to ``SimFleet`` instead."""
         if cfg.sim.time_mode != "real":
             raise ConfigError("SimEngine runs in real time; drive virtual-time instances with SimFleet")
-        return cls(SimInstance.from_config(cfg, instance_id=instance_id))
+        cost = KvTransferCost.from_profile(load_profile(cfg.sim.profile), block_size=cfg.block_size)
+        return cls(SimInstance.from_config(cfg, instance_id=instance_id), kv_transfer=cost)
 
     @property
     def instance(self) -> SimInstance:
@@ -136,38 +144,16 @@ class SimEngine:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        """Unknown (0) until the simulator's migration model sizes blocks from its profile."""
-        return 0
+        """What one block weighs on the wire, from the profile's model shape; 0 without a transfer model."""
+        return self._kv_transfer.bytes_per_block if self._kv_transfer is not None else 0
 
     @property
     def max_model_len(self) -> int:
         return self._instance.max_model_len
 
-    async def generate(self, req: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
+    def generate(self, req: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
         """Stream ``req``'s deltas; cancelling or closing the iterator aborts the request."""
-        if self._dead is not None:
-            raise self._dead
-        self._instance.add_request(req)  # our own errors (context length, duplicates) pass through
-        stream = _OutputStream()
-        self._streams[req.request_id] = stream
-        self._ensure_step_loop()
-        try:
-            while True:
-                out = stream.get_nowait() or await stream.get()
-                yield out
-                if out.finished:
-                    return
-        except (asyncio.CancelledError, GeneratorExit):
-            self._abort(req.request_id, stream=None)
-            raise
-        except SwitchyardError:
-            raise
-        except Exception as exc:  # a bug in the model: fail this request, keep the engine
-            self._abort(req.request_id, stream=None)
-            raise EngineRequestError(f"simulated request {req.request_id!r} failed: {exc}") from exc
-        finally:
-            if self._streams.get(req.request_id) is stream:
-                del self._streams[req.request_id]
+        return self._serve(req, None)
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request; its stream ends with an empty ``FinishReason.ABORT`` delta."""
@@ -176,28 +162,62 @@ class SimEngine:
     def load(self) -> LoadReport:
         return self._instance.load(time.monotonic())
 
-    # Migration is not modelled yet: every step refuses, so a coordinator leaves requests put.
+    # -- migration (see the module docstring) ------------------------------------------------
+
     async def snapshot(
         self, request_id: str, *, after_tokens: int = 0, min_new_blocks: int = 1
     ) -> KvSnapshot:
-        raise MigrationError("migration is not supported by the simulator")
+        """The request's full KV blocks; a ticket only if ``min_new_blocks`` accrued past ``after_tokens``."""
+        self._require_transfer()
+        view = self._instance.migration_view(request_id) if request_id in self._streams else None
+        if view is None:
+            raise MigrationError(f"request {request_id!r} is not running on {self._instance.instance_id}")
+        bs = self.block_size
+        full = view[0] // bs
+        ticket = self._ticket(full * bs) if full - after_tokens // bs >= min_new_blocks else {}
+        return KvSnapshot(request_id, self._instance.instance_id, tuple(view[1][: full * bs]), ticket)
 
     async def shadow_pull(self, snapshot: KvSnapshot) -> int:
-        raise MigrationError("migration is not supported by the simulator")
+        """Pull the snapshot's blocks this prefix cache lacks (sleeping the transfer); tokens held."""
+        cost = self._require_transfer()
+        n = snapshot.num_tokens // self.block_size
+        missing = n - self._instance.cached_prefix_blocks(snapshot.token_ids, n)
+        if missing and not snapshot.kv_transfer_params:
+            raise MigrationError("a snapshot without a ticket has nothing to pull")
+        await asyncio.sleep(cost.transfer_s(missing))
+        self._check_alive()
+        if self._instance.precopy(snapshot.token_ids, n) is None:
+            raise MigrationError(f"{self._instance.instance_id} cannot hold pre-copied blocks now")
+        return n * self.block_size
 
     async def suspend(self, request_id: str) -> SuspendedRequest:
-        raise MigrationError("migration is not supported by the simulator")
+        """Take the request out (its stream ends with ABORT) and return every output it produced."""
+        self._require_transfer()
+        req, stream = self._requests.get(request_id), self._streams.get(request_id)
+        if req is None or stream is None or request_id not in self._instance:
+            raise MigrationError(f"request {request_id!r} is not running on {self._instance.instance_id}")
+        if (why := migration_refusal(req.sampling)) is not None:
+            raise MigrationError(f"request {request_id!r} cannot migrate: {why}")
+        state = self._instance.suspend(request_id)
+        assert state is not None
+        self._end_stream(request_id, stream)
+        ticket = self._ticket(state.num_computed) if state.num_computed else {}
+        return SuspendedRequest(
+            request_id, self._instance.instance_id, req.prompt_token_ids, state.outputs, req.sampling, ticket
+        )
 
     def admit_migrated(self, req: SuspendedRequest) -> AsyncGenerator[EngineOutput, None]:
-        raise MigrationError("migration is not supported by the simulator")
+        """Continue a suspended request here: pull the KV it lacks, then stream the next tokens."""
+        return self._serve(EngineRequest(req.request_id, req.prompt_token_ids, req.sampling), req)
 
     async def release_suspended(self, request_id: str) -> bool:
-        raise MigrationError("migration is not supported by the simulator")
+        """Nothing to release: the source frees a suspended request's blocks at once."""
+        self._require_transfer()
+        return False
 
     async def check_health(self) -> None:
         """Raise ``EngineDeadError`` once the engine is closed."""
-        if self._dead is not None:
-            raise self._dead
+        self._check_alive()
 
     async def close(self) -> None:
         """Abort everything; open streams raise ``EngineDeadError`` (their requests must move)."""
@@ -223,19 +243,82 @@ class SimEngine:
         if not self._instance.abort(request_id):
             return False
         if stream is not None:
-            last = stream.last
-            stream.put(
-                EngineOutput(
-                    request_id=request_id,
-                    token_ids=(),
-                    finished=True,
-                    finish_reason=FinishReason.ABORT,
-                    num_prompt_tokens=last.num_prompt_tokens if last else 0,
-                    num_cached_tokens=last.num_cached_tokens if last else 0,
-                    instance_id=self._instance.instance_id,
-                )
-            )
+            self._end_stream(request_id, stream)
         return True
+
+    def _end_stream(self, request_id: str, stream: _OutputStream) -> None:
+        last = stream.last
+        stream.put(
+            EngineOutput(
+                request_id=request_id,
+                token_ids=(),
+                finished=True,
+                finish_reason=FinishReason.ABORT,
+                num_prompt_tokens=last.num_prompt_tokens if last else 0,
+                num_cached_tokens=last.num_cached_tokens if last else 0,
+                instance_id=self._instance.instance_id,
+            )
+        )
+
+    async def _serve(
+        self, req: EngineRequest, moved: SuspendedRequest | None
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """Run ``req`` (a new request, or ``moved`` continuing here) and stream its deltas."""
+        self._check_alive()
+        rid = req.request_id
+        if moved is None:
+            self._instance.add_request(req)  # our own errors (context length, duplicates) pass through
+        else:
+            await self._admit(req, moved.output_token_ids, moved.kv_transfer_params.get("num_computed", 0))
+        stream = _OutputStream()
+        self._streams[rid], self._requests[rid] = stream, req
+        self._ensure_step_loop()
+        try:
+            while True:
+                out = stream.get_nowait() or await stream.get()
+                yield out
+                if out.finished:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            self._abort(rid, stream=None)
+            raise
+        except SwitchyardError:
+            raise
+        except Exception as exc:  # a bug in the model: fail this request, keep the engine
+            self._abort(rid, stream=None)
+            raise EngineRequestError(f"simulated request {rid!r} failed: {exc}") from exc
+        finally:
+            if self._streams.get(rid) is stream:
+                del self._streams[rid], self._requests[rid]
+
+    async def _admit(self, req: EngineRequest, outputs: Sequence[int], num_computed: int) -> None:
+        """Queue a moved request after pulling the blocks of its ``num_computed`` tokens it lacks."""
+        cost = self._require_transfer()
+        if len(outputs) >= req.sampling.max_tokens:
+            raise MigrationError(f"request {req.request_id!r} has nothing left to generate")
+        state = SimSuspended.of(req, outputs, int(num_computed))
+        bs, computed = self.block_size, state.num_computed
+        await asyncio.sleep(
+            cost.transfer_s(
+                -(-computed // bs) - self._instance.cached_prefix_blocks(state.tokens, computed // bs)
+            )
+        )
+        self._check_alive()
+        if self._instance.admit_migrated(state) is None:  # no room for the KV: recompute instead
+            self._instance.admit_migrated(dataclasses.replace(state, num_computed=0))
+
+    def _ticket(self, num_computed: int) -> dict[str, object]:
+        return {"sim_source": self._instance.instance_id, "num_computed": num_computed}
+
+    def _require_transfer(self) -> KvTransferCost:
+        self._check_alive()
+        if self._kv_transfer is None:
+            raise MigrationError("this simulated engine has no KV transfer model; migration is off")
+        return self._kv_transfer
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise self._dead
 
     def _ensure_step_loop(self) -> None:
         if self._task is None:
@@ -266,118 +349,3 @@ class SimEngine:
             self._dead = EngineDeadError(f"simulated engine {instance.instance_id} died: {exc}")
             for stream in self._streams.values():
                 stream.fail(self._dead)
-
-
-class VirtualClock:
-    """Simulated seconds that only move when ``SimFleet`` advances them; callable like ``time.monotonic``."""
-
-    __slots__ = ("_now",)
-
-    def __init__(self, start: float = 0.0) -> None:
-        self._now = start
-
-    def __call__(self) -> float:
-        return self._now
-
-    @property
-    def now(self) -> float:
-        return self._now
-
-    def advance_to(self, when: float) -> None:
-        if when < self._now:
-            raise ValueError(f"virtual time cannot go back from {self._now} to {when}")
-        self._now = when
-
-
-class SimFleet:
-    """Discrete-event driver of many ``SimInstance``s on one ``VirtualClock`` (no sleeping).
-
-    Each busy instance has one pending event, the end of its current step, at which its outputs
-    are delivered to ``on_output`` and its next step is computed. Requests submitted while a
-    step is in flight join the next step, as in vLLM. ``call_at`` schedules arbitrary work
-    (trace arrivals, load-report ticks, rebalancer passes) on the same timeline.
-    """
-
-    def __init__(
-        self,
-        instances: Iterable[SimInstance],
-        *,
-        clock: VirtualClock | None = None,
-        on_output: OutputCallback | None = None,
-    ) -> None:
-        self.clock = clock or VirtualClock()
-        self.on_output = on_output
-        self._instances = {inst.instance_id: inst for inst in instances}
-        self._events: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = itertools.count()
-        self._busy: set[str] = set()
-        self._aborted: dict[str, set[str]] = {}  # aborted while their step was in flight
-
-    @classmethod
-    def from_config(
-        cls, cfg: EngineConfig, num_instances: int, *, on_output: OutputCallback | None = None
-    ) -> SimFleet:
-        """``num_instances`` identical instances ``sim-0`` … ``sim-{n-1}`` built from ``cfg``."""
-        instances = (SimInstance.from_config(cfg, instance_id=f"sim-{i}") for i in range(num_instances))
-        return cls(instances, on_output=on_output)
-
-    @property
-    def instances(self) -> Mapping[str, SimInstance]:
-        return self._instances
-
-    @property
-    def now(self) -> float:
-        return self.clock.now
-
-    @property
-    def pending_events(self) -> int:
-        return len(self._events)
-
-    def call_at(self, when: float, callback: Callable[[], None]) -> None:
-        """Run ``callback`` at virtual time ``when`` (not earlier than now)."""
-        heapq.heappush(self._events, (max(when, self.clock.now), next(self._seq), callback))
-
-    def submit(self, instance_id: str, req: EngineRequest) -> None:
-        """Give ``req`` to an instance now; it joins that instance's next step."""
-        self._instances[instance_id].add_request(req)
-        if instance_id not in self._busy:
-            self._busy.add(instance_id)
-            self.call_at(self.clock.now, lambda: self._start_step(instance_id))
-
-    def abort(self, instance_id: str, request_id: str) -> bool:
-        """Abort now; outputs of the step in flight are not delivered for it."""
-        if not self._instances[instance_id].abort(request_id):
-            return False
-        self._aborted.setdefault(instance_id, set()).add(request_id)
-        return True
-
-    def load(self, instance_id: str) -> LoadReport:
-        return self._instances[instance_id].load(self.clock.now)
-
-    def run(self, until: float | None = None) -> None:
-        """Process events in time order until none is left, or up to ``until`` (then the clock is there)."""
-        events, clock = self._events, self.clock
-        while events and (until is None or events[0][0] <= until):
-            when, _seq, callback = heapq.heappop(events)
-            clock.advance_to(when)
-            callback()
-        if until is not None and until > clock.now:
-            clock.advance_to(until)
-
-    def _start_step(self, instance_id: str) -> None:
-        instance = self._instances[instance_id]
-        self._aborted.pop(instance_id, None)
-        if not instance.has_work:
-            self._busy.discard(instance_id)
-            return
-        result = instance.step()
-        self.call_at(self.clock.now + result.duration_s, lambda: self._end_step(instance_id, result))
-
-    def _end_step(self, instance_id: str, result: StepResult) -> None:
-        aborted = self._aborted.get(instance_id, ())
-        if self.on_output is not None:
-            now = self.clock.now
-            for out in result.outputs:
-                if out.request_id not in aborted:
-                    self.on_output(now, instance_id, out)
-        self._start_step(instance_id)

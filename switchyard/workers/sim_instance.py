@@ -17,6 +17,8 @@ calibrated ``StepCostModel``:
 * **Preemption** (recompute): when a running request needs a block and none is free, the last
   running request gives up its blocks and goes back to the head of the waiting queue; it later
   recomputes prompt + output so far (possibly hitting its own still-cached blocks).
+* **Migration hooks** (``suspend``, ``precopy``, ``admit_migrated``): the engine-side effects of
+  the live-migration protocol; its stages and costs are ``sim_migration``'s.
 
 Time is not read here: ``step()`` returns the modeled duration and the caller advances its own
 clock (``SimEngine`` sleeps it, ``SimFleet`` adds it to a virtual clock). A step's effects are
@@ -27,39 +29,27 @@ produces the same tokens. Per-step work is proportional to the batch, never to a
 
 from __future__ import annotations
 
-import enum
-import hashlib
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from switchyard.config import EngineConfig
 from switchyard.errors import ConfigError, ContextLengthError, EngineRequestError, InvalidRequestError
 from switchyard.messages import EngineOutput, EngineRequest, FinishReason, LoadReport
 from switchyard.workers.sim_cost import StepCostModel, StepWork, load_profile, prefill_pairs
 from switchyard.workers.sim_kv_pool import KvBlockPool
+from switchyard.workers.sim_request import (
+    SimRequestState,
+    SimSuspended,
+    Status,
+    chain_hashes,
+    simulated_token_id,
+    token_at,
+)
 
 __all__ = ["SimInstance", "StepResult", "simulated_token_id"]
 
-_MASK64 = (1 << 64) - 1
-_ROOT_HASH = 0x5157_4954_4348_5944  # parent of the first block in every hash chain
 _STEP_TIME_WINDOW = 16  # steps averaged into LoadReport.step_time_s
-
-
-def simulated_token_id(request_id: str, index: int, vocab_size: int) -> int:
-    """The ``index``-th output token the simulator emits for ``request_id``."""
-    return _token_at(_request_seed(request_id), index, vocab_size)
-
-
-def _request_seed(request_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little")
-
-
-def _token_at(seed: int, index: int, vocab_size: int) -> int:
-    """splitmix64 of (seed, index): cheap, stable across processes and Python versions."""
-    x = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) % vocab_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,63 +60,6 @@ class StepResult:
     outputs: tuple[EngineOutput, ...]
     work: StepWork
     num_preempted: int = 0
-
-
-class _Status(enum.Enum):
-    WAITING = 1
-    RUNNING = 2
-    DONE = 3  # finished or aborted; lazily dropped from the waiting queue
-
-
-@dataclass(slots=True, eq=False)
-class _SimRequest:
-    """Mutable per-request state of the model (prompt + outputs, KV progress, blocks)."""
-
-    request_id: str
-    tokens: list[int]  # prompt + outputs so far
-    num_prompt: int
-    max_tokens: int
-    min_tokens: int
-    stop_ids: frozenset[int]
-    seed: int  # of the emitted token IDs
-    status: _Status = _Status.WAITING
-    num_computed: int = 0  # tokens whose KV is in blocks
-    prefill_len: int = 0  # len(tokens) at the last admission; decoding once computed past it
-    num_cached_tokens: int = -1  # prefix hit of the first admission (-1: not admitted yet)
-    num_registered: int = 0  # leading blocks already published in the prefix cache
-    blocks: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks of tokens
-
-    @classmethod
-    def of(cls, req: EngineRequest) -> _SimRequest:
-        s = req.sampling
-        # The simulator has no EOS of its own; stop IDs stand in for it, so ignore_eos skips them.
-        stop_ids = frozenset[int]() if s.ignore_eos else frozenset(s.stop_token_ids)
-        prompt = list(req.prompt_token_ids)
-        return cls(
-            req.request_id,
-            prompt,
-            len(prompt),
-            s.max_tokens,
-            s.min_tokens,
-            stop_ids,
-            _request_seed(req.request_id),
-        )
-
-    def block_hashes(self, n: int, block_size: int) -> list[int]:
-        """Chained hashes of the first ``n`` full blocks (computed once, extended on demand)."""
-        hashes, tokens = self.hashes, self.tokens
-        parent = hashes[-1] if hashes else _ROOT_HASH
-        for i in range(len(hashes), n):
-            parent = hash((parent, tuple(tokens[i * block_size : (i + 1) * block_size])))
-            hashes.append(parent)
-        return hashes
-
-    def pending_prefill(self) -> int:
-        """Tokens still to prefill: all of them while waiting, the rest of the chunks while running."""
-        if self.status is _Status.WAITING:
-            return len(self.tokens)
-        return max(0, self.prefill_len - self.num_computed)
 
 
 class SimInstance:
@@ -163,9 +96,9 @@ class SimInstance:
         self._max_num_batched_tokens = max_num_batched_tokens
         self._prefix_caching = enable_prefix_caching
         self._pool = KvBlockPool(num_kv_blocks)
-        self._requests: dict[str, _SimRequest] = {}
-        self._running: list[_SimRequest] = []
-        self._waiting: deque[_SimRequest] = deque()
+        self._requests: dict[str, SimRequestState] = {}
+        self._running: list[SimRequestState] = []
+        self._waiting: deque[SimRequestState] = deque()
         self._num_waiting = 0
         self._pending_prefill = 0
         self._step_times: deque[float] = deque(maxlen=_STEP_TIME_WINDOW)
@@ -225,7 +158,7 @@ class SimInstance:
             raise InvalidRequestError("the prompt must hold at least one token", param="prompt")
         if n > self.max_model_len:
             raise ContextLengthError(f"prompt of {n} tokens exceeds max_model_len {self.max_model_len}")
-        sreq = _SimRequest.of(req)
+        sreq = SimRequestState.of(req)
         self._requests[req.request_id] = sreq
         self._waiting.append(sreq)
         self._num_waiting += 1
@@ -233,18 +166,81 @@ class SimInstance:
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its blocks; False when it is unknown or already finished."""
+        return self._remove(request_id) is not None
+
+    def _remove(self, request_id: str) -> SimRequestState | None:
         sreq = self._requests.pop(request_id, None)
         if sreq is None:
-            return False
+            return None
         self._pending_prefill -= sreq.pending_prefill()
-        if sreq.status is _Status.WAITING:
+        if sreq.status is Status.WAITING:
             self._num_waiting -= 1  # left in the deque, skipped when it reaches the head
         else:
             self._running.remove(sreq)  # O(batch)
-            self._pool.release(sreq.blocks)
-            sreq.blocks = []
-        sreq.status = _Status.DONE
-        return True
+        self._pool.release(sreq.blocks)  # a waiting request holds blocks only if a migration brought KV
+        sreq.blocks = []
+        sreq.status = Status.DONE
+        return sreq
+
+    # -- migration hooks (the protocol and its costs live in ``sim_migration``) -----------------
+
+    def migration_view(self, request_id: str) -> tuple[int, Sequence[int]] | None:
+        """(tokens with KV here, prompt + outputs: the live list, read-only) or None if not here."""
+        sreq = self._requests.get(request_id)
+        return None if sreq is None else (sreq.num_computed, sreq.tokens)
+
+    def suspend(self, request_id: str) -> SimSuspended | None:
+        """Take a request out (running or waiting) with its outputs and KV extent; frees its blocks.
+
+        The freed full blocks stay in this instance's prefix cache, as after a vLLM abort.
+        """
+        sreq = self._remove(request_id)  # keeps ``tokens`` and ``num_computed``
+        return None if sreq is None else sreq.suspended()
+
+    def cached_prefix_blocks(self, tokens: Sequence[int], num_blocks: int) -> int:
+        """How many of the first ``num_blocks`` full blocks of ``tokens`` this prefix cache holds."""
+        if not self._prefix_caching:
+            return 0
+        return len(self._pool.lookup(chain_hashes(tokens, num_blocks, self.block_size), num_blocks))
+
+    def precopy(self, tokens: Sequence[int], num_blocks: int) -> int | None:
+        """Land the first ``num_blocks`` full blocks of ``tokens`` in the prefix cache, as vLLM does
+        with a migration's 1-token shadow request (``KvBlockPool.land``). Returns the blocks that
+        had to be pulled; None when prefix caching is off (nowhere to keep them) or blocks are short.
+        """
+        if not self._prefix_caching:
+            return None
+        return self._pool.land(chain_hashes(tokens, num_blocks, self.block_size))
+
+    def admit_migrated(self, state: SimSuspended) -> int | None:
+        """Queue a suspended request with ``state.num_computed`` tokens of KV already computed.
+
+        Cached leading blocks are hit; the others arrive by the pull, so they are allocated
+        here, never recomputed. The request waits in the queue like any arrival (vLLM admits a
+        remote-KV request through its waiting queue) and then decodes, or finishes its chunked
+        prefill. Returns the blocks that had to be pulled; None when the pool is short (nothing
+        changed: the caller may recompute instead). Without KV it is a plain arrival.
+        """
+        if state.request_id in self._requests:
+            raise EngineRequestError(f"request {state.request_id!r} is already in {self.instance_id}")
+        sreq = SimRequestState.resumed(state)
+        total, bs = len(sreq.tokens), self.block_size
+        computed = min(state.num_computed, total - 1)
+        pulled = 0
+        if computed > 0:
+            full = computed // bs
+            hit = self._pool.lookup(sreq.block_hashes(full, bs), full) if self._prefix_caching else []
+            pulled = -(-computed // bs) - len(hit)
+            if not self._pool.allocate(sreq.blocks, hit, pulled):
+                return None
+            sreq.num_computed = computed
+            sreq.num_registered = len(hit)
+            sreq.prefill_len = computed if computed == total - 1 else total
+        self._requests[sreq.request_id] = sreq
+        self._waiting.append(sreq)
+        self._num_waiting += 1
+        self._pending_prefill += sreq.pending_prefill()
+        return pulled
 
     def load(self, now: float) -> LoadReport:
         """Load as of ``now`` (the caller's clock).
@@ -271,7 +267,7 @@ class SimInstance:
     def step(self) -> StepResult:
         """Schedule one batch, apply it, and return its modeled duration and output deltas."""
         budget = self._max_num_batched_tokens
-        scheduled: list[tuple[_SimRequest, int]] = []
+        scheduled: list[tuple[SimRequestState, int]] = []
         preempted = 0
         running, bs = self._running, self.block_size
         i = 0
@@ -293,53 +289,58 @@ class SimInstance:
             self._admit(scheduled, budget)
         return self._execute(scheduled, preempted)
 
-    def _grow(self, sreq: _SimRequest, end: int) -> bool:
+    def _grow(self, sreq: SimRequestState, end: int) -> bool:
         """Give ``sreq`` blocks for KV up to token ``end``; False when the pool is short."""
         return self._pool.allocate(sreq.blocks, [], -(-end // self.block_size) - len(sreq.blocks))
 
-    def _preempt(self, sreq: _SimRequest) -> None:
+    def _preempt(self, sreq: SimRequestState) -> None:
         self._pending_prefill += len(sreq.tokens) - sreq.pending_prefill()
         self._pool.release(sreq.blocks)
         sreq.blocks = []
         sreq.num_computed = sreq.num_registered = 0
-        sreq.status = _Status.WAITING
+        sreq.status = Status.WAITING
         self._waiting.appendleft(sreq)
         self._num_waiting += 1
         self.num_preemptions_total += 1
 
-    def _admit(self, scheduled: list[tuple[_SimRequest, int]], budget: int) -> None:
+    def _admit(self, scheduled: list[tuple[SimRequestState, int]], budget: int) -> None:
         """Move waiting requests into the batch, head first, until budget, seats or blocks run out."""
         waiting, bs = self._waiting, self.block_size
         while waiting and budget > 0 and len(self._running) < self._max_num_seqs:
             sreq = waiting[0]
-            if sreq.status is not _Status.WAITING:
+            if sreq.status is not Status.WAITING:
                 waiting.popleft()  # aborted while waiting
                 continue
             total = len(sreq.tokens)
-            hit: list[int] = []
-            if self._prefix_caching:  # at least the last token is recomputed, to sample from it
-                limit = (total - 1) // bs
-                hit = self._pool.lookup(sreq.block_hashes(limit, bs), limit)
-            computed = len(hit) * bs
-            num_new = min(total - computed, budget)
-            if not self._pool.allocate(sreq.blocks, hit, -(-(computed + num_new) // bs) - len(hit)):
-                break
+            if sreq.blocks:  # a migration brought its KV: only room for this step's tokens is needed
+                num_new = min(total - sreq.num_computed, budget)
+                if not self._grow(sreq, sreq.num_computed + num_new):
+                    break
+            else:
+                hit: list[int] = []
+                if self._prefix_caching:  # at least the last token is recomputed, to sample from it
+                    limit = (total - 1) // bs
+                    hit = self._pool.lookup(sreq.block_hashes(limit, bs), limit)
+                computed = len(hit) * bs
+                num_new = min(total - computed, budget)
+                if not self._pool.allocate(sreq.blocks, hit, -(-(computed + num_new) // bs) - len(hit)):
+                    break
+                self._pending_prefill -= computed
+                sreq.num_computed = computed
+                sreq.num_registered = len(hit)
+                sreq.prefill_len = total
+                if sreq.num_cached_tokens < 0:
+                    sreq.num_cached_tokens = computed
+                self.prefix_cache_queries_total += total
+                self.prefix_cache_hits_total += computed
             waiting.popleft()
             self._num_waiting -= 1
-            self._pending_prefill -= computed
-            sreq.status = _Status.RUNNING
-            sreq.num_computed = computed
-            sreq.num_registered = len(hit)
-            sreq.prefill_len = total
-            if sreq.num_cached_tokens < 0:
-                sreq.num_cached_tokens = computed
-            self.prefix_cache_queries_total += total
-            self.prefix_cache_hits_total += computed
+            sreq.status = Status.RUNNING
             self._running.append(sreq)
             scheduled.append((sreq, num_new))
             budget -= num_new
 
-    def _execute(self, scheduled: list[tuple[_SimRequest, int]], preempted: int) -> StepResult:
+    def _execute(self, scheduled: list[tuple[SimRequestState, int]], preempted: int) -> StepResult:
         """Advance every scheduled request, sample where a request caught up, price the step."""
         bs = self.block_size
         num_tokens = num_sampled = decode_context = 0
@@ -364,7 +365,7 @@ class SimInstance:
                 num_sampled += 1
                 outputs.append(self._sample(sreq))
         if any(out.finished for out in outputs):
-            self._running = [s for s in self._running if s.status is _Status.RUNNING]
+            self._running = [s for s in self._running if s.status is Status.RUNNING]
         work = StepWork(num_tokens, num_sampled, pairs, decode_context, len(scheduled))
         duration = self._cost.step_time_s(work)
         if scheduled:
@@ -372,9 +373,9 @@ class SimInstance:
         self.num_computed_tokens_total += num_tokens
         return StepResult(duration, tuple(outputs), work, preempted)
 
-    def _sample(self, sreq: _SimRequest) -> EngineOutput:
+    def _sample(self, sreq: SimRequestState) -> EngineOutput:
         index = len(sreq.tokens) - sreq.num_prompt
-        token = _token_at(sreq.seed, index, self.vocab_size)
+        token = token_at(sreq.seed, index, self.vocab_size)
         sreq.tokens.append(token)
         reason: FinishReason | None = None
         if token in sreq.stop_ids and index + 1 >= sreq.min_tokens:
@@ -382,7 +383,7 @@ class SimInstance:
         elif index + 1 >= sreq.max_tokens or len(sreq.tokens) >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
-            sreq.status = _Status.DONE
+            sreq.status = Status.DONE
             self._pool.release(sreq.blocks)
             sreq.blocks = []
             del self._requests[sreq.request_id]

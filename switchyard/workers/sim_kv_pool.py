@@ -81,3 +81,19 @@ class KvBlockPool:
             ref[b] -= 1
             if ref[b] == 0:
                 free[b] = None
+
+    def land(self, hashes: list[int]) -> int | None:
+        """Cache blocks computed elsewhere (a migration's pre-copy) under ``hashes``, as free blocks.
+
+        The leading ones already cached are kept (and moved to the recent end of the free
+        queue); the rest take free blocks, evicting the oldest cached ones. Returns how many
+        blocks were written, None (nothing changed) when too few blocks are free.
+        """
+        hit = self.lookup(hashes, len(hashes))
+        blocks: list[int] = []
+        if not self.allocate(blocks, hit, len(hashes) - len(hit)):
+            return None
+        for b in range(len(hit), len(hashes)):
+            self.register(blocks[b], hashes[b])
+        self.release(blocks)
+        return len(hashes) - len(hit)
