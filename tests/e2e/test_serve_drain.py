@@ -1,10 +1,13 @@
-"""Drain through `switchyard serve`: real vLLM CPU engines with the migration connector on Ray.
+"""Drain and rebalancing through `switchyard serve`: real vLLM CPU engines with the migration
+connector on Ray.
 
 The whole path a user (or the operator before a scale-in) takes: streams arrive over the
 OpenAI gateway, ``POST /admin/drain`` moves every stream off one instance by live migration
 (NIXL pulls the KV cache between the two engine processes), the clients' streams continue on
 the other instance with the text an uninterrupted run produces, and the drained instance
-ends with nothing running. Greedy decoding with ``ignore_eos`` makes the reference exact.
+ends with nothing running. The hotspot rebalancer runs in the same stack: it must leave a
+drain alone, and spread a hotspot once the drained instance is back. Greedy decoding with
+``ignore_eos`` makes the reference exact.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ import pytest
 import pytest_asyncio
 import ray
 
-from switchyard.config import EngineConfig, GatewayConfig, KvTransferConfig, RouterConfig, ServeConfig
+from switchyard import metrics
+from switchyard.config import (
+    EngineConfig,
+    GatewayConfig,
+    KvTransferConfig,
+    RebalancerConfig,
+    RouterConfig,
+    ServeConfig,
+)
 from switchyard.serve import RunningStack, start_stack
 from tests.helpers.waiting import eventually
 
@@ -42,7 +53,10 @@ async def stack(tiny_model_dir: Path) -> AsyncIterator[RunningStack]:
             max_num_seqs=8,
             kv_transfer=KvTransferConfig(),
         ),
-        router=RouterConfig(policy="round_robin"),
+        router=RouterConfig(
+            policy="round_robin",
+            rebalancer=RebalancerConfig(enabled=True, period_s=0.5, request_cooldown_s=60),
+        ),
         gateway=GatewayConfig(port=0),
         ray_num_cpus=2,
     )
@@ -142,3 +156,34 @@ async def test_drain_moves_every_stream_and_outputs_match(stack: RunningStack) -
         missing = await http.post("/admin/drain", json={"instance": "no-such-instance"})
         assert missing.status_code == 404
         assert "no-such-instance" in missing.json()["error"]["message"]
+
+
+async def test_rebalancer_spreads_a_hotspot(stack: RunningStack) -> None:
+    """Six streams pile onto one instance while the other is drained; once it is back, the
+    rebalancer migrates some of them over, and every text still equals the uninterrupted one."""
+    client, core = _client(stack), stack.core
+    prompts = [f"hotspot {i}: switchyard moves running requests with their cache {i * 3}" for i in range(6)]
+    references = await asyncio.gather(*(_reference(client, p) for p in prompts))
+    cold, hot = sorted(s.instance_id for s in core.registry)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.gateway_port}") as http:
+        assert (await http.post("/admin/drain", json={"instance": cold, "timeout_s": 5})).json()["complete"]
+        streams = [_Stream(client, p) for p in prompts]
+        await eventually(lambda: all(len(s.chunks) >= 4 for s in streams), within_s=60)
+        assert {s.instance_id for s in core.streams.values()} == {hot}
+        moves_before = _rebalancer_moves()
+        assert (await http.post("/admin/undrain", json={"instance": cold})).status_code == 200
+
+    await eventually(lambda: any(s.instance_id == cold for s in core.streams.values()), within_s=30)
+    await asyncio.wait_for(asyncio.gather(*(s.task for s in streams)), timeout=180)
+    assert _rebalancer_moves() > moves_before
+    for stream, ref in zip(streams, references, strict=True):
+        assert stream.completion_tokens == MAX_TOKENS
+        assert "".join(stream.chunks) == ref
+
+
+def _rebalancer_moves() -> float:
+    """Rebalancer migrations that moved a request, from the router's own metric."""
+    value = metrics.REGISTRY.get_sample_value(
+        "switchyard_rebalancer_actions_total", {"action": "migrate", "outcome": "moved"}
+    )
+    return value or 0.0
