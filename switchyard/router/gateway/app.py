@@ -70,6 +70,7 @@ from switchyard.router.gateway.schemas import (
 from switchyard.router.gateway.streaming import (
     SHUTTING_DOWN,
     EventStream,
+    StopSignal,
     collect,
     error_response,
     events,
@@ -108,7 +109,7 @@ class _Gateway:
         self.core, self.tokenizers, self.config = core, dict(tokenizers), config
         self._key_digests = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in config.api_keys]
         self._started = int(time.time())
-        self.stopping = asyncio.Event()
+        self.stopping = StopSignal()
         """Set by ``server.stop_gateway`` once the grace period is over: open requests end now."""
 
     def route(

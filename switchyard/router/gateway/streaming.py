@@ -13,7 +13,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -41,6 +41,7 @@ __all__ = [
     "CLOSE_TIMEOUT_S",
     "SHUTTING_DOWN",
     "EventStream",
+    "StopSignal",
     "close_stream",
     "collect",
     "error_event",
@@ -103,42 +104,76 @@ async def close_stream(stream: object) -> None:
             logger.warning("closing a core stream failed: %r", exc)
 
 
+class StopSignal(asyncio.Event):
+    """The gateway's "end open requests now" signal, set once by ``server.stop_gateway``.
+
+    Every open request watches it. ``Event.wait()`` needs a task per waiter; :meth:`future`
+    gives a plain future instead, which costs one set insert and no task switch per request.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._futures: set[asyncio.Future[None]] = set()
+
+    def set(self) -> None:
+        super().set()
+        for fut in self._futures:
+            if not fut.done():
+                fut.set_result(None)
+        self._futures.clear()
+
+    def future(self) -> asyncio.Future[None]:
+        """A future resolved when the signal is set; cancel it when no longer interested."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.is_set():
+            fut.set_result(None)
+        else:
+            self._futures.add(fut)
+            fut.add_done_callback(self._futures.discard)
+        return fut
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def until_disconnect(
-    receive: Receive, work: Callable[[], Awaitable[None]], stopping: asyncio.Event
+    receive: Receive, work: Callable[[], Coroutine[Any, Any, None]], stopping: StopSignal
 ) -> str:
     """Run ``work`` to the end unless the client disconnects or the gateway stops first.
 
     Returns ``"done"``, ``"disconnected"`` or ``"stopping"``; in the last two cases ``work``
-    was cancelled. Starlette does not cancel a handler whose client went away, and cancels a
-    streaming body only when it notices; this is how both paths notice at once.
+    was cancelled, and its cleanup (closing the core stream, which aborts the engine request)
+    has finished before this returns. Starlette does not cancel a handler whose client went
+    away, and cancels a streaming body only when it notices; this is how both paths notice at
+    once. ``work``'s own exception is re-raised as is.
+
+    Plain asyncio on purpose: the anyio task group this replaced cost about 300 µs of CPU per
+    request (measured; its cancel-scope delivery and task wrappers), more than the rest of the
+    gateway's own work on a short request. Here it is two tasks, one future and one
+    ``asyncio.wait``.
     """
-    errors: list[Exception] = []
-    outcome = "disconnected"
-    async with anyio.create_task_group() as tg:
-
-        async def run() -> None:
-            nonlocal outcome
-            try:
-                await work()
-                outcome = "done"
-            except Exception as exc:  # re-raised below, not as an ExceptionGroup
-                errors.append(exc)
-            tg.cancel_scope.cancel()
-
-        async def watch_stopping() -> None:
-            nonlocal outcome
-            await stopping.wait()
-            outcome = "stopping"
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(run)
-        tg.start_soon(watch_stopping)
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        tg.cancel_scope.cancel()
-    if errors:
-        raise errors[0]
-    return outcome
+    loop = asyncio.get_running_loop()
+    worker = loop.create_task(work())
+    watcher = loop.create_task(_disconnected(receive))
+    stop = stopping.future()
+    try:
+        await asyncio.wait((worker, watcher, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when our own task is cancelled: never leave the work running unowned
+        watcher.cancel()
+        stop.cancel()
+        if not worker.done():
+            worker.cancel()
+            await asyncio.wait((worker,))  # its cleanup runs to the end; see close_stream
+    if not watcher.cancelled() and watcher.done() and watcher.exception() is not None:
+        logger.debug("receive() failed while watching for a disconnect: %r", watcher.exception())
+    if not worker.cancelled():
+        exc = worker.exception()
+        if exc is not None:
+            raise exc
+        return "done"
+    return "stopping" if stop.done() and not stop.cancelled() else "disconnected"
 
 
 SHUTTING_DOWN = "the gateway is shutting down; retry the request"
@@ -153,7 +188,7 @@ class EventStream(StreamingResponse):
     event instead of being cancelled under uvicorn.
     """
 
-    def __init__(self, body: AsyncIterator[bytes], *, stopping: asyncio.Event, headers: dict[str, str]):
+    def __init__(self, body: AsyncIterator[bytes], *, stopping: StopSignal, headers: dict[str, str]):
         super().__init__(body, media_type="text/event-stream", headers=headers)
         self._stopping = stopping
 
