@@ -21,7 +21,7 @@ from matplotlib.ticker import FormatStrFormatter
 
 from bench.metrics import CDF_QUANTILES
 
-__all__ = ["plot_capacity", "plot_ttft_cdf"]
+__all__ = ["plot_capacity", "plot_latency_cdfs", "plot_ttft_cdf"]
 
 
 def plot_capacity(
@@ -76,5 +76,43 @@ def plot_ttft_cdf(
     ax.set_ylim(0, 1.01)
     ax.set_title(f"{title}\nTTFT CDF at rate scale {scale:g}")
     ax.legend(loc="lower right")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency_cdfs(
+    rows: Mapping[float, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    *,
+    slo_s: float,
+    title: str,
+    path: Path,
+) -> None:
+    """TTFT and TPOT CDFs side by side, one row per rate scale, one line per labelled run.
+
+    ``rows[scale][label]`` holds the run's TTFT and TPOT percentiles at ``CDF_QUANTILES``.
+    """
+    frac = np.array(CDF_QUANTILES) / 100.0
+    fig, axes = plt.subplots(
+        len(rows), 2, figsize=(12, 3.6 * len(rows)), squeeze=False, constrained_layout=True
+    )
+    for (scale, runs), (ax_ttft, ax_tpot) in zip(sorted(rows.items()), axes, strict=True):
+        for k, label in enumerate(sorted(runs)):
+            ttft, tpot = (np.asarray(v, dtype=float) for v in runs[label])
+            style = ("-", "--", ":", "-.")[k % 4]  # runs that coincide stay visible
+            if ttft.size == frac.size:
+                ax_ttft.plot(np.maximum(ttft, 1e-3), frac, linestyle=style, label=label)
+            if tpot.size == frac.size:
+                ax_tpot.plot(1000 * tpot, frac, linestyle=style, label=label)
+        ax_ttft.axvline(slo_s, color="grey", linestyle="--", linewidth=1)
+        ax_ttft.set_xscale("log")
+        ax_ttft.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax_ttft.set_xlabel("TTFT (s)")
+        ax_tpot.set_xlabel("TPOT (ms)")
+        for ax, what in ((ax_ttft, "TTFT"), (ax_tpot, "TPOT")):
+            ax.set_ylabel("fraction of requests")
+            ax.set_ylim(0, 1.01)
+            ax.set_title(f"{what} CDF at rate scale {scale:g}")
+            ax.legend(loc="lower right")
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -29,8 +29,11 @@ _REGISTRY = "switchyard.router.policies"
 _SIM_MODULES = (
     "switchyard.workers.sim_cost",
     "switchyard.workers.sim_engine",
+    "switchyard.workers.sim_fleet",
     "switchyard.workers.sim_instance",
     "switchyard.workers.sim_kv_pool",
+    "switchyard.workers.sim_migration",
+    "switchyard.workers.sim_request",
 )
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from bench.traces import TokenSynth, Trace
-from switchyard.config import EngineConfig, SimConfig
+from switchyard.config import EngineConfig, MigrationConfig, SimConfig
 from switchyard.messages import (
     EngineOutput,
     EngineRequest,
@@ -42,8 +42,8 @@ from switchyard.messages import (
 from switchyard.router.policies import make_policy
 from switchyard.router.registry import InstanceRegistry, InstanceState
 from switchyard.router.ttft_estimator import TtftFeedback
-from switchyard.workers.sim_cost import load_profile
-from switchyard.workers.sim_engine import SimFleet
+from switchyard.workers.sim_cost import KvTransferCost, load_profile
+from switchyard.workers.sim_fleet import SimFleet
 from switchyard.workers.sim_instance import SimInstance, StepResult
 
 __all__ = ["MODEL", "ReplayConfig", "ReplayResult", "engine_config", "replay"]
@@ -64,6 +64,8 @@ class ReplayConfig:
     policy_params: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     """Salt of the synthesized prompt tokens."""
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
+    """How ``SimFleet.migrate`` stages a move (only used when something migrates: ``bench.rebalance``)."""
 
 
 @dataclass(slots=True)
@@ -123,7 +125,10 @@ class _Replay:
         ecfg = engine_config(cfg.profile, cfg.compute_derate)
         vocab = load_profile(cfg.profile).model.vocab
         self.instances = [_MeteredInstance.build(ecfg, f"sim-{i:02d}") for i in range(cfg.num_instances)]
-        self.fleet = SimFleet(self.instances, on_output=self._on_output)
+        kv = KvTransferCost.from_profile(load_profile(cfg.profile), block_size=ecfg.block_size)
+        self.fleet = SimFleet(
+            self.instances, on_output=self._on_output, kv_transfer=kv, migration=cfg.migration
+        )
         clock = self.fleet.clock
         self.registry = InstanceRegistry(clock=clock)
         infos = tuple(
@@ -246,14 +251,14 @@ class _Replay:
             self.registry.on_first_token(state, self.epoch[idx], n_in)
             if self.feedback is not None:
                 ttft = now - float(self.arrival[idx])  # dispatch happens at arrival
-                self.feedback.on_first_token(
-                    out.request_id, instance_id, ttft_s=ttft, num_cached_tokens=out.num_cached_tokens
+                self.feedback.on_first_token(  # the dispatch's instance, as the core does after a move
+                    out.request_id, state.instance_id, ttft_s=ttft, num_cached_tokens=out.num_cached_tokens
                 )
         self.generated[idx] += len(out.token_ids)
         self.last[idx] = now
         if out.finished:
             self.registry.on_finished(state, self.epoch[idx], n_in, prefilled=True)
-            self.policy.on_finished(out.request_id, instance_id, num_cached_tokens=self.cached[idx])
+            self.policy.on_finished(out.request_id, state.instance_id, num_cached_tokens=self.cached[idx])
             self.where[idx] = None
             self.done += 1
 
