@@ -1,8 +1,8 @@
 """Autoscaling decisions for a service's pools: a pure function of router metrics and pool bounds.
 
 Why a pure function: the rules are the part worth testing exhaustively (a decision table, no
-cluster, no clock), and the operator's timer (``handlers/autoscaling.py``) only gathers inputs,
-calls ``decide`` and writes the result. The timer does not resize StatefulSets itself: it sets
+cluster, no clock), and the operator's loop (``handlers/autoscaling.py``) only gathers inputs,
+calls ``decide`` and writes the result. The loop does not resize StatefulSets itself: it sets
 each ServingPool's ``spec.replicas``, and the pool's reconcile performs the change, draining
 pods before any scale-in, whoever asked for it (this autoscaler, ``kubectl scale``, an HPA).
 

@@ -4,6 +4,11 @@ Handlers compute the whole desired status each time (level-based) and hand it to
 ``status_changes``, which returns only the keys that differ from the live status. Conditions
 keep their ``lastTransitionTime`` while their status stays the same, so a reconcile that finds
 everything in place produces an empty patch: a restarted operator converges without writing.
+
+Two writers share ``status.conditions``: the reconcile handlers own Ready, Progressing and
+Degraded, the autoscaler's loop owns MetricsAvailable. ``merge_conditions`` therefore keeps
+live conditions of types it was not given, and always orders the list the same way
+(``CONDITION_ORDER``), so neither writer drops nor reorders the other's entries.
 """
 
 from __future__ import annotations
@@ -13,7 +18,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Condition", "merge_conditions", "now_rfc3339", "standard_conditions", "status_changes"]
+__all__ = [
+    "CONDITION_ORDER",
+    "Condition",
+    "merge_conditions",
+    "now_rfc3339",
+    "standard_conditions",
+    "status_changes",
+]
+
+CONDITION_ORDER = ("Ready", "Progressing", "Degraded", "MetricsAvailable")
+"""Order of conditions in every status; unknown types follow, by name."""
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -53,6 +68,11 @@ def standard_conditions(*, ready: bool, progressing: bool, reason: str, message:
     ]
 
 
+def _order(cond: Mapping[str, Any]) -> tuple[int, str]:
+    kind = str(cond.get("type", ""))
+    return (CONDITION_ORDER.index(kind) if kind in CONDITION_ORDER else len(CONDITION_ORDER), kind)
+
+
 def merge_conditions(
     live: Sequence[Mapping[str, Any]] | None,
     computed: Sequence[Condition],
@@ -60,12 +80,13 @@ def merge_conditions(
     generation: int | None,
     now: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The conditions to store: ``computed``, keeping each live ``lastTransitionTime`` whose status held."""
+    """The conditions to store: ``computed``, keeping each live ``lastTransitionTime`` whose status
+    held, plus the live conditions of other types unchanged, in ``CONDITION_ORDER``."""
     by_type = {c.get("type"): c for c in live or ()}
     stamp = now or now_rfc3339()
     out: list[dict[str, Any]] = []
     for cond in computed:
-        old = by_type.get(cond.type)
+        old = by_type.pop(cond.type, None)
         since = old.get("lastTransitionTime") if old and old.get("status") == cond.status else None
         entry: dict[str, Any] = {
             "type": cond.type,
@@ -77,7 +98,8 @@ def merge_conditions(
         if generation is not None:
             entry["observedGeneration"] = generation
         out.append(entry)
-    return out
+    out.extend(dict(other) for other in by_type.values())
+    return sorted(out, key=_order)
 
 
 def status_changes(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,8 +20,10 @@ __all__ = ["Condition", "KVCachePoolStatus", "LLMServiceStatus", "ScaleDecisionR
 class Condition(CrdModel):
     """One observation of the object's state, in the Kubernetes condition convention."""
 
-    type: Literal["Ready", "Progressing", "Degraded"]
-    """Ready: serving. Progressing: converging on the spec. Degraded: failing, see reason."""
+    type: Literal["Ready", "Progressing", "Degraded", "MetricsAvailable"]
+    """Ready: serving. Progressing: converging on the spec. Degraded: failing, see reason.
+    MetricsAvailable: whether the router's metrics were read at the last autoscaler tick
+    (LLMService and ServingPool; False with reason RouterUnreachable clears sloAttainment)."""
 
     status: Literal["True", "False", "Unknown"]
     """Whether the condition holds."""
@@ -60,7 +62,10 @@ class LLMServiceStatus(_StatusBase):
     """Observed state of an LLMService (its router; replicas count router pods)."""
 
     slo_attainment: float | None = Field(default=None, ge=0, le=1)
-    """Share of recent requests that met both latency objectives."""
+    """The lower of TTFT and TPOT attainment (share of requests within the objective) over the
+    last autoscaler interval, from the router's histograms; an upper bound on the share that met
+    both. Kept while no requests finish; unset while the router's metrics cannot be read (see
+    the MetricsAvailable condition)."""
 
 
 class ScaleDecisionRecord(CrdModel):
@@ -89,10 +94,13 @@ class ServingPoolStatus(_StatusBase):
     """Label selector of the pool's pods, for the scale subresource (HPA, ``kubectl scale``)."""
 
     slo_attainment: float | None = Field(default=None, ge=0, le=1)
-    """Share of this pool's recent requests that met their latency objective."""
+    """Attainment of the objective this pool's role serves (TTFT for prefill and unified, TPOT
+    for decode) over the last autoscaler interval; the router measures per service, not per
+    pool. Kept while no requests finish; unset while the router's metrics cannot be read (see
+    the MetricsAvailable condition)."""
 
     kv_usage: float | None = Field(default=None, ge=0, le=1)
-    """Mean KV-cache usage across the pool's instances."""
+    """Mean KV-cache usage across the pool's instances, as the router last saw it."""
 
     desired_replicas: int | None = Field(default=None, ge=0)
     """Replicas the autoscaler last asked for."""

@@ -61,12 +61,12 @@ _SLO = {
     "type": "number",
     "format": "float",
     "jsonPath": ".status.sloAttainment",
-    "description": "Share of recent requests that met their latency objectives.",
+    "description": "Share of recent requests that met their latency objectives (see status).",
 }
 _READY = {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"}
 _SERVICE = {"name": "Service", "type": "string", "jsonPath": ".spec.serviceRef.name"}
 
-PRINTER_COLUMNS: dict[str, list[dict[str, str]]] = {
+PRINTER_COLUMNS: dict[str, list[dict[str, Any]]] = {
     "LLMService": [
         {"name": "Policy", "type": "string", "jsonPath": ".spec.router.policy"},
         {"name": "Routers", "type": "integer", "jsonPath": ".spec.router.replicas"},
@@ -81,6 +81,13 @@ PRINTER_COLUMNS: dict[str, list[dict[str, str]]] = {
         {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
         _READY,
         _SLO,
+        {
+            "name": "KV",
+            "type": "number",
+            "format": "float",
+            "jsonPath": ".status.kvUsage",
+            "description": "Mean KV-cache usage of the pool's instances.",
+        },
         _READY_COND,
         _AGE,
     ],
@@ -89,7 +96,7 @@ PRINTER_COLUMNS: dict[str, list[dict[str, str]]] = {
         {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
         _READY,
         {"name": "Memory", "type": "string", "jsonPath": ".spec.memoryPerReplica"},
-        {"name": "Eviction", "type": "string", "jsonPath": ".spec.evictionPolicy", "priority": "1"},
+        {"name": "Eviction", "type": "string", "jsonPath": ".spec.evictionPolicy", "priority": 1},
         _READY_COND,
         _AGE,
     ],

@@ -12,10 +12,11 @@ import logging
 from typing import Any
 
 import kopf
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from switchyard.config import StrictModel
 from switchyard.operator.kube import KubeApi
+from switchyard.operator.render_pods import child_names
 from switchyard.operator.router_metrics import HttpMetricsSource, MetricsDrainClient
 
 __all__ = ["FINALIZER", "OperatorOptions", "configure", "make_api_client"]
@@ -62,14 +63,46 @@ class OperatorOptions(StrictModel):
     scale_in_cooldown_s: float = Field(default=300.0, ge=0)
     """Least time between a pool's last replica change and an autoscaler scale-in."""
 
+    autoscale_interval_s: float = Field(default=30.0, gt=0)
+    """How often each LLMService's router is scraped, its and its pools' ``sloAttainment`` and
+    ``kvUsage`` written, and its autoscaled pools decided. 30 s: long enough for a scrape
+    interval's worth of requests, short next to the minutes an engine takes to start. The
+    first tick comes one interval after the service appears (or the operator starts)."""
+
     metrics_timeout_s: float = Field(default=5.0, gt=0)
     """Timeout of one scrape of the router's /metrics."""
+
+    router_url: str = "http://{router}.{namespace}.svc:{port}"
+    """Base URL the operator reaches a service's router at (``/metrics``, drain progress).
+    Placeholders: ``{service}``, ``{router}`` (the router Service's name), ``{namespace}``,
+    ``{port}`` (the gateway port). The default is the in-cluster Service address; an operator
+    run outside the cluster points this at a port-forward or an ingress instead."""
 
     router_grpc_port: int = Field(default=50051, ge=1, le=65535)
     """Container and Service port of the router's gRPC API."""
 
     kvcache_port: int = Field(default=9700, ge=1, le=65535)
     """Container and Service port of the KV-cache servers."""
+
+    @field_validator("router_url")
+    @classmethod
+    def _router_url_template(cls, value: str) -> str:
+        try:
+            example = value.format(service="s", router="s-router", namespace="ns", port=8000)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"router_url {value!r}: only {{service}}, {{router}}, {{namespace}} and {{port}} "
+                f"may be used ({exc})"
+            ) from exc
+        if not example.startswith(("http://", "https://")):
+            raise ValueError(f"router_url {value!r} must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    def router_base_url(self, *, service: str, namespace: str, port: int) -> str:
+        """The router of ``service`` as ``router_url`` names it, without a trailing slash."""
+        return self.router_url.format(
+            service=service, router=child_names(service)["router"], namespace=namespace, port=port
+        )
 
 
 def make_api_client(kubeconfig: str | None) -> Any:

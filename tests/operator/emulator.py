@@ -5,7 +5,10 @@ uid/resourceVersion/creationTimestamp/namespace on create and a resourceVersion 
 (Kopf's finalizer JSON-patch tests it), 422 for failed JSON-patch ``test`` ops, list
 ``kind``/resourceVersion, ``?resourceVersion`` on watches, and subscribing a watch to the event
 bus before the replay so no event is lost. Added here: ``metadata.generation`` grows when a
-patch changes ``spec`` (the operator reports ``observedGeneration``).
+patch changes ``spec`` (the operator reports ``observedGeneration``), ``generateName`` on create
+(Kopf names its Events that way; without it the second Event is a 409), and a merge patch that
+carries ``metadata.resourceVersion`` fails with 409 when the object has changed since (the
+optimistic-concurrency precondition the autoscaler's status writes rely on).
 
 Still not emulated (tests must not rely on them): garbage collection of owned objects, label
 selectors (every object of the resource is listed), PUT, status-subresource isolation, and
@@ -41,6 +44,8 @@ class K8sEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]  # kmock is u
             meta = data.setdefault("metadata", {})
             if request.namespace:
                 meta.setdefault("namespace", request.namespace)
+            if not meta.get("name") and meta.get("generateName"):  # Kopf's Events use generateName
+                meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:8]}"
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault(
                 "creationTimestamp", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -65,6 +70,15 @@ class K8sEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]  # kmock is u
                 elif isinstance(data, dict):  # merge/strategic-merge patch: both applied as plain merge
                     if not isinstance(data.get("metadata"), dict):
                         data["metadata"] = {}
+                    # A resourceVersion in the patch is a precondition, as on a real API server.
+                    expected = data["metadata"].get("resourceVersion")
+                    actual = current.get("metadata", {}).get("resourceVersion")
+                    if expected is not None and expected != actual:
+                        raise kmock.KubernetesError(
+                            status=409,
+                            reason="Conflict",
+                            message=f"object modified: resourceVersion {actual}, not {expected}",
+                        )
                     data["metadata"]["resourceVersion"] = self._next_rv()
                     if request.subresource is None and "spec" in data:
                         old_spec = current.get("spec", {})

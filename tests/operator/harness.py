@@ -119,7 +119,9 @@ class OperatorRunner:
         self.drain = FakeDrain()
         self._running: tuple[threading.Thread, threading.Event] | None = None
 
-    async def start(self, options: OperatorOptions | None = None) -> None:
+    async def start(self, options: OperatorOptions | None = None, *, metrics: Any = None) -> None:
+        """Run Kopf with ``options`` (fast defaults) and ``metrics`` as the router metrics source
+        (default: the scripted ``self.metrics``)."""
         assert self._running is None
         settings = kopf.OperatorSettings()
         settings.posting.level = logging.WARNING
@@ -128,7 +130,7 @@ class OperatorRunner:
         memo = kopf.Memo(
             options=options or fast_options(),
             kube=KubeApi(k8s_client.ApiClient(k8s_client.Configuration(host=self.url))),
-            metrics=self.metrics,
+            metrics=self.metrics if metrics is None else metrics,
             drain=self.drain,
         )
         stop, ready = threading.Event(), threading.Event()
@@ -173,6 +175,9 @@ def writes(emu: K8sEmulator, since: int = 0) -> list[Any]:
 
 
 def objects_of(emu: K8sEmulator, resource: str) -> Iterator[dict[str, Any]]:
+    """Stored, not deleted objects of ``resource`` (``group/version/plural``; ``v1/events``)."""
     for key, obj in list(emu.objects.items()):
-        if str(key[0]) == resource and not obj.deleted:
+        res = key[0]
+        name = f"{getattr(res, 'group', '')}/{getattr(res, 'version', '')}/{getattr(res, 'plural', '')}"
+        if resource in {str(res), name.lstrip("/")} and not obj.deleted:
             yield obj.raw

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Any
@@ -9,7 +10,9 @@ from typing import Any
 import pytest
 
 from switchyard.operator.autoscaler import PoolInput, ServiceSignals, decide
-from switchyard.operator.handlers.autoscaling import run_autoscaler
+from switchyard.operator.conditions import Condition
+from switchyard.operator.handlers.autoscaling import run_autoscaler, write_observed_status
+from switchyard.operator.kube import ApiError
 from switchyard.operator.router_metrics import MetricsDrainClient, attainment, parse_router_metrics
 from tests.operator.harness import FakeMetrics, fast_options, load_examples
 
@@ -167,21 +170,45 @@ def test_drain_client_reads_the_instance_pinned_to_the_pod() -> None:
     assert drain.running_requests("http://router:8000", "llama-pd-prefill-worker-0") is None
 
 
+def merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """RFC 7386 JSON merge patch, in place (None deletes a key)."""
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict):
+            merge(target[k], v)
+        else:
+            target[k] = copy.deepcopy(v)
+
+
 class RecordingKube:
-    def __init__(self) -> None:
+    """Objects by (kind, name) with merge-patch semantics, and a log of every patch."""
+
+    def __init__(self, *objects: dict[str, Any]) -> None:
+        self.objects = {(o["kind"], o["metadata"]["name"]): copy.deepcopy(o) for o in objects}
         self.patches: list[tuple[str, str, dict[str, Any], str | None]] = []
+
+    def get(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
+        obj = self.objects.get((kind, name))
+        return copy.deepcopy(obj) if obj is not None else None
 
     def patch(
         self, kind: str, ns: str, name: str, body: dict[str, Any], *, subresource: str | None = None
     ) -> Any:
-        self.patches.append((kind, name, body, subresource))
-        return body
+        self.patches.append((kind, name, copy.deepcopy(body), subresource))
+        obj = self.objects[kind, name]
+        merge(obj, {k: v for k, v in body.items() if k != "metadata"})
+        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+        return obj
 
 
-def test_timer_tick_writes_spec_replicas_status_and_events() -> None:
-    """One tick: scrape the router Service, decide, patch the pool's spec.replicas and record the
-    decision in its status and as Events; a second tick with the same numbers changes nothing."""
+def tick_fixture() -> tuple[dict[str, Any], dict[Any, Any], RecordingKube]:
+    """The P/D example's service and pools as the timer sees them (index entries) and as the API
+    holds them (a recording fake)."""
     docs = {d["metadata"]["name"]: d for d in load_examples("llmservice-pd.yaml", "default")}
+    for doc in docs.values():
+        doc["metadata"].update(uid=doc["metadata"]["name"], resourceVersion="1")
+        doc["status"] = {}
     index = {
         ("default", "llama-pd"): [
             {"name": n, "spec": docs[n]["spec"], "deleting": False, "status": {},
@@ -190,10 +217,18 @@ def test_timer_tick_writes_spec_replicas_status_and_events() -> None:
             for n in ("llama-pd-prefill", "llama-pd-decode")
         ]
     }  # fmt: skip
-    metrics, kube, events = FakeMetrics(), RecordingKube(), []
+    kube = RecordingKube(*(docs[n] for n in ("llama-pd", "llama-pd-prefill", "llama-pd-decode")))
+    return docs["llama-pd"], index, kube
+
+
+def test_timer_tick_writes_status_spec_replicas_and_events() -> None:
+    """One tick: scrape the router Service, write sloAttainment/kvUsage and MetricsAvailable,
+    decide, patch the pool's spec.replicas and record the decision in its status and as Events;
+    a tick with the router gone clears the numbers and holds, and a repeat of it writes nothing."""
+    service, index, kube = tick_fixture()
+    metrics, events = FakeMetrics(), []
     metrics.bodies["http://llama-pd-router.default.svc:8000/metrics"] = METRICS
     memo = {"kube": kube, "metrics": metrics, "scrapes": {}, "options": fast_options()}
-    service = {**docs["llama-pd"], "metadata": {**docs["llama-pd"]["metadata"], "uid": "svc"}}
 
     def post(obj: Any, *, reason: str, message: str) -> None:
         events.append((obj["metadata"]["name"], reason, message))
@@ -206,17 +241,70 @@ def test_timer_tick_writes_spec_replicas_status_and_events() -> None:
         ("llama-pd-prefill", 3, "SLOMiss"),
         ("llama-pd-decode", 2, "RatioBand"),
     ]
-    spec_patch, status_patch = kube.patches
-    assert spec_patch == ("ServingPool", "llama-pd-prefill", {"spec": {"replicas": 3}}, None)
-    record = status_patch[2]["status"]["lastScaleDecision"]
+    status = {name: obj.get("status", {}) for (_, name), obj in kube.objects.items()}
+    assert status["llama-pd"]["sloAttainment"] == 0.8
+    assert (status["llama-pd-prefill"]["sloAttainment"], status["llama-pd-prefill"]["kvUsage"]) == (0.8, 0.85)
+    assert "sloAttainment" not in status["llama-pd-decode"]  # decode follows TPOT: no TPOT traffic
+    assert status["llama-pd-decode"]["kvUsage"] == 0.1
+    for name in ("llama-pd", "llama-pd-prefill", "llama-pd-decode"):
+        (cond,) = status[name]["conditions"]
+        assert (cond["type"], cond["status"], cond["reason"]) == ("MetricsAvailable", "True", "Scraped")
+    observed = [p for p in kube.patches if "conditions" in p[2].get("status", {})]
+    assert all(p[3] == "status" and p[2]["metadata"]["resourceVersion"] == "1" for p in observed)
+    spec_patches = [p for p in kube.patches if "spec" in p[2]]
+    assert spec_patches == [("ServingPool", "llama-pd-prefill", {"spec": {"replicas": 3}}, None)]
+    record = status["llama-pd-prefill"]["lastScaleDecision"]
     assert (record["fromReplicas"], record["toReplicas"], record["reason"]) == (2, 3, "SLOMiss")
-    assert status_patch[3] == "status"
     assert [(name, reason) for name, reason, _ in events] == [
         ("llama-pd-prefill", "ScaleOut"),
         ("llama-pd", "ScaleOut"),
     ]
 
     kube.patches.clear()
-    metrics.bodies.clear()  # router unreachable: hold, write nothing
+    metrics.bodies.clear()  # router unreachable: hold, clear the numbers, say why
+    service["status"] = kube.get("LLMService", "default", "llama-pd")["status"]  # type: ignore[index]
     decisions = run_autoscaler(service, memo=memo, index=index, logger=log, post=post)
-    assert {d.reason for d in decisions} == {"NoMetrics"} and kube.patches == []
+    assert {d.reason for d in decisions} == {"NoMetrics"}
+    assert not [p for p in kube.patches if "spec" in p[2]]
+    for (_, name), obj in kube.objects.items():
+        assert "sloAttainment" not in obj["status"] and "kvUsage" not in obj["status"], name
+        (cond,) = obj["status"]["conditions"]
+        assert (cond["status"], cond["reason"]) == ("False", "RouterUnreachable")
+        assert "connection refused" in cond["message"]
+
+    for entry in index["default", "llama-pd"]:  # the index has caught up: nothing left to write
+        entry["status"] = kube.objects["ServingPool", entry["name"]]["status"]
+    service["status"] = kube.objects["LLMService", "llama-pd"]["status"]
+    kube.patches.clear()
+    run_autoscaler(service, memo=memo, index=index, logger=log, post=post)
+    assert kube.patches == []
+
+
+def test_status_write_keeps_the_reconciles_conditions_and_yields_on_conflict() -> None:
+    """The timer's MetricsAvailable joins Ready/Progressing/Degraded without touching them, and a
+    409 (the object changed since it was read) skips the write instead of failing the tick."""
+    _, _, kube = tick_fixture()
+    ready = {"type": "Ready", "status": "True", "reason": "Available", "message": "2/2",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"}  # fmt: skip
+    kube.objects["ServingPool", "llama-pd-prefill"]["status"] = {"conditions": [ready]}
+    cond = Condition("MetricsAvailable", "True", "NoTraffic", "no requests")
+    fields = {"sloAttainment": None, "kvUsage": 0.5}
+    assert write_observed_status(
+        kube, "ServingPool", "default", "llama-pd-prefill", fields, cond, known_status=None
+    )
+    written = kube.objects["ServingPool", "llama-pd-prefill"]["status"]
+    assert [c["type"] for c in written["conditions"]] == ["Ready", "MetricsAvailable"]
+    assert written["conditions"][0] == ready and written["kvUsage"] == 0.5
+    assert not write_observed_status(
+        kube, "ServingPool", "default", "llama-pd-prefill", fields, cond, known_status=written
+    )
+
+    class Conflicting(RecordingKube):
+        def patch(self, *args: Any, **kwargs: Any) -> Any:
+            raise ApiError(409, "the object has been modified")
+
+    conflicting = Conflicting(*kube.objects.values())
+    fields["kvUsage"] = 0.7
+    assert not write_observed_status(
+        conflicting, "ServingPool", "default", "llama-pd-prefill", fields, cond, known_status=None
+    )

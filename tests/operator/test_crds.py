@@ -136,6 +136,11 @@ def test_names_subresources_and_printer_columns(kind: str) -> None:
     assert "status" in version["subresources"]
     schema = version["schema"]["openAPIV3Schema"]
     for column in version["additionalPrinterColumns"]:
+        # The API server decodes these fields strictly (priority is an int32, not "1").
+        assert set(column) <= {"name", "type", "format", "description", "priority", "jsonPath"}, column
+        assert column["type"] in {"integer", "number", "string", "boolean", "date"}, column
+        assert isinstance(column.get("priority", 0), int), column
+        assert all(isinstance(column[k], str) for k in column if k != "priority"), column
         path = column["jsonPath"].split("[")[0].lstrip(".").split(".")
         if path[0] == "metadata":
             continue
@@ -145,6 +150,8 @@ def test_names_subresources_and_printer_columns(kind: str) -> None:
                 f"printer column {column['name']}: no {column['jsonPath']}"
             )
             node = node["properties"][part]
+        if "[" not in column["jsonPath"]:
+            assert node["type"] == column["type"], f"printer column {column['name']}: type {node['type']}"
 
 
 def test_servingpool_scale_subresource_points_at_real_fields() -> None:

@@ -2,8 +2,9 @@
 
 Same shape as the ServingPool's: level-based reconcile, ``Degraded/ServiceNotFound`` with a
 growing retry delay while its LLMService is missing, explicit deletion of what it owns. The
-status lists one endpoint per shard (``<pod>.<service>.<ns>.svc:<port>``), the addresses the
-engines' KV connector will use once the cache server exists (the KV-cache issue).
+status lists one endpoint per shard (``<pod>.<service>.<ns>.svc:<port>``), where each pod runs
+``switchyard kvcache-server`` (``switchyard.kvcache``). No engine reads or writes them yet: the
+vLLM KV connector that would is a separate piece of work.
 """
 
 from __future__ import annotations

@@ -114,7 +114,9 @@ def converge_pool(
     current = int(live["spec"].get("replicas", 0)) if live else None
     hold: int | None = None
     if current is not None and current > pool.replicas:
-        router_url = f"http://{child_names(pool.service_ref.name)['router']}.{ns}.svc:{service.gateway.port}"
+        router_url = options.router_base_url(
+            service=pool.service_ref.name, namespace=ns, port=service.gateway.port
+        )
         pending = pending_drains(
             kube,
             memo["drain"],
