@@ -19,8 +19,11 @@ policy, not by pool), so:
 Values are rounded to three decimals so a steady service does not rewrite its status on every
 tick. With no requests in the interval attainment is unknown, not 1.0: the last measured value
 stays (a column that blanks between bursts of traffic helps no one) and the condition says
-``NoTraffic``. An unreachable router clears every value (numbers the operator can no longer
-vouch for mislead more than a blank column) and sets ``MetricsAvailable=False``.
+``NoTraffic``. The first scrape the operator makes of a router is only a baseline
+(``Baseline``): the router's counters reach back to its own start, and a restarted operator
+must not scale on days of history. An unreachable router clears every value (numbers the
+operator can no longer vouch for mislead more than a blank column) and sets
+``MetricsAvailable=False``.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ class ServiceObservation:
 
     available: bool
     reason: str
-    """``Scraped``, ``NoTraffic`` or ``RouterUnreachable``."""
+    """``Scraped``, ``NoTraffic``, ``Baseline`` (first scrape) or ``RouterUnreachable``."""
     message: str
     ttft_attainment: float | None = None
     tpot_attainment: float | None = None
@@ -108,10 +111,16 @@ def observe(
     tpot_slo_s: float,
     pools: Mapping[str, Role],
 ) -> ServiceObservation:
-    """Status values from ``snap``; attainment covers the interval since ``previous``."""
-    ttft, _ = attainment(snap.ttft_buckets, ttft_slo_s, before=previous.ttft_buckets if previous else None)
-    tpot, _ = attainment(snap.tpot_buckets, tpot_slo_s, before=previous.tpot_buckets if previous else None)
-    ttft, tpot = _round(ttft), _round(tpot)
+    """Status values from ``snap``; attainment covers the interval since ``previous``.
+
+    Without a previous scrape (the operator just started, or the service is new to it) the
+    scrape is only a baseline: the router's counters go back to its own start, possibly days,
+    and steering by them would scale on history. KV usage, a gauge, is reported at once.
+    """
+    ttft = tpot = None
+    if previous is not None:
+        ttft = _round(attainment(snap.ttft_buckets, ttft_slo_s, before=previous.ttft_buckets)[0])
+        tpot = _round(attainment(snap.tpot_buckets, tpot_slo_s, before=previous.tpot_buckets)[0])
     observed = {
         name: PoolObservation(
             slo_attainment=tpot if role == "decode" else ttft,
@@ -119,6 +128,9 @@ def observe(
         )
         for name, role in pools.items()
     }
+    if previous is None:
+        message = "first scrape: attainment is measured over the intervals after it"
+        return ServiceObservation(True, "Baseline", message, None, None, observed)
     if ttft is None and tpot is None:
         return ServiceObservation(
             True, "NoTraffic", "no requests finished in the last interval", None, None, observed

@@ -13,7 +13,12 @@ from switchyard.operator.autoscaler import PoolInput, ServiceSignals, decide
 from switchyard.operator.conditions import Condition
 from switchyard.operator.handlers.autoscaling import run_autoscaler, write_observed_status
 from switchyard.operator.kube import ApiError
-from switchyard.operator.router_metrics import MetricsDrainClient, attainment, parse_router_metrics
+from switchyard.operator.router_metrics import (
+    MetricsDrainClient,
+    RouterSnapshot,
+    attainment,
+    parse_router_metrics,
+)
 from tests.operator.harness import FakeMetrics, fast_options, load_examples
 
 
@@ -228,7 +233,9 @@ def test_timer_tick_writes_status_spec_replicas_and_events() -> None:
     service, index, kube = tick_fixture()
     metrics, events = FakeMetrics(), []
     metrics.bodies["http://llama-pd-router.default.svc:8000/metrics"] = METRICS
-    memo = {"kube": kube, "metrics": metrics, "scrapes": {}, "options": fast_options()}
+    # An earlier tick saw an idle router (the first scrape is only a baseline).
+    memo = {"kube": kube, "metrics": metrics, "scrapes": {("default", "llama-pd"): RouterSnapshot()},
+            "options": fast_options()}  # fmt: skip
 
     def post(obj: Any, *, reason: str, message: str) -> None:
         events.append((obj["metadata"]["name"], reason, message))
@@ -278,6 +285,22 @@ def test_timer_tick_writes_status_spec_replicas_and_events() -> None:
     kube.patches.clear()
     run_autoscaler(service, memo=memo, index=index, logger=log, post=post)
     assert kube.patches == []
+
+
+def test_first_tick_is_a_baseline_and_never_scales_on_router_history() -> None:
+    """A (re)started operator's first scrape holds the router's lifetime counts: no SLO decision
+    from them (KV usage, a gauge, still counts), and the condition says Baseline."""
+    service, index, kube = tick_fixture()
+    metrics = FakeMetrics()
+    metrics.bodies["http://llama-pd-router.default.svc:8000/metrics"] = METRICS
+    memo = {"kube": kube, "metrics": metrics, "scrapes": {}, "options": fast_options()}
+    decisions = run_autoscaler(
+        service, memo=memo, index=index, logger=logging.getLogger("test"), post=lambda *a, **k: None
+    )
+    assert "SLOMiss" not in {d.reason for d in decisions}
+    assert (decisions[0].pool, decisions[0].reason) == ("llama-pd-prefill", "KVPressure")  # 0.85 > 0.8
+    status = kube.objects["LLMService", "llama-pd"]["status"]
+    assert "sloAttainment" not in status and status["conditions"][0]["reason"] == "Baseline"
 
 
 def test_status_write_keeps_the_reconciles_conditions_and_yields_on_conflict() -> None:

@@ -102,7 +102,7 @@ def scale_events(emu: K8sEmulator) -> set[tuple[str, str]]:
 async def test_autoscaler_scales_from_router_metrics_and_reports_them(
     api: Api, operator: OperatorRunner, k8s: K8sEmulator
 ) -> None:
-    """TTFT misses its 1 s objective on every request: within a few ticks the prefill pool's
+    """After a baseline scrape, TTFT misses its 1 s objective on every request: the prefill pool's
     spec.replicas goes 2 -> 4 (the P:D band [0.5, 2] allows it), its StatefulSet follows, the
     decision is in its status and in Events on the pool and the service, and the service and
     pools show sloAttainment, kvUsage and MetricsAvailable. Without new requests nothing moves
@@ -111,10 +111,6 @@ async def test_autoscaler_scales_from_router_metrics_and_reports_them(
     the service is deleted its daemon stops scraping."""
     router = RouterMetricsServer()
     try:
-        model = router.ttft.labels("llama-3.1-8b-instruct", "dualmap")
-        for _ in range(10):
-            model.observe(3.0)  # TTFT objective 1 s: attainment 0
-            router.tpot.labels("llama-3.1-8b-instruct", "dualmap").observe(0.02)  # TPOT 50 ms: met
         for pool in ("prefill", "decode"):
             for i in range(2):
                 router.kv.labels(f"llama-pd-{pool}-{i}").set(0.5)  # between scale-in and target
@@ -125,6 +121,18 @@ async def test_autoscaler_scales_from_router_metrics_and_reports_them(
                                     "metadata": {"name": "llama-3-1-8b", "namespace": NS}})  # fmt: skip
         for doc in load_examples("llmservice-pd.yaml", NS):
             await api(api.kube.create, doc)
+
+        # The first scrape is a baseline; the requests after it are what the next tick measures.
+        await eventually(
+            lambda: (
+                condition(get(k8s, "llmservices", "llama-pd"), "MetricsAvailable").get("reason") == "Baseline"
+            ),
+            20,
+        )
+        assert get(k8s, "servingpools", "llama-pd-prefill")["spec"]["replicas"] == 2
+        for _ in range(10):
+            router.ttft.labels("llama-3.1-8b-instruct", "dualmap").observe(3.0)  # objective 1 s: missed
+            router.tpot.labels("llama-3.1-8b-instruct", "dualmap").observe(0.02)  # objective 50 ms: met
 
         # Scale-out, recorded in spec, status, the StatefulSet and Events.
         await eventually(lambda: get(k8s, "servingpools", "llama-pd-prefill")["spec"]["replicas"] == 4, 20)

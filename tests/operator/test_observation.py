@@ -29,7 +29,7 @@ def snapshot(
 def test_each_pool_shows_the_objective_its_role_serves() -> None:
     """Prefill and unified pools show TTFT attainment, decode pools TPOT; the service shows the
     lower of the two; KV usage is per pool and absent for a pool without instances."""
-    obs = observe(snapshot(9, 10, 3, 4), None, ttft_slo_s=1.0, tpot_slo_s=0.1, pools=ROLES)  # type: ignore[arg-type]
+    obs = observe(snapshot(9, 10, 3, 4), snapshot(), ttft_slo_s=1.0, tpot_slo_s=0.1, pools=ROLES)  # type: ignore[arg-type]
     assert (obs.available, obs.reason) == (True, "Scraped")
     assert obs.status() == {"sloAttainment": 0.75}
     assert obs.pools["s-prefill"].status() == {"sloAttainment": 0.9, "kvUsage": 0.55}
@@ -53,6 +53,15 @@ def test_attainment_covers_the_last_interval_and_none_without_traffic() -> None:
     idle = observe(before, before, ttft_slo_s=1.0, tpot_slo_s=0.1, pools=ROLES)  # type: ignore[arg-type]
     assert (idle.available, idle.reason, idle.status()) == (True, "NoTraffic", {})
     assert idle.pools["s-prefill"].status() == {"kvUsage": 0.55}
+
+
+def test_the_first_scrape_is_a_baseline() -> None:
+    """Without a previous scrape the router's lifetime counters are not attainment: nothing to
+    write but KV usage, reason Baseline."""
+    obs = observe(snapshot(0, 10, 0, 10), None, ttft_slo_s=1.0, tpot_slo_s=0.1, pools=ROLES)  # type: ignore[arg-type]
+    assert (obs.available, obs.reason, obs.status()) == (True, "Baseline", {})
+    assert obs.pools["s-prefill"].status() == {"kvUsage": 0.55}
+    assert (obs.ttft_attainment, obs.tpot_attainment) == (None, None)
 
 
 def test_unreachable_router_clears_every_value() -> None:
