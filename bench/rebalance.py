@@ -1,12 +1,14 @@
 """Rebalancing benchmark: DualMap with and without the router's hotspot rebalancer, same trace.
 
-Issue #4 asks whether live migration off hotspots improves P99 TTFT and P99 TPOT over routing
-alone on a bursty trace. Routing can only place *new* requests; the rebalancer moves requests
-already queued or running. Each rate scale is replayed twice in virtual time on the same
-simulated fleet (``bench/replay.py``, the real policy and registry): once with routing alone,
-once with the real planner (``plan_rebalance`` over ``fleet_loads`` of the router's view) run
-every ``period_s`` as ``Rebalancer.run_once`` runs it, its moves applied one after another by
-``SimFleet.migrate``, which stages and prices them like the real protocol (``sim_migration``).
+Issue #4 asks whether live migration off hotspots improves P99 TTFT and P99 TPOT over DualMap
+routing alone on a bursty trace. Routing can only place *new* requests; the rebalancer moves
+requests already queued or running. Each rate scale is replayed twice in virtual time on the
+same simulated fleet (``bench/replay.py``, the real policy and registry): once with routing
+alone, once with the real planner (``plan_rebalance`` over ``fleet_loads`` of the router's
+view) run every ``period_s`` as ``Rebalancer.run_once`` runs it, its moves applied one after
+another by ``SimFleet.migrate``, which stages and prices them like the real protocol
+(``sim_migration``). ``--policy`` swaps the router (a hotspot-prone one shows what the
+mechanism can do where there is a hotspot to relieve).
 
     python -m bench.rebalance --trace ../shared/traces/azure_llm_2023_code.csv --format azure \
         --instances 8 --rates 20,22.5,25 --out bench/results/rebalance-azure-8 --jobs 2
@@ -43,6 +45,7 @@ from bench.routing import _describe, _load, _params_for
 from bench.traces import Trace
 from switchyard.config import MigrationConfig, RebalancerConfig
 from switchyard.router import rebalancer as rebalancer_module
+from switchyard.router.policies import POLICIES
 from switchyard.router.rebalancer import InstanceLoad, Move, fleet_loads, plan_rebalance
 from switchyard.workers.sim_cost import KvTransferCost, available_profiles, load_profile
 from switchyard.workers.sim_instance import SimInstance
@@ -53,7 +56,6 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "parse_args"]
 
-POLICY = "dualmap"
 _TRACE: Trace | None = None  # inherited by forked workers instead of pickled
 
 
@@ -90,8 +92,8 @@ class _RebalancingReplay(_Replay):
     accounting stay with the dispatch instance, as ``RouterCore`` keeps them after a move.
     """
 
-    def __init__(self, trace: Trace, cfg: ReplayConfig, rebalancer: RebalancerConfig) -> None:
-        super().__init__(trace, POLICY, cfg)
+    def __init__(self, trace: Trace, policy: str, cfg: ReplayConfig, rebalancer: RebalancerConfig) -> None:
+        super().__init__(trace, policy, cfg)
         self.rebalancer = rebalancer
         self.moved_to: dict[int, str] = {}  # request index -> where a migration put it
         self.tried: dict[str, float] = {}
@@ -125,6 +127,9 @@ class _RebalancingReplay(_Replay):
         loads = fleet_loads(self.registry, streams)
         plan = plan_rebalance(loads, cfg, skip=self.tried.keys())
         self._diagnose(loads)
+        self.diagnosis["planned_before_first_token"] += sum(
+            1 for m in plan if streams[m.request_id].num_tokens == 0
+        )
         self.planned.extend(plan)
         self._apply(plan, 0)
 
@@ -171,6 +176,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace", required=True, help="trace file")
     p.add_argument("--format", default="azure", choices=["mooncake", "azure"])
     p.add_argument("--instances", type=int, default=8)
+    p.add_argument(
+        "--policy", default="dualmap", choices=sorted(POLICIES), help="routing policy of both runs"
+    )
     p.add_argument("--rates", default="20,22.5,25", help="comma-separated arrival-rate scales")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--target", type=float, default=0.9)
@@ -190,14 +198,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _run_task(task: tuple[ReplayConfig, RebalancerConfig | None]) -> RunResult:
+def _run_task(task: tuple[str, ReplayConfig, RebalancerConfig | None]) -> RunResult:
     assert _TRACE is not None
-    cfg, rebalancer = task
+    policy, cfg, rebalancer = task
     if rebalancer is None:
-        rep = _Replay(_TRACE, POLICY, cfg)
+        rep = _Replay(_TRACE, policy, cfg)
         res = rep.run()
         return RunResult(res, _tpot_quantiles(res))
-    rrep = _RebalancingReplay(_TRACE, cfg, rebalancer)
+    rrep = _RebalancingReplay(_TRACE, policy, cfg, rebalancer)
     res = rrep.run()
     return RunResult(res, _tpot_quantiles(res), dict(rrep.diagnosis), rrep.planned, rrep.migrations)
 
@@ -223,6 +231,7 @@ def _migration_stats(run: RunResult, bytes_per_block: int) -> dict[str, Any]:
         ),
         "planned_moves": len(run.planned),
         "planned_by_reason": dict(Counter(m.reason for m in run.planned)),
+        "planned_before_first_token": run.diagnosis.get("planned_before_first_token", 0),
         "outcomes": dict(Counter(o.status for o in outs)),
         "not_moved_reasons": dict(Counter(o.reason for o in outs if o.status not in ("moved", "recomputed"))),
         "migrations": len(moved),
@@ -291,11 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     scales = sorted({float(s) for s in args.rates.split(",") if s.strip()})
     rebalancer = RebalancerConfig.model_validate({**json.loads(args.rebalancer), "enabled": True})
     migration = MigrationConfig.model_validate(json.loads(args.migration))
-    provenance = bench_provenance.provenance([POLICY])
+    policy = args.policy
+    provenance = bench_provenance.provenance([policy])
     probe = SimInstance.from_config(engine_config(args.profile, args.compute_derate))
     trace, dropped = _load(args, probe.max_model_len)
     _TRACE = trace
-    params = _params_for(POLICY, {}, args.slo_ttft_ms)
+    params = _params_for(policy, {}, args.slo_ttft_ms)
     base_cfg = ReplayConfig(
         num_instances=args.instances,
         scale=1.0,
@@ -307,16 +317,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         migration=migration,
     )
     tasks = [
-        (dataclasses.replace(base_cfg, scale=s), r) for s in reversed(scales) for r in (None, rebalancer)
+        (policy, dataclasses.replace(base_cfg, scale=s), r)
+        for s in reversed(scales)
+        for r in (None, rebalancer)
     ]
     print(f"{len(trace.requests)} requests, {trace.rate:.3f} req/s; {len(tasks)} runs", file=sys.stderr)
     results: dict[tuple[float, bool], RunResult] = {}
     with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
         for task, res in zip(tasks, pool.imap(_run_task, tasks), strict=True):
-            results[(task[0].scale, task[1] is not None)] = res
+            results[(task[1].scale, task[2] is not None)] = res
             r = res.replay
             print(
-                f"x{r.scale:g} {'with' if task[1] else 'without'} rebalancer: attainment "
+                f"x{r.scale:g} {'with' if task[2] else 'without'} rebalancer: attainment "
                 f"{metrics.slo_attainment(r.ttft_s, slo_s):.3f}, {len(res.outcomes)} migrations tried "
                 f"({r.cpu_s:.0f} s cpu)",
                 file=sys.stderr,
@@ -325,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     transfer = KvTransferCost.from_profile(load_profile(args.profile), block_size=probe.block_size)
     doc: dict[str, Any] = {
         **_describe(args, trace, dropped, probe),
-        "policy": POLICY,
+        "policy": policy,
         "policy_params": params,
         "rebalancer": rebalancer.model_dump(),
         "migration": migration.model_dump(),
@@ -354,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": command,
         "provenance": {
             **{k: v for k, v in provenance.items() if k != "policy_sources"},
-            "policy_source": provenance["policy_sources"][POLICY],
+            "policy_source": provenance["policy_sources"][policy],
             "rebalancer_sha256_16": _file_digest(rebalancer_module),
         },
         "python": platform.python_version(),
@@ -365,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     (out / "summary.md").write_text(render_summary(doc), encoding="utf-8")
-    title = f"{Path(args.trace).name}, {args.instances} x {args.profile}, {POLICY}"
+    title = f"{Path(args.trace).name}, {args.instances} x {args.profile}, {policy}"
     plots.plot_latency_cdfs(
         {
             r["scale"]: {
@@ -436,10 +448,9 @@ def render_summary(doc: Mapping[str, Any]) -> str:
         lines.append(
             f"- x{run['scale']:g}: {st['passes']} passes ({st['passes_with_overload']} with an overloaded "
             f"instance, {st['passes_with_overload_but_no_destination']} of them with no instance able to "
-            "take work) planned "
-            f"{st['planned_moves']} moves "
-            f"({st['planned_by_reason']}); outcomes {st['outcomes']}; not moved: {st['not_moved_reasons']}; "
-            f"pre-copy stages {st['stages']}."
+            f"take work) planned {st['planned_moves']} moves ({st['planned_before_first_token']} of them of "
+            f"requests without a first token; {st['planned_by_reason']}); outcomes {st['outcomes']}; "
+            f"not moved: {st['not_moved_reasons']}; pre-copy stages {st['stages']}."
         )
     for run in doc["runs"]:
         b = run["without"]["slo_misses_by_burst"]
