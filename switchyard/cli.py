@@ -113,6 +113,18 @@ def _build_parser() -> argparse.ArgumentParser:
         "--peering", default=None, help="Kopf peering object for several replicas (default: standalone)"
     )
     op.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    op.add_argument(
+        "--autoscale-interval-s",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="seconds between two router scrapes / autoscaler decisions per LLMService (default 30)",
+    )
+    op.add_argument(
+        "--router-url",
+        default=argparse.SUPPRESS,
+        help="where routers are reached, with {router} {namespace} {port} {service} placeholders "
+        "(default: the in-cluster Service; a port-forward when the operator runs outside)",
+    )
 
     from switchyard.kvcache import cli as kvcache_cli
 
@@ -211,15 +223,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "operator":
         import os
 
+        from switchyard.operator.settings import OperatorOptions
+
+        given = vars(args)
+        try:
+            options = OperatorOptions(
+                kubeconfig=args.kubeconfig or os.environ.get("KUBECONFIG"),
+                **{k: given[k] for k in ("autoscale_interval_s", "router_url") if k in given},
+            )
+        except ValidationError as exc:
+            parser.exit(2, f"switchyard operator: {_format_validation_error(exc)}\n")
         if args.kubeconfig:  # Kopf's own login reads it too (before `kubernetes` is imported)
             os.environ["KUBECONFIG"] = args.kubeconfig
         from switchyard.operator.run import run_operator
 
         return run_operator(
-            namespaces=args.namespace,
-            kubeconfig=os.environ.get("KUBECONFIG"),
-            peering=args.peering,
-            liveness_endpoint=args.liveness,
+            namespaces=args.namespace, options=options, peering=args.peering, liveness_endpoint=args.liveness
         )
     if args.command == "kvcache-server":
         from switchyard.kvcache.cli import run as run_kvcache_server

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from switchyard.config import GatewayConfig, RouterConfig
+from switchyard.config import GatewayConfig, RebalancerConfig, RouterConfig
 from switchyard.operator.crd_base import (
     API_GROUP,
     API_VERSION,
@@ -142,8 +142,22 @@ class SloSpec(CrdModel):
 class MigrationSpec(CrdModel):
     """Live KV migration of running requests between instances."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel(("self.enabled || !self.rebalance", "rebalance needs migration.enabled"))
+    )
+
     enabled: bool = True
-    """Rebalance and drain by migrating requests with their KV cache; off falls back to token replay."""
+    """Load the KV-transfer connector (NIXL) in every vLLM engine, so drains before scale-in move
+    requests with their KV cache; off, a drain waits for requests to finish instead."""
+
+    rebalance: bool = False
+    """Run the router's hotspot rebalancer, which migrates requests off overloaded instances."""
+
+    @model_validator(mode="after")
+    def _rebalance_needs_migration(self) -> MigrationSpec:
+        if self.rebalance and not self.enabled:
+            raise ValueError("router.migration.rebalance needs router.migration.enabled")
+        return self
 
 
 class RouterSpec(CrdModel):
@@ -175,6 +189,7 @@ class RouterSpec(CrdModel):
             grpc_host="0.0.0.0",
             grpc_port=grpc_port,
             max_failover_attempts=self.max_failover_attempts,
+            rebalancer=RebalancerConfig(enabled=self.migration.rebalance),
         )
 
 

@@ -36,7 +36,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from switchyard.config import GatewayConfig, PoolConfig, ServeConfig
+from switchyard.config import EngineConfig, GatewayConfig, KvTransferConfig, PoolConfig, ServeConfig
+from switchyard.operator.crd_base import EngineSpec
 from switchyard.operator.models import LLMServiceSpec, ServingPoolSpec
 from switchyard.operator.render_kvcache import kvcache_children
 from switchyard.operator.render_pods import (
@@ -98,19 +99,27 @@ def serve_config(
 ) -> ServeConfig:
     """The ``ServeConfig`` the router pods start from; one ``PoolConfig`` per attached pool."""
     model, name = model_path(spec), served_name(service, spec)
+    # Migration on: every engine loads the KV-transfer connector. Its loopback handshake address
+    # is replaced by the pod's own in the instance actor (``with_reachable_kv_endpoint``).
+    kv = {"kv_transfer": KvTransferConfig()} if spec.router.migration.enabled else {}
+
+    def engine(e: EngineSpec) -> EngineConfig:
+        cfg = e.engine_config(model=model, served_model_name=name)
+        return cfg.model_copy(update=kv) if cfg.kind == "vllm" else cfg
+
     pool_configs = tuple(
         PoolConfig(
             name=pool_name,
             role=pool.role,
             instances=pool.replicas,
-            engine=pool.engine.over(spec.engine).engine_config(model=model, served_model_name=name),
+            engine=engine(pool.engine.over(spec.engine)),
             ray_resource=f"pool-{pool_name}",
             instance_resource=f"{pool_name}-worker-{{index}}",
         )
         for pool_name, pool in sorted(pools.items())
     )
     return ServeConfig(
-        engine=spec.engine.engine_config(model=model, served_model_name=name),
+        engine=engine(spec.engine),
         router=spec.router.router_config(grpc_port=ports.router_grpc),
         gateway=GatewayConfig(
             host="0.0.0.0", port=spec.gateway.port, max_body_bytes=spec.gateway.max_body_bytes

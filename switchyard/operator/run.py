@@ -7,6 +7,10 @@ the handlers (which registers them) only when the operator actually runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from switchyard.operator.settings import OperatorOptions
 
 __all__ = ["run_operator"]
 
@@ -14,7 +18,7 @@ __all__ = ["run_operator"]
 def run_operator(
     *,
     namespaces: Sequence[str],
-    kubeconfig: str | None,
+    options: OperatorOptions,
     peering: str | None,
     liveness_endpoint: str | None,
 ) -> int:
@@ -22,9 +26,8 @@ def run_operator(
     import kopf
 
     import switchyard.operator.handlers  # noqa: F401  (registers the handlers)
-    from switchyard.operator.settings import OperatorOptions
 
-    memo = kopf.Memo(options=OperatorOptions(kubeconfig=kubeconfig))
+    memo = kopf.Memo(options=options)
     kopf.run(
         clusterwide=not namespaces,
         namespaces=list(namespaces),

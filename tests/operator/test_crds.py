@@ -210,6 +210,12 @@ BAD_SPECS: list[tuple[str, str, dict[str, Any], str]] = [
     ("unknown policy", "LLMService", _with(SERVICE, router={"policy": "random"}), "spec.router.policy"),
     ("no routers", "LLMService", _with(SERVICE, router={"replicas": 0}), "spec.router.replicas"),
     ("zero ttft slo", "LLMService", _with(SERVICE, router={"slo": {"ttftMs": 0}}), "ttftMs"),
+    (
+        "rebalance without migration",
+        "LLMService",
+        _with(SERVICE, router={"migration": {"enabled": False, "rebalance": True}}),
+        "rebalance needs migration.enabled",
+    ),
     ("port out of range", "LLMService", _with(SERVICE, gateway={"port": 70000}), "spec.gateway.port"),
     ("block size not a power of two", "LLMService", _with(SERVICE, engine={"blockSize": 24}), "blockSize"),
     ("misspelt field", "LLMService", _with(SERVICE, routr={"policy": "dualmap"}), "'routr' was unexpected"),

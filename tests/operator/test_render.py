@@ -184,6 +184,23 @@ def test_router_config_lists_every_pool_with_its_ray_resource() -> None:
     assert str(decode.engine.model) == "/models/Meta-Llama-3.1-8B-Instruct"
 
 
+@pytest.mark.parametrize(
+    ("migration", "kv_transfer", "rebalancer"),
+    [({}, True, False), ({"rebalance": True}, True, True), ({"enabled": False}, False, False)],
+)
+def test_migration_spec_loads_the_kv_connector_and_the_rebalancer(
+    migration: dict[str, Any], kv_transfer: bool, rebalancer: bool
+) -> None:
+    """``router.migration`` decides whether every vLLM engine loads the KV-transfer connector
+    (drain by migration) and whether the router runs the hotspot rebalancer."""
+    svc = service_spec(router={"migration": migration})
+    children = by_key(service_children(owner("LLMService", "llama-pd"), svc, {"p": pool_spec()}))
+    config = ServeConfig.model_validate_json(children["ConfigMap", "llama-pd-config"]["data"]["serve.json"])
+    engines = [config.engine, *(p.engine for p in config.pools)]
+    assert [e is not None and e.kv_transfer is not None for e in engines] == [kv_transfer] * len(engines)
+    assert config.router.rebalancer.enabled is rebalancer
+
+
 def test_router_pods_roll_when_the_config_changes() -> None:
     """The router reads its config once, so its pod template carries a hash of it."""
     svc, o = service_spec(), owner("LLMService", "llama-pd")

@@ -127,3 +127,15 @@ def test_loopback_kv_endpoint_is_replaced_by_the_advertised_address() -> None:
     explicit = EngineConfig(kv_transfer=KvTransferConfig(side_channel_host="10.9.9.9"))
     assert with_reachable_kv_endpoint(explicit, "10.1.2.3") == explicit
     assert with_reachable_kv_endpoint(EngineConfig(), "10.1.2.3") == EngineConfig()
+
+
+def test_operator_flags_are_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    """`switchyard operator` options go through OperatorOptions: a bad value exits 2 naming it."""
+    with pytest.raises(SystemExit) as exc:
+        main(["operator", "--autoscale-interval-s", "0"])
+    assert exc.value.code == 2
+    assert "autoscale_interval_s" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["operator", "--router-url", "http://{nope}:1"])
+    assert exc.value.code == 2
+    assert "router_url" in capsys.readouterr().err
