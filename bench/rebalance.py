@@ -47,7 +47,7 @@ from switchyard.config import MigrationConfig, RebalancerConfig
 from switchyard.router import rebalancer as rebalancer_module
 from switchyard.router.policies import POLICIES
 from switchyard.router.rebalancer import InstanceLoad, Move, fleet_loads, plan_rebalance
-from switchyard.workers.sim_cost import KvTransferCost, available_profiles, load_profile
+from switchyard.workers.sim_cost import KvTransferCost, KvTransferProfile, available_profiles, load_profile
 from switchyard.workers.sim_instance import SimInstance
 from switchyard.workers.sim_migration import SimMigrationOutcome
 
@@ -187,6 +187,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-report-interval-ms", type=float, default=50.0)
     p.add_argument("--rebalancer", default="{}", help="JSON overrides of RebalancerConfig fields")
     p.add_argument("--migration", default="{}", help="JSON overrides of MigrationConfig fields")
+    p.add_argument("--kv-transfer", default="{}", help="JSON overrides of the profile's kv_transfer link")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start-s", type=float, default=0.0)
@@ -303,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy = args.policy
     provenance = bench_provenance.provenance([policy])
     probe = SimInstance.from_config(engine_config(args.profile, args.compute_derate))
+    link = load_profile(args.profile).kv_transfer.model_copy(update=json.loads(args.kv_transfer))
+    link = KvTransferProfile.model_validate(link.model_dump())  # validate the overrides
     trace, dropped = _load(args, probe.max_model_len)
     _TRACE = trace
     params = _params_for(policy, {}, args.slo_ttft_ms)
@@ -315,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy_params=params,
         seed=args.seed,
         migration=migration,
+        kv_transfer=link,
     )
     tasks = [
         (policy, dataclasses.replace(base_cfg, scale=s), r)
@@ -334,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    transfer = KvTransferCost.from_profile(load_profile(args.profile), block_size=probe.block_size)
+    profile = load_profile(args.profile).model_copy(update={"kv_transfer": link})
+    transfer = KvTransferCost.from_profile(profile, block_size=probe.block_size)
     doc: dict[str, Any] = {
         **_describe(args, trace, dropped, probe),
         "policy": policy,
@@ -343,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "migration": migration.model_dump(),
         "kv_transfer": {
             **dataclasses.asdict(transfer),
-            "link": load_profile(args.profile).kv_transfer.link,
+            "link": link.link,
             "transfer_s_of_128_blocks": transfer.transfer_s(128),
         },
         "runs": [],

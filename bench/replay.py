@@ -42,7 +42,7 @@ from switchyard.messages import (
 from switchyard.router.policies import make_policy
 from switchyard.router.registry import InstanceRegistry, InstanceState
 from switchyard.router.ttft_estimator import TtftFeedback
-from switchyard.workers.sim_cost import KvTransferCost, load_profile
+from switchyard.workers.sim_cost import KvTransferCost, KvTransferProfile, load_profile
 from switchyard.workers.sim_fleet import SimFleet
 from switchyard.workers.sim_instance import SimInstance, StepResult
 
@@ -66,6 +66,8 @@ class ReplayConfig:
     """Salt of the synthesized prompt tokens."""
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     """How ``SimFleet.migrate`` stages a move (only used when something migrates: ``bench.rebalance``)."""
+    kv_transfer: KvTransferProfile | None = None
+    """The link migrations are priced on; None takes the profile's."""
 
 
 @dataclass(slots=True)
@@ -125,7 +127,10 @@ class _Replay:
         ecfg = engine_config(cfg.profile, cfg.compute_derate)
         vocab = load_profile(cfg.profile).model.vocab
         self.instances = [_MeteredInstance.build(ecfg, f"sim-{i:02d}") for i in range(cfg.num_instances)]
-        kv = KvTransferCost.from_profile(load_profile(cfg.profile), block_size=ecfg.block_size)
+        profile = load_profile(cfg.profile)
+        if cfg.kv_transfer is not None:
+            profile = profile.model_copy(update={"kv_transfer": cfg.kv_transfer})
+        kv = KvTransferCost.from_profile(profile, block_size=ecfg.block_size)
         self.fleet = SimFleet(
             self.instances, on_output=self._on_output, kv_transfer=kv, migration=cfg.migration
         )
