@@ -10,7 +10,8 @@ the request is resubmitted elsewhere as its prompt plus the tokens already strea
 ``max_tokens``/``min_tokens`` reduced by as many, so the client's stream continues with no
 token lost or repeated. (Greedy decoding continues exactly; a sampled request continues
 from the same text with fresh randomness.) Load arrives by push: one subscription task per
-instance feeds the registry, which also counts what this router dispatched since.
+instance (``instance_links.py``) feeds the registry, which also counts what this router
+dispatched since.
 
 Live migration (``migrate``) moves a streaming request to another instance with its KV cache
 (``workers/migration.py``); the per-request upstream is a ``MovableStream``, which switches
@@ -42,16 +43,10 @@ from switchyard.errors import (
     EngineRequestError,
     MigrationError,
     ModelNotFoundError,
-    SwitchyardError,
 )
-from switchyard.messages import (
-    EngineOutput,
-    FinishReason,
-    InstanceInfo,
-    Membership,
-    RoutingRequest,
-)
+from switchyard.messages import EngineOutput, FinishReason, InstanceInfo, Membership, RoutingRequest
 from switchyard.router.drain import DrainResult, drain_instance
+from switchyard.router.instance_links import InstanceLinks
 from switchyard.router.movable_stream import MovableStream
 from switchyard.router.policies import RoutingDecision, RoutingOutcome, make_policy
 from switchyard.router.rebalancer import Rebalancer
@@ -63,9 +58,6 @@ from switchyard.workers.migration import MigrationCoordinator, MigrationOutcome,
 __all__ = ["RouterCore"]
 
 logger = logging.getLogger(__name__)
-
-_LOAD_RETRY_MIN_S = 0.1
-_LOAD_RETRY_MAX_S = 2.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,14 +84,15 @@ class RouterCore:
         migration: MigrationConfig | None = None,
     ) -> None:
         self._config = config
-        self._connector = connector or WorkerClient.for_instance
         self._clock = clock
         self._registry = InstanceRegistry(clock=clock)
         self._policy = make_policy(config.policy, config.policy_params, clock=clock)
         self._policy_name = config.policy
-        self._clients: dict[str, WorkerClient] = {}
-        self._load_tasks: dict[str, asyncio.Task[None]] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._links = InstanceLinks(
+            self._registry,
+            connector=connector or WorkerClient.for_instance,
+            load_report_interval_s=config.load_report_interval_s,
+        )
         self._changed = asyncio.Event()  # set and replaced on every membership change
         self._decisions: deque[_DecisionRecord] = deque(maxlen=config.decision_log_size)
         self._model_metrics: dict[str, metrics.ModelRequestMetrics] = {}
@@ -113,18 +106,17 @@ class RouterCore:
         self._migrator = MigrationCoordinator(migration, clock=clock)
         self._streams: dict[str, MovableStream] = {}  # request id -> its upstream, for migrate()
         self._rebalancer: asyncio.Task[None] | None = None
-        self._started = False
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Begin following the load of every member (also those applied before start)."""
-        self._started = True
-        for iid, client in self._clients.items():
-            self._start_load(iid, client)
+        self._links.follow_load()
         if self._config.rebalancer.enabled and self._rebalancer is None:
-            self._rebalancer = self._spawn(Rebalancer(self, self._config.rebalancer, clock=self._clock).run())
+            self._rebalancer = self._links.spawn(
+                Rebalancer(self, self._config.rebalancer, clock=self._clock).run()
+            )
 
     async def close(self) -> None:
         """Drop every instance (their in-flight requests fail) and stop background work."""
@@ -135,8 +127,7 @@ class RouterCore:
         self._changed.set()
         if self._rebalancer is not None:
             self._rebalancer.cancel()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._links.close()
 
     @property
     def ready(self) -> bool:
@@ -167,11 +158,9 @@ class RouterCore:
                 logger.warning("ignoring membership v%s: not newer than v%s", m.version, current.version)
             return
         for info in diff.removed:
-            self._drop(info.instance_id)
+            self._links.remove(info.instance_id)
         for info in diff.added:
-            client = self._clients[info.instance_id] = self._connector(info)
-            if self._started:
-                self._start_load(info.instance_id, client)
+            self._links.add(info)
         self._policy.on_membership(sorted(m.instances, key=lambda i: i.instance_id))
         metrics.INSTANCES.clear()
         for model, n in Counter(i.model for i in m.instances).items():
@@ -192,51 +181,6 @@ class RouterCore:
     def served_models(self) -> dict[str, InstanceInfo]:
         """Served model name -> one of its instances (for ``/v1/models`` and context limits)."""
         return self._registry.models()
-
-    def _drop(self, instance_id: str) -> None:
-        task = self._load_tasks.pop(instance_id, None)
-        if task is not None:
-            task.cancel()
-        client = self._clients.pop(instance_id, None)
-        if client is not None:
-            self._spawn(client.close())
-        metrics.forget_instance(instance_id)
-
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
-
-    def _start_load(self, instance_id: str, client: WorkerClient) -> None:
-        if instance_id not in self._load_tasks:
-            self._load_tasks[instance_id] = self._spawn(self._follow_load(instance_id, client))
-
-    async def _follow_load(self, instance_id: str, client: WorkerClient) -> None:
-        """Feed one instance's load reports into the registry, resubscribing after failures."""
-        running = metrics.INSTANCE_RUNNING.labels(instance_id)
-        waiting = metrics.INSTANCE_WAITING.labels(instance_id)
-        kv_usage = metrics.INSTANCE_KV_USAGE.labels(instance_id)
-        backoff = _LOAD_RETRY_MIN_S
-        while True:
-            try:
-                async for report in client.stream_load(self._config.load_report_interval_s):
-                    if self._registry.on_load_report(instance_id, report) is None:
-                        return  # departed; the task is being cancelled anyway
-                    running.set(report.num_running)
-                    waiting.set(report.num_waiting)
-                    kv_usage.set(report.kv_usage)
-                    backoff = _LOAD_RETRY_MIN_S
-                reason = "stream ended"
-            except SwitchyardError as exc:
-                reason = str(exc)
-            except Exception:
-                logger.exception("instance %s: load stream failed unexpectedly", instance_id)
-                reason = "unexpected error"
-            if self._registry.mark_down(instance_id):
-                logger.warning("instance %s: load stream lost (%s); routing around it", instance_id, reason)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _LOAD_RETRY_MAX_S)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -311,7 +255,7 @@ class RouterCore:
                 epoch = self._registry.on_dispatched(state, n_in)
                 self._policy.on_dispatched(req, decision)
                 t_dispatch = clock()
-                stream = MovableStream(req.request_id, iid, self._clients[iid].generate(engine_req))
+                stream = MovableStream(req.request_id, iid, self._links[iid].generate(engine_req))
                 self._streams[req.request_id] = stream
                 prefilled = False
                 cached = 0
@@ -394,7 +338,7 @@ class RouterCore:
         stream = self._streams.get(request_id)
         if stream is None:
             raise MigrationError(f"request {request_id!r} is not streaming through this router")
-        src, dst = self._clients.get(stream.instance_id), self._clients.get(dst_instance_id)
+        src, dst = self._links.get(stream.instance_id), self._links.get(dst_instance_id)
         if src is None or dst is None:
             raise MigrationError(
                 f"cannot move {request_id!r} from {stream.instance_id!r} to {dst_instance_id!r}"

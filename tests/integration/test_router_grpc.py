@@ -82,7 +82,7 @@ async def core(fleet: Fleet) -> AsyncIterator[RouterCore]:
     await eventually(lambda: core.ready)
     yield core
     await core.close()
-    assert not core._background, "background tasks outlived close()"
+    assert core._links.idle, "background tasks outlived close()"
 
 
 @pytest.fixture
