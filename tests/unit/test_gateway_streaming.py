@@ -1,0 +1,121 @@
+"""``until_disconnect`` and ``StopSignal``: the gateway's watch on client disconnects and shutdown.
+
+The HTTP tests (``tests/integration/test_gateway_http.py``) cover these through uvicorn; here
+each outcome is pinned down directly, including the promise the handlers rely on: when the
+work is cancelled, its cleanup (closing the core stream, which aborts the engine request) has
+finished before ``until_disconnect`` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from switchyard.router.gateway.streaming import StopSignal, until_disconnect
+
+
+class Client:
+    """An ASGI ``receive`` whose disconnect the test triggers."""
+
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+        self.calls = 0
+
+    async def receive(self) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}  # not a disconnect
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+class Work:
+    """Work that blocks until released, and records that its cleanup ran to the end."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.cleaned_up = False
+
+    async def __call__(self) -> None:
+        self.started.set()
+        try:
+            await self.release.wait()
+        finally:
+            await asyncio.sleep(0.01)  # an await in cleanup, as closing a core stream has
+            self.cleaned_up = True
+
+
+def _no_tasks_left() -> bool:
+    return asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_work_that_finishes_is_done() -> None:
+    client, work = Client(), Work()
+    work.release.set()
+    assert await until_disconnect(client.receive, work, StopSignal()) == "done"
+    assert work.cleaned_up
+    await asyncio.sleep(0)
+    assert _no_tasks_left()
+
+
+async def test_the_works_own_exception_is_raised_as_is() -> None:
+    async def fail() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await until_disconnect(Client().receive, fail, StopSignal())
+
+
+async def test_disconnect_cancels_the_work_after_its_cleanup() -> None:
+    client, work = Client(), Work()
+    task = asyncio.create_task(until_disconnect(client.receive, work, StopSignal()))
+    await work.started.wait()
+    client.gone.set()
+    assert await task == "disconnected"
+    assert work.cleaned_up
+    await asyncio.sleep(0)
+    assert _no_tasks_left()
+
+
+async def test_stopping_cancels_the_work_after_its_cleanup() -> None:
+    client, work, stopping = Client(), Work(), StopSignal()
+    task = asyncio.create_task(until_disconnect(client.receive, work, stopping))
+    await work.started.wait()
+    stopping.set()
+    assert await task == "stopping"
+    assert work.cleaned_up
+
+
+async def test_already_stopping_ends_new_work_at_once() -> None:
+    stopping = StopSignal()
+    stopping.set()
+    work = Work()
+    assert await until_disconnect(Client().receive, work, stopping) == "stopping"
+
+
+async def test_cancelling_the_caller_cancels_the_work_after_its_cleanup() -> None:
+    client, work = Client(), Work()
+    task = asyncio.create_task(until_disconnect(client.receive, work, StopSignal()))
+    await work.started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert work.cleaned_up
+    await asyncio.sleep(0)
+    assert _no_tasks_left()
+
+
+async def test_stop_signal_futures_resolve_on_set_and_do_not_pile_up() -> None:
+    stopping = StopSignal()
+    for _ in range(100):  # every finished request cancels its future: nothing is kept
+        stopping.future().cancel()
+    await asyncio.sleep(0)  # done callbacks run on the next loop iteration
+    assert not stopping._futures
+    waiting = stopping.future()
+    stopping.set()
+    assert waiting.done() and stopping.is_set()
+    assert stopping.future().done()  # set before asking: resolved at once
+    await stopping.wait()  # still an asyncio.Event
