@@ -30,15 +30,14 @@ import datetime as dt
 import itertools
 import json
 import os
-import platform
 import random
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.provenance import run_header
 from switchyard.config import EngineConfig, KvTransferConfig, MigrationConfig
 from switchyard.messages import EngineRequest, SamplingOptions
 from switchyard.router.movable_stream import MovableStream
@@ -249,17 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     measured = asyncio.run(_run(args))
     summary = summarize(measured["rows"], args.lengths)
     results = {
-        "command": "python -m bench.migration " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date_utc": started.isoformat(timespec="seconds"),
-        "duration_s": (dt.datetime.now(dt.UTC) - started).total_seconds(),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-            "accelerator": "none (vLLM CPU build)",
-        },
+        **run_header("bench.migration", argv, started, load_before),
+        "accelerator": "none (vLLM CPU build)",
         "setup": {
             "model_shape": args.shape,
             "shape_fields": MODEL_SHAPES[args.shape],

@@ -13,16 +13,20 @@ each policy's digest change with any other policy. The simulator gets one digest
 from __future__ import annotations
 
 import ast
+import datetime as dt
 import hashlib
 import importlib.util
+import os
+import platform
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from switchyard.router.policies import POLICIES
 
-__all__ = ["policy_digest", "provenance", "sim_digest"]
+__all__ = ["policy_digest", "provenance", "run_header", "sim_digest"]
 
 _TRACKED = "switchyard.router"
 _REGISTRY = "switchyard.router.policies"
@@ -108,4 +112,27 @@ def provenance(policies: Sequence[str]) -> dict[str, Any]:
         "uncommitted_switchyard_files": dirty.splitlines() if dirty else [],
         "sim_sha256_16": sim_digest(),
         "policy_sources": {name: policy_digest(name) for name in policies},
+    }
+
+
+def run_header(
+    module: str, argv: Sequence[str] | None, started: dt.datetime, load_before: tuple[float, float, float]
+) -> dict[str, Any]:
+    """What every results file starts with: the command, when, how long, and on what machine.
+
+    The load average before and after is recorded because these benchmarks run on a shared
+    2-core box: a reader can tell a quiet run from a contended one.
+    """
+    return {
+        "command": f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date_utc": started.isoformat(timespec="seconds"),
+        "duration_s": (dt.datetime.now(dt.UTC) - started).total_seconds(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
     }
