@@ -20,7 +20,6 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
-import ray
 
 from switchyard import metrics
 from switchyard.config import (
@@ -31,7 +30,8 @@ from switchyard.config import (
     RouterConfig,
     ServeConfig,
 )
-from switchyard.serve import RunningStack, start_stack
+from switchyard.serve import RunningStack
+from tests.helpers.stack import running_stack
 from tests.helpers.waiting import eventually
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.asyncio(loop_scope="module")]
@@ -60,13 +60,8 @@ async def stack(tiny_model_dir: Path) -> AsyncIterator[RunningStack]:
         gateway=GatewayConfig(port=0),
         ray_num_cpus=2,
     )
-    running = await start_stack(config)
-    try:
-        await eventually(lambda: running.core.ready, within_s=90)
+    async with running_stack(config, ready_within_s=90) as running:
         yield running
-    finally:
-        await running.stop()
-    assert not ray.is_initialized()
 
 
 def _client(stack: RunningStack) -> openai.AsyncOpenAI:

@@ -20,7 +20,8 @@ import pytest_asyncio
 import ray
 
 from switchyard.config import EngineConfig, GatewayConfig, RouterConfig, ServeConfig
-from switchyard.serve import RunningStack, start_stack
+from switchyard.serve import RunningStack
+from tests.helpers.stack import running_stack
 from tests.helpers.waiting import eventually
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.asyncio(loop_scope="module")]
@@ -44,13 +45,8 @@ async def stack(tiny_model_dir: Path) -> AsyncIterator[RunningStack]:
         gateway=GatewayConfig(port=0, max_body_bytes=64 * 1024),
         ray_num_cpus=2,
     )
-    running = await start_stack(config)
-    try:
-        await eventually(lambda: running.core.ready, within_s=60)
+    async with running_stack(config, ready_within_s=60) as running:
         yield running
-    finally:
-        await running.stop()
-    assert not ray.is_initialized()
 
 
 def _base_url(stack: RunningStack) -> str:

@@ -12,11 +12,10 @@ from collections.abc import AsyncIterator
 import openai
 import pytest
 import pytest_asyncio
-import ray
 
 from switchyard.config import EngineConfig, GatewayConfig, PoolConfig, RouterConfig, ServeConfig
-from switchyard.serve import RunningStack, start_stack
-from tests.helpers.waiting import eventually
+from switchyard.serve import RunningStack
+from tests.helpers.stack import running_stack
 
 pytestmark = [pytest.mark.ray, pytest.mark.asyncio(loop_scope="module")]
 
@@ -33,13 +32,8 @@ async def stack() -> AsyncIterator[RunningStack]:
         gateway=GatewayConfig(port=0),
         ray_num_cpus=2,
     )
-    running = await start_stack(config)
-    try:
-        await eventually(lambda: running.core.ready, within_s=30)
+    async with running_stack(config, ready_within_s=30) as running:
         yield running
-    finally:
-        await running.stop()
-    assert not ray.is_initialized()
 
 
 async def test_router_sees_every_pool_instance_with_its_role(stack: RunningStack) -> None:
