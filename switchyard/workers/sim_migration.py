@@ -19,11 +19,14 @@ effect applied to the ``SimInstance``s and its duration taken from ``KvTransferC
    admitted without KV instead (``recomputed``), as the coordinator's fallback does.
 
 **Downtime** is the coordinator's: from the suspend call to the first token on the
-destination, so it includes both step boundaries and the destination's queue. Each control
-call costs ``control_rpc_s`` (half each way) and acts at the engine's next step boundary,
-as the vLLM control channel answers from the scheduler loop. Not modelled: the source holding
-its blocks during the tail pull (they are freed at the suspend), the 1-token compute of a
-shadow request, and link contention between concurrent transfers.
+destination, so it includes the step boundaries and the destination's queue. Each control
+call costs ``control_rpc_s`` (half each way) and acts at the engine's next step boundary, as
+the migration connector answers from the scheduler loop; a snapshot that hands out a ticket
+and a suspend that holds blocks answer one step later still, because the connector publishes
+a reply only once the step after its send registration is scheduled (``kv_connector.py``).
+Not modelled: the source holding its blocks during the tail pull (they are freed at the
+suspend), the 1-token compute of a shadow request, link contention between concurrent
+transfers, and an idle source that never reaches the next step (it answers at once here).
 
 Each migration is a generator that yields what it waits for (seconds, an instance's next step
 boundary, or the request's first output); :class:`VirtualMigrator` resumes it from the
@@ -192,7 +195,9 @@ class VirtualMigrator:
         src, dst = host.instances[src_id], host.instances[dst_id]
         bs, half = src.block_size, cost.control_rpc_s / 2
         out = SimMigrationOutcome(rid, "stayed", src_id, src_id, started_s=t0)
-        gone: SimMigrationStatus = "finished"  # what a request that ended (or was aborted) before its suspend did
+        gone: SimMigrationStatus = (
+            "finished"  # what a request that ended (or was aborted) before its suspend did
+        )
 
         # Size probe at the source, then the admission check against the destination's load.
         yield half
@@ -211,10 +216,12 @@ class VirtualMigrator:
             yield half
             yield src_id
             view = src.migration_view(rid)
+            full = -1 if view is None else view[0] // bs
+            if full - on_dst >= min_new:
+                yield src_id  # a ticket is published a step after its send is registered
             yield half
             if view is None:
                 return dataclasses.replace(out, status=gone, reason="gone", total_s=host.now - t0)
-            full = view[0] // bs
             if full - on_dst < min_new:
                 break  # few new blocks: the suspended stage pulls them with the tail
             yield cost.control_rpc_s + cost.transfer_s(full - dst.cached_prefix_blocks(tokens, full))
@@ -229,6 +236,8 @@ class VirtualMigrator:
         yield half
         yield src_id
         state = src.suspend(rid)
+        if state is not None and state.num_computed:
+            yield src_id  # so is a hold of the suspended request's blocks
         yield half
         if state is None:
             return dataclasses.replace(out, status=gone, reason="gone", total_s=host.now - t0)
