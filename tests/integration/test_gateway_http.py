@@ -10,6 +10,7 @@ into an engine abort.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -532,3 +533,15 @@ async def test_metrics_and_debug_routing(gw: Gateway) -> None:
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "# TYPE switchyard_routing_decisions_total counter" in metrics.text
     assert debug.json()["decisions"][0]["request_id"] == gw.core.requests[0].request_id
+
+
+async def test_gateway_freezes_the_start_up_heap_until_stopped(tokenizer: TokenizerAdapter) -> None:
+    """Objects alive at start-up (transformers, torch) leave the GC's scans; stopping undoes it."""
+    cfg = GatewayConfig(host="127.0.0.1", port=0)
+    app = build_gateway_app(FakeCore(tokenizer), tokenizers={MODEL: tokenizer}, config=cfg)
+    server, task, _ = await serve_gateway(app, cfg, graceful_shutdown_s=1)
+    try:
+        assert gc.get_freeze_count() > 0
+    finally:
+        await stop_gateway(server, task)
+    assert gc.get_freeze_count() == 0
