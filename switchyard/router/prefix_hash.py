@@ -256,7 +256,8 @@ class PromptDigest:
     """Everything a cache-aware policy needs from one prompt, computed once."""
 
     key: bytes
-    """vLLM-equal chain hash of the first ``prefix_blocks`` blocks: the ring key."""
+    """vLLM-equal chain hash of the first ``prefix_blocks`` blocks: the ring key (``b""`` when
+    the hasher was built with ``prefix_blocks=0``: a policy that uses no key pays for none)."""
     fingerprints: list[int]
     """Chunk fingerprints (:func:`chunk_fingerprints`) of the whole prompt."""
     ends: Sequence[int]
@@ -327,8 +328,9 @@ class PromptHasher:
         tokens = req.prompt_token_ids
         n = len(tokens)
         ends = _ends(block_size, self._chunk_blocks, n // block_size)
+        prefix_blocks = self._prefix_blocks
         d = PromptDigest(
-            key=self.hasher(block_size).prefix_key(tokens, self._prefix_blocks),
+            key=self.hasher(block_size).prefix_key(tokens, prefix_blocks) if prefix_blocks else b"",
             fingerprints=chunk_fingerprints(tokens, ends, math.gcd(self._stride, block_size)),
             ends=ends,
             num_tokens=n,

@@ -283,3 +283,25 @@ def test_decisions_for_8k_token_prompts_take_microseconds_not_milliseconds() -> 
         policy.on_finished(req.request_id, decision.instance_id, num_cached_tokens=6144)
         held.append(req)
     assert statistics.median(cpu[50:]) < 1_000_000
+
+
+def test_memoised_ring_pairs_match_the_rings_stay_bounded_and_follow_liveness(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The per-view memo of ring pairs answers as the rings do, holds at most its size, and a
+    liveness change (a new fleet view) is seen at once."""
+    monkeypatch.setattr("switchyard.router.policies.dualmap._PAIR_MEMO_SIZE", 4)
+    registry = make_registry(6)
+    policy = dualmap()
+    fleet = registry.fleet("m")
+    reqs = [request(tokens(200), f"r{n}") for n in range(10)]
+    for req in reqs * 2:  # the second pass hits the memo for the last four keys
+        decision = policy.choose(req, fleet)
+        key = policy._hasher.digest(req, BLOCK).key
+        expected = policy._rings["m"].candidates(key, lambda iid: fleet.get(iid) is not None)
+        assert ring_pair(decision) == expected
+        policy.on_dispatched(req, decision)
+    assert len(policy._pairs["m"]) == 4
+    c1, _ = ring_pair(policy.choose(reqs[-1], fleet))
+    registry.mark_down(c1)
+    assert c1 not in policy.choose(reqs[-1], registry.fleet("m")).candidates

@@ -35,6 +35,7 @@ is computed once per request and reused by ``on_dispatched``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -54,6 +55,7 @@ __all__ = ["DualMapParams", "DualMapPolicy", "EstimatorParams"]
 
 _DEFAULT_CAPACITY_TOKENS = 1 << 20  # record size before an instance reports its KV capacity
 _MAX_INFLIGHT = 1 << 16  # dispatch records kept for feedback; older ones are dropped
+_PAIR_MEMO_SIZE = 1 << 14  # ring pairs memoised per model (~2 MB at most)
 _REASON_BETTER = "lower estimated TTFT of the two ring candidates"
 _REASON_SINGLE = "the only live instance on the rings"
 _REASON_SWITCH = "both candidates over the TTFT SLO: lowest estimate fleet-wide"
@@ -187,6 +189,7 @@ class DualMapPolicy(PolicyBase):
         )
         self._rings: dict[str, DualRing] = {}
         self._synced: dict[str, FleetView] = {}  # model -> the fleet view last checked against its ring
+        self._pairs: dict[str, OrderedDict[bytes, tuple[str, str]]] = {}  # model -> key -> pair, for _synced
         self._infos: dict[str, InstanceInfo] = {}
         self._records: dict[str, PrefixRecord] = {}
         self._trust: dict[str, float] = {}
@@ -212,6 +215,7 @@ class DualMapPolicy(PolicyBase):
         for model, ids in by_model.items():
             self._ring_of(model).sync(ids)
         self._synced.clear()
+        self._pairs.clear()
 
     def _forget(self, instance_id: str) -> None:
         self._records.pop(instance_id, None)
@@ -225,14 +229,30 @@ class DualMapPolicy(PolicyBase):
             ring = self._rings[model] = DualRing(seeds=p.ring_seeds, virtual_nodes=p.virtual_nodes)
         return ring
 
-    def _ring(self, fleet: FleetView) -> DualRing:
-        ring = self._ring_of(fleet.model)
-        if self._synced.get(fleet.model) is not fleet:  # a new view: membership or liveness changed
+    def _candidates(self, key: bytes, fleet: FleetView) -> tuple[str, str]:
+        """The ring pair for ``key`` among ``fleet``'s live instances, memoised per fleet view.
+
+        A view fixes membership and liveness, so the pair of a key cannot change while the view
+        lasts; requests sharing a prefix share the key and skip the two ring walks (~3.5 µs of
+        the ~45 µs decision). A new view, or a membership change, starts a new memo.
+        """
+        model = fleet.model
+        if self._synced.get(model) is not fleet:  # a new view: membership or liveness changed
+            ring = self._ring_of(model)
             for s in fleet.instances:  # covers use without on_membership (tests, tools)
                 if s.info.instance_id not in ring:
                     ring.add(s.info.instance_id)
-            self._synced[fleet.model] = fleet
-        return ring
+            self._synced[model] = fleet
+            self._pairs[model] = OrderedDict()
+        pairs = self._pairs[model]
+        pair = pairs.get(key)
+        if pair is None:
+            get = fleet.get
+            pair = self._rings[model].candidates(key, lambda iid: get(iid) is not None)
+            if len(pairs) >= _PAIR_MEMO_SIZE:
+                pairs.popitem(last=False)  # oldest first, O(1); a hot key evicted comes right back
+            pairs[key] = pair
+        return pair
 
     # -- the decision -----------------------------------------------------------------------------
 
@@ -250,7 +270,7 @@ class DualMapPolicy(PolicyBase):
     def choose(self, req: RoutingRequest, fleet: FleetView) -> RoutingDecision:
         d = self._hasher.digest(req, fleet.instances[0].info.block_size)
         get = fleet.get
-        c1, c2 = self._ring(fleet).candidates(d.key, lambda iid: get(iid) is not None)
+        c1, c2 = self._candidates(d.key, fleet)
         s1 = get(c1)
         assert s1 is not None
         first = self._score(s1, d)

@@ -67,9 +67,9 @@ class PrefixTreePolicy(PolicyBase):
         super().__init__(params, clock=clock)
         p = params if isinstance(params, PrefixTreeParams) else PrefixTreeParams()
         self._p = p
-        # Only the chunk fingerprints are used; the one-block ring key is a by-product.
+        # Only the chunk fingerprints are used: no ring key (prefix_blocks=0 skips its SHA-256).
         self._hasher = PromptHasher(
-            prefix_blocks=1, chunk_blocks=p.chunk_blocks, sample_stride=p.sample_stride
+            prefix_blocks=0, chunk_blocks=p.chunk_blocks, sample_stride=p.sample_stride
         )
         self._tree: OrderedDict[int, dict[str, None]] = OrderedDict()
         self._size: dict[str, int] = {}  # nodes per instance
