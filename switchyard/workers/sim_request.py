@@ -92,8 +92,9 @@ class SimSuspended:
         """From the client's request and the outputs so far (a ``SuspendedRequest``'s fields)."""
         s = req.sampling
         prompt = tuple(req.prompt_token_ids)
+        # The source's prefix hit does not travel in a SuspendedRequest: 0, as vLLM reports an unknown one.
         return cls(
-            req.request_id, prompt, tuple(outputs), s.max_tokens, s.min_tokens, _stop_ids(s), -1, num_computed
+            req.request_id, prompt, tuple(outputs), s.max_tokens, s.min_tokens, _stop_ids(s), 0, num_computed
         )
 
 

@@ -8,8 +8,17 @@ from typing import Any
 
 import pytest
 
-from switchyard.config import MigrationConfig
-from switchyard.messages import EngineOutput, EngineRequest, FinishReason, SamplingOptions
+from switchyard.config import MigrationConfig, RouterConfig
+from switchyard.messages import (
+    EngineOutput,
+    EngineRequest,
+    FinishReason,
+    InstanceInfo,
+    Membership,
+    RoutingRequest,
+    SamplingOptions,
+)
+from switchyard.router.core import RouterCore
 from switchyard.router.movable_stream import MovableStream
 from switchyard.workers.migration import EnginePeer, MigrationCoordinator
 from switchyard.workers.sim_cost import KvTransferCost, StepCostModel, available_profiles, load_profile
@@ -17,6 +26,7 @@ from switchyard.workers.sim_engine import SimEngine
 from switchyard.workers.sim_fleet import SimFleet
 from switchyard.workers.sim_instance import SimInstance, simulated_token_id
 from switchyard.workers.sim_migration import SimMigrationOutcome, admission_blocks
+from switchyard.workers.worker_server import start_worker_server
 
 PROFILE = load_profile("llama3.1-8b-h100")
 COST = StepCostModel.from_profile(PROFILE)
@@ -353,3 +363,57 @@ async def test_sim_engine_without_a_transfer_model_refuses_and_the_request_stays
     assert outcome is not None and (outcome.status, outcome.instance_id) == ("stayed", "a")
     assert got == expected_tokens("r", 12) and a.kv_bytes_per_block == 0
     await asyncio.gather(a.close(), b.close())
+
+
+async def test_router_drains_sim_workers_over_grpc_by_migration() -> None:
+    """Through real Worker gRPC servers, ``RouterCore.drain`` moves every stream off a simulated
+    instance and each client sees its uninterrupted token sequence."""
+    engines = {iid: SimEngine(make_instance(iid), kv_transfer=KV) for iid in ("w0", "w1")}
+    servers, infos = [], {}
+    for iid, engine in engines.items():
+
+        def info(port: int, iid: str = iid) -> InstanceInfo:
+            return InstanceInfo(
+                iid,
+                f"127.0.0.1:{port}",
+                "sim",
+                engine="sim",
+                block_size=BS,
+                kv_bytes_per_block=KV.bytes_per_block,
+            )
+
+        server, port = await start_worker_server(engine, info, host="127.0.0.1", load_interval_s=0.02)
+        servers.append(server)
+        infos[iid] = info(port)
+    core = RouterCore(RouterConfig(policy="round_robin", load_report_interval_s=0.02))
+    core.apply_membership(Membership(1, (infos["w0"],)))  # every request lands on w0
+    await core.start()
+    for _ in range(200):
+        if core.ready:
+            break
+        await asyncio.sleep(0.01)
+
+    started = {rid: asyncio.Event() for rid in ("a", "b")}
+
+    async def client(rid: str) -> list[EngineOutput]:
+        sampling, outs = SamplingOptions(max_tokens=60, ignore_eos=True), []
+        async for out in core.generate(RoutingRequest(rid, "sim", tuple(range(300)), sampling)):
+            outs.append(out)
+            if len(outs) == 5:  # a few tokens in
+                started[rid].set()
+        return outs
+
+    tasks = {rid: asyncio.create_task(client(rid)) for rid in started}
+    await asyncio.gather(*(e.wait() for e in started.values()))
+    core.apply_membership(Membership(2, tuple(infos.values())))
+    result = await core.drain("w0", timeout_s=20.0)
+    assert sorted(result.moved) == ["a", "b"] and result.complete, result
+    for rid, task in tasks.items():
+        outs = await task
+        assert [t for o in outs for t in o.token_ids] == expected_tokens(rid, 60)
+        assert outs[-1].finished and outs[-1].instance_id == "w1"
+        assert all(o.num_prompt_tokens == 300 for o in outs)
+    await core.close()
+    for server in servers:
+        await server.stop(None)
+    await asyncio.gather(*(e.close() for e in engines.values()))
