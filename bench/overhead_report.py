@@ -44,6 +44,14 @@ def _decision_table(dec: dict[str, Any]) -> list[str]:
             f"{', '.join(_f(v, 1) for v in wall['p99_us_per_rep'])} | {_f(cpu['p50_us'])} | "
             f"{_f(cpu['p99_us'])} | {_f(r['ratio_p50_wall_vs_trivial'], 1)}x | {met} |"
         )
+    ctrl = dec.get("control_fixed_work")
+    if ctrl is not None:
+        cw, cc = ctrl["wall"], ctrl["cpu"]
+        rows.append(
+            f"| *fixed CPU work (control)* | — | {_f(cw['p50_us'])} | {_f(cw['p99_us'])} | "
+            f"{', '.join(_f(v, 1) for v in cw['p99_us_per_rep'])} | {_f(cc['p50_us'])} | "
+            f"{_f(cc['p99_us'])} | — | — |"
+        )
     per_rep = base["decisions_per_rep"]
     return [f"Median over {reps} repetitions of {per_rep:,} timed decisions each.", "", *rows]
 
@@ -100,8 +108,7 @@ def write_summary(results: dict[str, Any], path: Path) -> None:
         f"## 2. End to end: {s['processes']}",
         "",
         f"Engine: {s['engine']}. Prompt: {s['prompt_tokens']} tokens. Router policy: `{s['policy']}`. "
-        f"Each number is the {s['statistic']}. Added = path minus direct in the same round; "
-        "ratio = path / direct.",
+        f"Each number is the {s['statistic']}. Added = path minus direct; ratio = path / direct.",
         "",
         f"### 2a. Held: {s['streams']:,} streams open through the path, {s['probes_per_round']} probe "
         "requests one at a time",
@@ -133,7 +140,8 @@ def write_summary(results: dict[str, Any], path: Path) -> None:
         added = g.get("added_p99_ms_vs_direct")
         verdict = "met" if added is not None and added < ADDED_P99_TARGET_MS else "NOT met"
         target = f"Gateway+router added P99 < {ADDED_P99_TARGET_MS:.0f} ms"
-        lines.append(f"- {target}, {scenario}: {verdict} ({_f(added)} ms).")
+        per_round = ", ".join(_f(x) for x in g.get("added_p99_ms_per_round", []))
+        lines.append(f"- {target}, {scenario}: {verdict} ({_f(added)} ms; per round: {per_round}).")
     lines.append("")
     path.write_text("\n".join(lines))
 
@@ -163,6 +171,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     dec = results["decisions"]
     pnames = ["trivial", *dec["policies"]]
     rows = [dec["baseline_trivial"], *dec["policies"].values()]
+    if "control_fixed_work" in dec:
+        pnames.append("fixed-work\ncontrol")
+        rows.append(dec["control_fixed_work"])
     xs = range(len(pnames))
     ax = axes[2]
     ax.bar([i - 0.2 for i in xs], [r["wall"]["p50_us"] for r in rows], 0.4, label="P50 wall")

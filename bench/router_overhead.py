@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/router-overhead"))
     parser.add_argument("--streams", type=int, default=1000, help="held streams, and the burst size")
     parser.add_argument("--rounds", type=int, default=3, help="end-to-end rounds; medians are reported")
-    parser.add_argument("--probes", type=int, default=300, help="requests per sequential/held measurement")
+    parser.add_argument("--probes", type=int, default=1000, help="requests per sequential/held measurement")
     parser.add_argument("--hold-tick-s", type=float, default=1.0, help="a held stream's seconds per token")
     parser.add_argument("--decisions", type=int, default=20000, help="timed decisions per repetition")
     parser.add_argument("--decision-reps", type=int, default=5)
