@@ -25,14 +25,13 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench.overhead_decisions import bench_decisions
 from bench.overhead_e2e import bench_e2e
 from bench.overhead_report import plot, write_summary
+from bench.provenance import run_header
 
 
 def _log(line: str) -> None:
@@ -71,16 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     results = {
-        "command": "python -m bench.router_overhead " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date_utc": started.isoformat(timespec="seconds"),
-        "duration_s": (dt.datetime.now(dt.UTC) - started).total_seconds(),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-        },
+        **run_header("bench.router_overhead", argv, started, load_before),
         "decisions": decisions,
         "e2e": e2e,
     }
