@@ -131,9 +131,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         # Warm-up: the first NIXL handshake between two engines (tens of seconds on a busy CPU,
         # past the default step deadline) and the first prefill of each shape are one-off
         # costs; a 2-block request moves both ways, with a patient coordinator, before timing.
+        # It decodes long enough after the cut to still be running when the move reaches it.
         warm = MigrationCoordinator(MigrationConfig(step_timeout_s=300), kv_bytes_per_block=bpb)
         for a, b in ((src, dst), (dst, src)):
-            outcome, _ = await _migrate_once(warm, a, b, _prompt(rng, 64), 2, 4)
+            outcome, _ = await _migrate_once(warm, a, b, _prompt(rng, 64), 2, 48)
             print(
                 f"warm-up {a.instance_id} -> {b.instance_id}: {outcome.status} {outcome.reason}", flush=True
             )
