@@ -353,20 +353,7 @@ class VLLMEngine:
         subtract prefix-cache hits, which vLLM reports only with the first output, so it
         is an upper bound on the prefill work ahead.
         """
-        s = self._load
-        return LoadReport(
-            instance_id=self._instance_id,
-            timestamp=time.monotonic(),
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            waiting_prefill_tokens=self._waiting_prefill_tokens,
-            kv_blocks_used=round(s.kv_usage * s.kv_blocks_total),
-            kv_blocks_total=s.kv_blocks_total,
-            step_time_s=s.step_time_s,
-            prefix_cache_queries_total=s.prefix_queries_total,
-            prefix_cache_hits_total=s.prefix_hits_total,
-            num_preemptions_total=s.preemptions_total,
-        )
+        return self._load.report(self._instance_id, waiting_prefill_tokens=self._waiting_prefill_tokens)
 
     async def check_health(self) -> None:
         """Raise ``EngineDeadError`` when the engine core process is gone or closed."""

@@ -14,6 +14,8 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from switchyard.messages import LoadReport
+
 __all__ = ["SchedulerLoad"]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,22 @@ class SchedulerLoad(StatLoggerBase):  # type: ignore[misc]
         self.kv_usage = scheduler_stats.kv_cache_usage
         self.prefix_queries_total += scheduler_stats.prefix_cache_stats.queries
         self.prefix_hits_total += scheduler_stats.prefix_cache_stats.hits
+
+    def report(self, instance_id: str, *, waiting_prefill_tokens: int) -> LoadReport:
+        """The latest stats as a ``LoadReport``; the adapter supplies what only it knows."""
+        return LoadReport(
+            instance_id=instance_id,
+            timestamp=time.monotonic(),
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            waiting_prefill_tokens=waiting_prefill_tokens,
+            kv_blocks_used=round(self.kv_usage * self.kv_blocks_total),
+            kv_blocks_total=self.kv_blocks_total,
+            step_time_s=self.step_time_s,
+            prefix_cache_queries_total=self.prefix_queries_total,
+            prefix_cache_hits_total=self.prefix_hits_total,
+            num_preemptions_total=self.preemptions_total,
+        )
 
     def log_engine_initialized(self) -> None:
         logger.debug("vLLM engine ready with %d KV blocks", self.kv_blocks_total)

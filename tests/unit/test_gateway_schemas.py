@@ -9,11 +9,10 @@ import pytest
 
 import switchyard.router.gateway as gateway
 from switchyard.errors import ContextLengthError, InvalidRequestError
+from switchyard.router.gateway.responses import DONE, ChunkEncoder
 from switchyard.router.gateway.schemas import (
-    DONE,
     IGNORED_FIELDS,
     ChatCompletionRequest,
-    ChunkEncoder,
     CompletionRequest,
     parse_request,
 )

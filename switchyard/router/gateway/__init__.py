@@ -7,10 +7,10 @@ the engines see only token IDs. Nothing here imports vLLM, torch or Ray.
 
 from switchyard.router.gateway.app import RouterCoreLike, build_gateway_app
 from switchyard.router.gateway.detokenizer import IncrementalDetokenizer, OutputDecoder, StopStringMatcher
+from switchyard.router.gateway.responses import ChunkEncoder
 from switchyard.router.gateway.schemas import (
     ChatCompletionRequest,
     ChatMessage,
-    ChunkEncoder,
     CompletionRequest,
     parse_request,
 )

@@ -59,14 +59,8 @@ from switchyard.messages import EngineOutput, InstanceInfo, Membership, RoutingR
 from switchyard.metrics import render_latest
 from switchyard.router.gateway import admin
 from switchyard.router.gateway.detokenizer import OutputDecoder
-from switchyard.router.gateway.schemas import (
-    ChatCompletionRequest,
-    ChunkEncoder,
-    CompletionRequest,
-    chat_completion_response,
-    completion_response,
-    parse_request,
-)
+from switchyard.router.gateway.responses import ChunkEncoder, chat_completion_response, completion_response
+from switchyard.router.gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_request
 from switchyard.router.gateway.streaming import (
     SHUTTING_DOWN,
     EventStream,

@@ -1,4 +1,4 @@
-"""OpenAI request models and response shapes, and the parser that turns a body into one.
+"""OpenAI request models, and the parser that turns a body into one.
 
 Requests are strict: wrong types are not coerced (``"max_tokens": "16"`` is a 400, not 16),
 out-of-range values are rejected here with the field path, and so are **unknown fields**: a
@@ -10,14 +10,11 @@ not implement (``n > 1``, ``logprobs``, ``echo``, ``best_of > 1``, ``suffix``) a
 that their "off" values (null, false, 1) pass and anything else gets a 400 that says it is
 unsupported. Every sampling field accepts ``null`` as "use the default", as OpenAI does.
 
-Response bodies are plain dicts in OpenAI's shapes. Streamed chunks are the hot path: a
-:class:`ChunkEncoder` serialises the constant part of a chunk once per request and splices
-each text delta into it, so a token costs one small ``json.dumps`` of the delta.
+Responses are built in ``responses.py``.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -28,17 +25,12 @@ from switchyard.errors import ContextLengthError, InvalidRequestError
 from switchyard.messages import SamplingOptions
 
 __all__ = [
-    "DONE",
     "IGNORED_FIELDS",
     "ChatCompletionRequest",
     "ChatMessage",
-    "ChunkEncoder",
     "CompletionRequest",
     "StreamOptions",
-    "chat_completion_response",
-    "completion_response",
     "parse_request",
-    "usage",
 ]
 
 #: OpenAI fields accepted and ignored: none of them changes what is generated.
@@ -301,103 +293,3 @@ def parse_request(model: type[_R], body: bytes, *, max_stop_strings: int) -> _R:
             raise InvalidRequestError(f"missing required parameter: '{path}'", param=path) from exc
         where = f"invalid value for '{path}': " if path else ""
         raise InvalidRequestError(f"{where}{first['msg']}", param=path or None) from exc
-
-
-# -- responses ------------------------------------------------------------------------------
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """OpenAI's ``usage`` object; cached prompt tokens go in ``prompt_tokens_details``."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def completion_response(
-    request_id: str, model: str, created: int, text: str, finish_reason: str | None, usage: dict[str, Any]
-) -> dict[str, Any]:
-    """A non-streamed ``text_completion``."""
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage,
-    }
-
-
-def chat_completion_response(
-    request_id: str, model: str, created: int, text: str, finish_reason: str | None, usage: dict[str, Any]
-) -> dict[str, Any]:
-    """A non-streamed ``chat.completion``."""
-    message = {"role": "assistant", "content": text, "refusal": None}
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage,
-    }
-
-
-_SLOT = "\x00slot\x00"
-#: The SSE event that ends a successful stream.
-DONE = b"data: [DONE]\n\n"
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-class ChunkEncoder:
-    """SSE chunks of one streamed request (``text_completion`` or ``chat.completion.chunk``).
-
-    Note: hot path. :meth:`delta` does one ``json.dumps`` of the new text and two bytes
-    concatenations; everything constant was serialised in ``__init__``.
-    """
-
-    __slots__ = ("_base", "_chat", "_head", "_tail", "include_usage")
-
-    def __init__(self, *, chat: bool, request_id: str, model: str, created: int, include_usage: bool) -> None:
-        self._chat = chat
-        self.include_usage = include_usage
-        self._base: dict[str, Any] = {
-            "id": request_id,
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created,
-            "model": model,
-        }
-        template = _sse(self._choice({"content": _SLOT} if chat else _SLOT, None))
-        head, tail = template.rsplit(json.dumps(_SLOT).encode(), 1)
-        self._head, self._tail = head, tail
-
-    def _choice(self, content: Any, finish_reason: str | None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0}
-        choice["delta" if self._chat else "text"] = content
-        choice["logprobs"] = None
-        choice["finish_reason"] = finish_reason
-        chunk = {**self._base, "choices": [choice]}
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
-
-    def role(self) -> bytes:
-        """The first chat chunk, announcing the assistant role (empty for completions)."""
-        return _sse(self._choice({"role": "assistant", "content": ""}, None)) if self._chat else b""
-
-    def delta(self, text: str) -> bytes:
-        """A chunk carrying ``text``."""
-        return self._head + json.dumps(text, ensure_ascii=False).encode() + self._tail
-
-    def finish(self, finish_reason: str) -> bytes:
-        """The chunk that ends the choice, with no text."""
-        return _sse(self._choice({} if self._chat else "", finish_reason))
-
-    def usage(self, usage: dict[str, Any]) -> bytes:
-        """The extra last chunk sent with ``stream_options.include_usage``: no choices."""
-        return _sse({**self._base, "choices": [], "usage": usage})

@@ -33,7 +33,7 @@ from switchyard.errors import (
 )
 from switchyard.messages import EngineOutput
 from switchyard.router.gateway.detokenizer import OutputDecoder
-from switchyard.router.gateway.schemas import DONE, ChunkEncoder, usage
+from switchyard.router.gateway.responses import DONE, ChunkEncoder, usage
 
 logger = logging.getLogger(__name__)
 
