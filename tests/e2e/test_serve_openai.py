@@ -18,6 +18,7 @@ import openai
 import pytest
 import pytest_asyncio
 import ray
+from openai.types.chat import ChatCompletionMessageParam
 
 from switchyard.config import EngineConfig, GatewayConfig, RouterConfig, ServeConfig
 from switchyard.serve import RunningStack
@@ -111,7 +112,7 @@ async def test_streamed_completion_equals_non_streamed(stack: RunningStack) -> N
 async def test_chat_completion_streamed_and_not(stack: RunningStack) -> None:
     """Chat completions apply the chat template; stream and non-stream agree under greedy decoding."""
     client = _client(stack)
-    messages = [{"role": "user", "content": "hello world"}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello world"}]
     full = await client.chat.completions.create(
         model="switchyard-tiny",
         messages=messages,
@@ -126,7 +127,7 @@ async def test_chat_completion_streamed_and_not(stack: RunningStack) -> None:
         messages=messages,
         max_tokens=10,
         temperature=0,
-        stream=True,  # type: ignore[arg-type]
+        stream=True,
         extra_body={"ignore_eos": True},
     )
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
