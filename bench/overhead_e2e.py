@@ -44,6 +44,7 @@ from bench.http_load import HttpConnection, post_request
 from bench.overhead_decisions import pct
 from bench.overhead_servers import HOLD_MIN_TOKENS, Child, cpu_seconds, gateway_child, workers_child
 from switchyard.config import RouterConfig
+from switchyard.event_loop import EventLoopName
 from switchyard.messages import EngineRequest, InstanceInfo, Membership, RoutingRequest, SamplingOptions
 from switchyard.router.core import RouterCore
 from switchyard.router.worker_client import WorkerClient
@@ -305,6 +306,7 @@ async def bench_e2e(
     probes: int,
     policy: str,
     hold_tick_s: float,
+    loop: EventLoopName,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     from switchyard.router.gateway.tokenizer import TokenizerAdapter
@@ -312,7 +314,7 @@ async def bench_e2e(
 
     prompt_ids = TokenizerAdapter.from_model_dir(build_tiny_model()).encode(PROMPT)
     workers = await asyncio.to_thread(Child, workers_child, MODEL, 2, hold_tick_s)
-    gateway = await asyncio.to_thread(Child, gateway_child, MODEL, workers.reply, policy)
+    gateway = await asyncio.to_thread(Child, gateway_child, MODEL, workers.reply, policy, loop)
     pids = {"gateway": gateway.pid, "workers": workers.pid}
     paths = Paths(workers.reply, gateway.reply, prompt_ids, policy)
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
@@ -362,6 +364,7 @@ async def bench_e2e(
         "prompt": PROMPT,
         "prompt_tokens": len(prompt_ids),
         "processes": "load generator | gateway + RouterCore | 2 workers; loopback",
+        "event_loop": f"{loop} in the load generator and the gateway process; asyncio in the workers",
         "statistic": f"median over {rounds} rounds of each round's P50/P99; added and ratio: median over"
         " rounds of each round's difference and ratio against direct",
     }

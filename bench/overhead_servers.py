@@ -18,12 +18,14 @@ import contextlib
 import multiprocessing
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from switchyard import event_loop
 from switchyard.errors import MigrationError
+from switchyard.event_loop import EventLoopName
 from switchyard.messages import (
     EngineOutput,
     EngineRequest,
@@ -175,18 +177,20 @@ async def _gateway_main(conn: Connection, model: str, worker_addresses: list[str
         await core.close()
 
 
-def _child(main: Callable[..., Coroutine[Any, Any, None]], conn: Connection, *args: Any) -> None:
-    asyncio.run(main(conn, *args))
-
-
 def workers_child(conn: Connection, model: str, n_workers: int, hold_tick_s: float) -> None:
-    """Process entry: ``n_workers`` Worker gRPC servers over :class:`InstantEngine`s."""
-    _child(_workers_main, conn, model, n_workers, hold_tick_s)
+    """Process entry: ``n_workers`` Worker gRPC servers over :class:`InstantEngine`s.
+
+    On the standard loop, the same for every path measured (the engine side is not under test).
+    """
+    asyncio.run(_workers_main(conn, model, n_workers, hold_tick_s))
 
 
-def gateway_child(conn: Connection, model: str, worker_addresses: list[str], policy: str) -> None:
-    """Process entry: a ``RouterCore`` over the workers and the HTTP gateway in front of it."""
-    _child(_gateway_main, conn, model, worker_addresses, policy)
+def gateway_child(
+    conn: Connection, model: str, worker_addresses: list[str], policy: str, loop: EventLoopName
+) -> None:
+    """Process entry: a ``RouterCore`` over the workers and the HTTP gateway in front of it,
+    on ``loop``, as ``switchyard serve --event-loop`` runs it."""
+    event_loop.run(_gateway_main(conn, model, worker_addresses, policy), loop=loop)
 
 
 class Child:

@@ -21,7 +21,6 @@ Then ``results.json``, ``summary.md`` and ``router_overhead.png`` go to ``--out`
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
@@ -32,6 +31,8 @@ from bench.overhead_decisions import bench_decisions
 from bench.overhead_e2e import bench_e2e
 from bench.overhead_report import plot, write_summary
 from bench.provenance import run_header
+from switchyard import event_loop
+from switchyard.event_loop import EVENT_LOOPS
 
 
 def _log(line: str) -> None:
@@ -48,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--decisions", type=int, default=20000, help="timed decisions per repetition")
     parser.add_argument("--decision-reps", type=int, default=5)
     parser.add_argument("--policy", default="dualmap", help="router policy for the end-to-end part")
+    parser.add_argument(
+        "--event-loop",
+        choices=list(EVENT_LOOPS),
+        default="uvloop",
+        help="loop of the load generator and the gateway process (as `switchyard serve --event-loop`)",
+    )
     parser.add_argument("--skip-decisions", action="store_true", help="end-to-end only (for profiling)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -59,15 +66,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log("decisions:")
         decisions = bench_decisions(args.decisions, args.decision_reps, log=_log)
     _log("end-to-end:")
-    e2e = asyncio.run(
+    e2e = event_loop.run(
         bench_e2e(
             streams=args.streams,
             rounds=args.rounds,
             probes=args.probes,
             policy=args.policy,
             hold_tick_s=args.hold_tick_s,
+            loop=args.event_loop,
             log=_log,
-        )
+        ),
+        loop=args.event_loop,
     )
     results = {
         **run_header("bench.router_overhead", argv, started, load_before),

@@ -119,3 +119,31 @@ async def test_stop_signal_futures_resolve_on_set_and_do_not_pile_up() -> None:
     assert waiting.done() and stopping.is_set()
     assert stopping.future().done()  # set before asking: resolved at once
     await stopping.wait()  # still an asyncio.Event
+
+
+async def test_a_disconnect_after_the_work_returned_changes_nothing() -> None:
+    """The watcher may fire in the same loop turn the work ends in: the result is still "done",
+    and the caller's task is not left with a pending cancellation."""
+    client = Client()
+
+    async def work() -> None:
+        client.gone.set()  # the watcher's receive() completes on a later turn, after we return
+
+    assert await until_disconnect(client.receive, work, StopSignal()) == "done"
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0.01)  # no stray CancelledError arrives at the next await
+
+
+async def test_a_cancel_from_outside_during_a_disconnect_is_still_raised() -> None:
+    """Both at once: the client left *and* the caller is cancelled. The caller's cancellation
+    wins; swallowing it would make the handler's own shutdown hang."""
+    client, work = Client(), Work()
+    task = asyncio.create_task(until_disconnect(client.receive, work, StopSignal()))
+    await work.started.wait()
+    client.gone.set()
+    await asyncio.sleep(0)  # the watcher's receive() returns and interrupts the work
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert work.cleaned_up
