@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -132,6 +133,13 @@ class Paths:
             if out.finished:
                 break
 
+    async def gateway_gc(self) -> dict[str, float]:
+        """The gateway process's ``switchyard_gc_pause_seconds`` series, read from its /metrics."""
+        status, body = await self.conns[0].request(_METRICS_GET)
+        if status != 200:
+            raise RuntimeError(f"HTTP {status} from /metrics")
+        return {f"{name}{labels}": float(value) for name, labels, value in _GC_SERIES.findall(body.decode())}
+
     async def gateway(self, i: int) -> None:
         status, body = await self.conns[i % len(self.conns)].request(self._raw[i % 4])
         if status != 200:
@@ -165,6 +173,26 @@ class Paths:
             task.result()
             raise RuntimeError("a held stream ended before its first token")
         return Held(task)
+
+
+_METRICS_GET = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+_GC_SERIES = re.compile(r"^(switchyard_gc_pause_seconds_(?:count|sum|bucket))(\{[^}]*\}) (\S+)$", re.M)
+
+
+def gc_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Garbage-collector pauses in the gateway between two scrapes: how many, how long in
+    total, and how many lasted over 5 ms (all generations together)."""
+
+    def total(suffix: str, label: str = "") -> float:
+        keys = [k for k in after if k.startswith(f"switchyard_gc_pause_seconds_{suffix}") and label in k]
+        return sum(after[k] - before.get(k, 0.0) for k in keys)
+
+    pauses = total("count")
+    return {
+        "pauses": pauses,
+        "total_ms": total("sum") * 1000,
+        "over_5ms": pauses - total("bucket", 'le="0.005"'),
+    }
 
 
 def _summary(lat_ms: list[float], errors: dict[str, int]) -> dict[str, Any]:
@@ -260,13 +288,17 @@ async def held(
         per_token = cpu.per_request_us(round(n_streams * HOLD_CPU_WINDOW_S / tick_s))
         lat: list[float] = []
         errors: dict[str, int] = {}
+        gc_before = await paths.gateway_gc() if path == "gateway_http" else None
         for i in range(n_probes):
             await _timed(fn, i, lat, errors)
+        gc_during = gc_delta(gc_before, await paths.gateway_gc()) if gc_before is not None else None
         alive = sum(not s.task.done() for s in streams)
     finally:
         await asyncio.gather(*(s.close() for s in streams))
     await asyncio.sleep(0.5)  # the servers abort the closed streams before the next measurement
     out = _summary(lat, errors) | {"streams_open": n_streams, "streams_alive_after": alive, "open_s": open_s}
+    if gc_during is not None:
+        out["gateway_gc_during_probes"] = gc_during
     return out | {"cpu_us_per_streamed_token": per_token}
 
 

@@ -86,6 +86,22 @@ def _throughputs(burst: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _gc_line(gateway_held: dict[str, Any]) -> str:
+    """The gateway's garbage-collector pauses while the held probes ran, per round."""
+    rounds = [
+        r["gateway_gc_during_probes"] for r in gateway_held["rounds"] if "gateway_gc_during_probes" in r
+    ]
+    if not rounds:
+        return "Gateway GC pauses during the probes: not recorded."
+    per_round = "; ".join(
+        f"{g['pauses']:.0f} pauses, {g['total_ms']:.0f} ms in all, {g['over_5ms']:.0f} over 5 ms"
+        for g in rounds
+    )
+    return (
+        f"Garbage-collector pauses in the gateway process while the held probes ran, per round: {per_round}."
+    )
+
+
 def write_summary(results: dict[str, Any], path: Path) -> None:
     dec, e2e, m = results["decisions"], results["e2e"], results["machine"]
     s = e2e["setup"]
@@ -114,6 +130,8 @@ def write_summary(results: dict[str, Any], path: Path) -> None:
         "requests one at a time",
         "",
         *_e2e_table(e2e["held"], "cpu_us_per_streamed_token"),
+        "",
+        _gc_line(e2e["held"]["gateway_http"]),
         "",
         f"### 2b. Sequential: one request at a time, {s['probes_per_round']} per round",
         "",

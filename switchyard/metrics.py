@@ -16,6 +16,10 @@ a resolved child is a few hundred nanoseconds.
 
 from __future__ import annotations
 
+import gc
+import time
+from collections.abc import Callable
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -29,6 +33,7 @@ __all__ = [
     "DRAINS",
     "DRAIN_REQUESTS",
     "FAILOVERS",
+    "GC_PAUSES",
     "INSTANCES",
     "INSTANCE_KV_USAGE",
     "INSTANCE_RUNNING",
@@ -52,6 +57,7 @@ __all__ = [
     "ModelRequestMetrics",
     "forget_instance",
     "render_latest",
+    "watch_gc_pauses",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -215,6 +221,19 @@ DRAIN_REQUESTS = Counter(
     registry=REGISTRY,
 )
 
+# A pause stalls every stream the process serves: sub-ms young collections up to full ones
+# over a large heap (tens of ms, measured in the router-overhead benchmark's gateway).
+_GC_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+GC_PAUSES = Histogram(
+    "switchyard_gc_pause_seconds",
+    "Pauses of this process's cyclic garbage collector, by generation (0 youngest, 2 full); "
+    "every request the process serves stalls for each one.",
+    ["generation"],
+    buckets=_GC_PAUSE_BUCKETS,
+    registry=REGISTRY,
+)
+
 _OUTCOMES = ("finished", "aborted", "cancelled", "error")  # label values of switchyard_requests_total
 
 
@@ -237,6 +256,31 @@ def forget_instance(instance_id: str) -> None:
     """Drop a departed instance's series, so dashboards do not show stale load forever."""
     for gauge in _PER_INSTANCE:
         gauge.remove(instance_id)
+
+
+_gc_watch: list[Callable[[str, dict[str, int]], None]] = []
+
+
+def watch_gc_pauses() -> None:
+    """Time every garbage collection of this process into ``switchyard_gc_pause_seconds``.
+
+    Why: a collection stops the event loop, so its pause lands on every open stream's latency
+    at once; Prometheus' default process collectors count collections but do not time them.
+    Idempotent; the callback costs about a microsecond per collection.
+    """
+    if _gc_watch:
+        return
+    children = [GC_PAUSES.labels(str(g)) for g in range(3)]
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            children[info["generation"]].observe(time.perf_counter() - started[0])
+
+    _gc_watch.append(on_gc)
+    gc.callbacks.append(on_gc)
 
 
 def render_latest() -> tuple[bytes, str]:

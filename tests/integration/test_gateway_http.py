@@ -532,6 +532,7 @@ async def test_metrics_and_debug_routing(gw: Gateway) -> None:
         debug = await http.get(f"{gw.url}/debug/routing")
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "# TYPE switchyard_routing_decisions_total counter" in metrics.text
+    assert "# TYPE switchyard_gc_pause_seconds histogram" in metrics.text  # timed once it listens
     assert debug.json()["decisions"][0]["request_id"] == gw.core.requests[0].request_id
 
 

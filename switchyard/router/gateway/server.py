@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 
 from switchyard.config import GatewayConfig
 from switchyard.errors import ConfigError
+from switchyard.metrics import watch_gc_pauses
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ async def serve_gateway(
     stall for every open stream. Frozen objects are still freed by reference counting; a
     reference cycle among them that later becomes garbage is never collected, a bounded,
     one-time leak at most, since only what existed at start-up is frozen.
+
+    Collections that still run are timed into ``switchyard_gc_pause_seconds`` (``/metrics``).
     """
     # uvicorn's own timeout is only a backstop: stop_gateway ends open requests itself first.
     uv_config = uvicorn.Config(
@@ -81,6 +84,7 @@ async def serve_gateway(
             raise ConfigError("the gateway stopped during start-up")
         await asyncio.sleep(0.01)
     port = int(server.servers[0].sockets[0].getsockname()[1])
+    watch_gc_pauses()
     if freeze_gc_heap:
         gc.collect()  # what start-up left as garbage goes now, not into the permanent generation
         gc.freeze()
