@@ -537,12 +537,15 @@ async def test_metrics_and_debug_routing(gw: Gateway) -> None:
 
 
 async def test_gateway_freezes_the_start_up_heap_until_stopped(tokenizer: TokenizerAdapter) -> None:
-    """Objects alive at start-up (transformers, torch) leave the GC's scans; stopping undoes it."""
-    cfg = GatewayConfig(host="127.0.0.1", port=0)
+    """Objects alive at start-up (transformers, torch) leave the GC's scans, and young
+    collections get rarer; stopping undoes both."""
+    cfg = GatewayConfig(host="127.0.0.1", port=0, gc_young_threshold=12_345)
     app = build_gateway_app(FakeCore(tokenizer), tokenizers={MODEL: tokenizer}, config=cfg)
+    before = gc.get_threshold()
     server, task, _ = await serve_gateway(app, cfg, graceful_shutdown_s=1)
     try:
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (12_345, *before[1:])
     finally:
         await stop_gateway(server, task)
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before

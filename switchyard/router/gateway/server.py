@@ -32,6 +32,7 @@ class _Server(uvicorn.Server):  # type: ignore[misc]  # uvicorn is untyped here
     grace_s = 5.0
     stopping: asyncio.Event | None = None
     froze_gc = False
+    gc_thresholds: tuple[int, int, int] | None = None  # Python's, to restore on stop
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -56,7 +57,10 @@ async def serve_gateway(
     reference cycle among them that later becomes garbage is never collected, a bounded,
     one-time leak at most, since only what existed at start-up is frozen.
 
-    Collections that still run are timed into ``switchyard_gc_pause_seconds`` (``/metrics``).
+    Young collections run every ``config.gc_young_threshold`` allocations instead of Python's
+    700 (``GatewayConfig`` says why), and every collection is timed into
+    ``switchyard_gc_pause_seconds`` (``/metrics``). Both settings are process-wide and undone by
+    :func:`stop_gateway`.
     """
     # uvicorn's own timeout is only a backstop: stop_gateway ends open requests itself first.
     uv_config = uvicorn.Config(
@@ -85,6 +89,9 @@ async def serve_gateway(
         await asyncio.sleep(0.01)
     port = int(server.servers[0].sockets[0].getsockname()[1])
     watch_gc_pauses()
+    if config.gc_young_threshold:
+        server.gc_thresholds = gc.get_threshold()
+        gc.set_threshold(config.gc_young_threshold, *server.gc_thresholds[1:])
     if freeze_gc_heap:
         gc.collect()  # what start-up left as garbage goes now, not into the permanent generation
         gc.freeze()
@@ -107,3 +114,5 @@ async def stop_gateway(server: uvicorn.Server, task: asyncio.Task[None]) -> None
     await task
     if getattr(server, "froze_gc", False):  # back to normal collection, and a normal interpreter exit
         gc.unfreeze()
+    if getattr(server, "gc_thresholds", None) is not None:
+        gc.set_threshold(*server.gc_thresholds)
