@@ -152,7 +152,9 @@ async def _workers_main(conn: Connection, model: str, n_workers: int, hold_tick_
             await server.stop(None)
 
 
-async def _gateway_main(conn: Connection, model: str, worker_addresses: list[str], policy: str) -> None:
+async def _gateway_main(
+    conn: Connection, model: str, worker_addresses: list[str], policy: str, gc_young_threshold: int | None
+) -> None:
     from switchyard.config import GatewayConfig, RouterConfig
     from switchyard.messages import InstanceInfo, Membership
     from switchyard.router.core import RouterCore
@@ -168,6 +170,8 @@ async def _gateway_main(conn: Connection, model: str, worker_addresses: list[str
         await asyncio.sleep(0.01)
     tokenizer = TokenizerAdapter.from_model_dir(build_tiny_model())
     config = GatewayConfig(port=0)
+    if gc_young_threshold is not None:
+        config = config.model_copy(update={"gc_young_threshold": gc_young_threshold})
     app = build_gateway_app(core, tokenizers={model: tokenizer}, config=config)
     server, task, port = await serve_gateway(app, config)
     try:
@@ -186,11 +190,17 @@ def workers_child(conn: Connection, model: str, n_workers: int, hold_tick_s: flo
 
 
 def gateway_child(
-    conn: Connection, model: str, worker_addresses: list[str], policy: str, loop: EventLoopName
+    conn: Connection,
+    model: str,
+    worker_addresses: list[str],
+    policy: str,
+    loop: EventLoopName,
+    gc_young_threshold: int | None = None,
 ) -> None:
     """Process entry: a ``RouterCore`` over the workers and the HTTP gateway in front of it,
-    on ``loop``, as ``switchyard serve --event-loop`` runs it."""
-    event_loop.run(_gateway_main(conn, model, worker_addresses, policy), loop=loop)
+    on ``loop``, as ``switchyard serve --event-loop`` runs it. ``gc_young_threshold`` overrides
+    ``GatewayConfig``'s (``bench/overhead_gc_ab.py`` compares two)."""
+    event_loop.run(_gateway_main(conn, model, worker_addresses, policy, gc_young_threshold), loop=loop)
 
 
 class Child:
