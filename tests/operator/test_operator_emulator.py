@@ -105,6 +105,7 @@ async def wait_converged(api: Api) -> None:
         ("LLMService", "llama-pd"),
         ("ServingPool", "llama-pd-prefill"),
         ("ServingPool", "llama-pd-decode"),
+        ("KVCachePool", "llama-pd-kv"),  # without it, a stop right after could precede its status
     ]:
         await wait_for(
             api, kind, name, lambda o: (o.get("status") or {}).get("observedGeneration") is not None
