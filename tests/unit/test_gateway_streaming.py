@@ -147,3 +147,16 @@ async def test_a_cancel_from_outside_during_a_disconnect_is_still_raised() -> No
     with pytest.raises(asyncio.CancelledError):
         await task
     assert work.cleaned_up
+
+
+async def test_a_failing_receive_counts_as_a_disconnect_and_is_not_left_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken_receive() -> dict[str, Any]:
+        raise OSError("transport closed")
+
+    work = Work()
+    with caplog.at_level("DEBUG", logger="switchyard.router.gateway.streaming"):
+        assert await until_disconnect(broken_receive, work, StopSignal()) == "disconnected"
+    assert work.cleaned_up
+    assert "transport closed" in caplog.text  # logged at debug, not "exception never retrieved"

@@ -166,8 +166,15 @@ async def until_disconnect(
             why.append(reason)
             task.cancel()
 
+    def watched(t: asyncio.Task[None]) -> None:
+        if t.cancelled():
+            return
+        if t.exception() is not None:  # retrieved here, so asyncio does not warn about it later
+            logger.debug("receive() failed while watching for a disconnect: %r", t.exception())
+        interrupt("disconnected")
+
     watcher = asyncio.get_running_loop().create_task(_disconnected(receive))
-    watcher.add_done_callback(lambda t: None if t.cancelled() else interrupt("disconnected"))
+    watcher.add_done_callback(watched)
     stop = stopping.future()
     stop.add_done_callback(lambda f: None if f.cancelled() else interrupt("stopping"))
     try:
