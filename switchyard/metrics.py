@@ -57,6 +57,7 @@ __all__ = [
     "ModelRequestMetrics",
     "forget_instance",
     "render_latest",
+    "unwatch_gc_pauses",
     "watch_gc_pauses",
 ]
 
@@ -281,6 +282,15 @@ def watch_gc_pauses() -> None:
 
     _gc_watch.append(on_gc)
     gc.callbacks.append(on_gc)
+
+
+def unwatch_gc_pauses() -> None:
+    """Stop timing collections (``stop_gateway`` calls it, so nothing is left hooked into the
+    collector once the gateway is gone, interpreter shutdown included)."""
+    while _gc_watch:
+        callback = _gc_watch.pop()
+        if callback in gc.callbacks:
+            gc.callbacks.remove(callback)
 
 
 def render_latest() -> tuple[bytes, str]:

@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from switchyard import metrics
 from switchyard.config import GatewayConfig
 from switchyard.errors import CapacityError, EngineDeadError
 from switchyard.messages import EngineOutput, FinishReason, InstanceInfo, Membership, RoutingRequest
@@ -549,3 +550,4 @@ async def test_gateway_freezes_the_start_up_heap_until_stopped(tokenizer: Tokeni
     finally:
         await stop_gateway(server, task)
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+    assert not any(cb in gc.callbacks for cb in metrics._gc_watch) and not metrics._gc_watch

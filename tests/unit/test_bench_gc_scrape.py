@@ -17,11 +17,14 @@ def _scrape() -> dict[str, float]:
 
 def test_gc_delta_counts_the_pauses_between_two_scrapes() -> None:
     metrics.watch_gc_pauses()
-    before = _scrape()
-    assert any(k.startswith("switchyard_gc_pause_seconds_count") for k in before)
-    gc.collect(0)
-    gc.collect(2)
-    delta = gc_delta(before, _scrape())
+    try:
+        before = _scrape()
+        assert any(k.startswith("switchyard_gc_pause_seconds_count") for k in before)
+        gc.collect(0)
+        gc.collect(2)
+        delta = gc_delta(before, _scrape())
+    finally:
+        metrics.unwatch_gc_pauses()
     assert delta["pauses"] >= 2  # the two above (a collection may also trigger on its own)
     assert delta["total_ms"] > 0
     assert 0 <= delta["over_5ms"] <= delta["pauses"]

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 
 from switchyard.config import GatewayConfig
 from switchyard.errors import ConfigError
-from switchyard.metrics import watch_gc_pauses
+from switchyard.metrics import unwatch_gc_pauses, watch_gc_pauses
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ async def serve_gateway(
 
     Young collections run every ``config.gc_young_threshold`` allocations instead of Python's
     700 (``GatewayConfig`` says why), and every collection is timed into
-    ``switchyard_gc_pause_seconds`` (``/metrics``). Both settings are process-wide and undone by
+    ``switchyard_gc_pause_seconds`` (``/metrics``). Both are process-wide and undone by
     :func:`stop_gateway`.
     """
     # uvicorn's own timeout is only a backstop: stop_gateway ends open requests itself first.
@@ -116,3 +116,4 @@ async def stop_gateway(server: uvicorn.Server, task: asyncio.Task[None]) -> None
         gc.unfreeze()
     if getattr(server, "gc_thresholds", None) is not None:
         gc.set_threshold(*server.gc_thresholds)
+    unwatch_gc_pauses()
