@@ -27,13 +27,12 @@ policy call (O(instances) at most), two registry updates (O(1)) and one bounded 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from switchyard import metrics
 from switchyard.config import MigrationConfig, RouterConfig
@@ -60,9 +59,9 @@ __all__ = ["RouterCore"]
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _DecisionRecord:
-    """One entry of the debug ring; turned into a dict only when someone asks."""
+class _DecisionRecord(NamedTuple):
+    """One entry of the debug ring; turned into a dict only when someone asks (a NamedTuple:
+    one is built per request, see ``RoutingDecision``)."""
 
     wall_time: float
     request_id: str

