@@ -115,6 +115,14 @@ def provenance(policies: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def run_header(
     module: str, argv: Sequence[str] | None, started: dt.datetime, load_before: tuple[float, float, float]
 ) -> dict[str, Any]:
@@ -127,8 +135,10 @@ def run_header(
         "command": f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv),
         "date_utc": started.isoformat(timespec="seconds"),
         "duration_s": (dt.datetime.now(dt.UTC) - started).total_seconds(),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # A copy without .git (the device machine gets the working tree only) names its commit.
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("BENCH_GIT_COMMIT"),
         "machine": {
+            "cpu_model": _cpu_model(),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
