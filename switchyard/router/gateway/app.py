@@ -293,8 +293,8 @@ def build_gateway_app(
         gw.route("/health", gw.health, "GET", auth=False),
         gw.route("/metrics", gw.metrics, "GET", auth=False),
     ]
-    app = _GatewayApp(routes=routes, exception_handlers={HTTPException: http_error})
-    app.hot_routes = {path: gw.endpoint(handler) for path, handler in hot.items()}
+    hot_routes = {path: gw.endpoint(handler) for path, handler in hot.items()}
+    app = _GatewayApp(hot_routes, routes=routes, exception_handlers={HTTPException: http_error})
     app.state.stopping = gw.stopping
     return app
 
@@ -309,7 +309,11 @@ class _GatewayApp(Starlette):
     generation paths with another method (405), go through Starlette as before.
     """
 
-    hot_routes: dict[str, Callable[[Request], Awaitable[Response]]] = {}
+    def __init__(
+        self, hot_routes: Mapping[str, Callable[[Request], Awaitable[Response]]], **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.hot_routes = dict(hot_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
