@@ -39,12 +39,12 @@ import functools
 import hashlib
 import math
 import pickle
-import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 from switchyard.messages import RoutingRequest
+from switchyard.router.canonical_cbor import cbor_block, cbor_encode
 
 __all__ = [
     "DEFAULT_NONE_HASH_SEED",
@@ -76,57 +76,6 @@ def external_block_hash(block_hash: bytes) -> int:
     return int.from_bytes(block_hash, "big") & _U64
 
 
-# -- canonical CBOR, just the subset vLLM's block hashes use -----------------------------------
-
-
-def _cbor_head(major: int, n: int) -> bytes:
-    """A CBOR item head with the shortest length encoding (RFC 8949 §4.2.1, as cbor2 canonical)."""
-    if n < 24:
-        return bytes((major << 5 | n,))
-    if n < 0x100:
-        return bytes((major << 5 | 24, n))
-    if n < 0x10000:
-        return struct.pack(">BH", major << 5 | 25, n)
-    if n < 0x1_0000_0000:
-        return struct.pack(">BI", major << 5 | 26, n)
-    if n <= _U64:
-        return struct.pack(">BQ", major << 5 | 27, n)
-    raise ValueError(f"integer {n} needs a CBOR bignum, which block hashes never contain")
-
-
-def _cbor(obj: object) -> bytes:
-    """Canonical CBOR of the values in a block-hash input: bytes, str, int, None, tuple."""
-    if obj is None:
-        return b"\xf6"
-    if isinstance(obj, bool):
-        return b"\xf5" if obj else b"\xf4"
-    if isinstance(obj, int):
-        return _cbor_head(0, obj) if obj >= 0 else _cbor_head(1, -1 - obj)
-    if isinstance(obj, bytes):
-        return _cbor_head(2, len(obj)) + obj
-    if isinstance(obj, str):
-        raw = obj.encode("utf-8")
-        return _cbor_head(3, len(raw)) + raw
-    if isinstance(obj, tuple | list):
-        return _cbor_head(4, len(obj)) + b"".join([_cbor(x) for x in obj])
-    raise TypeError(f"cannot CBOR-encode {type(obj).__name__} in a block hash")
-
-
-def _cbor_block(parent: bytes, tokens: Sequence[int]) -> bytes:
-    """``_cbor((parent, tuple(tokens), None))`` with the token loop inlined (the hot part)."""
-    head = _cbor_head
-    return b"".join(
-        [
-            b"\x83",
-            head(2, len(parent)),
-            parent,
-            head(4, len(tokens)),
-            *[head(0, t) if t >= 0 else head(1, -1 - t) for t in tokens],
-            b"\xf6",
-        ]
-    )
-
-
 _KEY_MEMO_TOKENS = 1 << 18  # head tokens kept by PromptHasher's key memo (~10 MB with their ints)
 _BLOCK_CACHE_SIZE = 8192  # (parent, block) -> hash entries, ~3 MB at 32-token blocks
 _SHA256 = hashlib.sha256()  # copied, not constructed: OpenSSL 3 looks the algorithm up per construction
@@ -142,7 +91,7 @@ def _sha256_block(parent: bytes, tokens: tuple[int, ...]) -> bytes:
 @functools.lru_cache(maxsize=_BLOCK_CACHE_SIZE)
 def _sha256_cbor_block(parent: bytes, tokens: tuple[int, ...]) -> bytes:
     h = _SHA256.copy()
-    h.update(_cbor_block(parent, tokens))
+    h.update(cbor_block(parent, tokens))
     return h.digest()
 
 
@@ -172,7 +121,7 @@ class BlockHasher:
     def _hash_obj(self, obj: object) -> bytes:
         if self.algo == "sha256":
             return hashlib.sha256(pickle.dumps(obj, protocol=_PICKLE_PROTOCOL)).digest()
-        return hashlib.sha256(_cbor(obj)).digest()
+        return hashlib.sha256(cbor_encode(obj)).digest()
 
     def hash_block(self, parent: bytes | None, tokens: Sequence[int]) -> bytes:
         """One chain step: ``H((parent or NONE_HASH, tuple(tokens), None))``."""
