@@ -26,6 +26,7 @@ This module does not import vLLM: the adapter process and tests use it freely.
 from __future__ import annotations
 
 import json
+import random
 import socket
 from typing import Any
 
@@ -41,13 +42,40 @@ CONTROL_COMMANDS = frozenset({"ping", "list", "snapshot", "mark", "unmark", "col
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (bind to 0, read it, close).
+    """A TCP port that was free a moment ago, chosen below the kernel's ephemeral range.
 
-    Racy by nature; the ports it gives go to processes started right away.
+    Why not bind to 0: that hands out an ephemeral port, and until the engine binds it, any
+    outgoing connection on the box (Ray, gRPC, vLLM's own ZMQ) can take the same port as its
+    local end. A CI run lost a NIXL side channel that way ("Address already in use"). Ports
+    below the ephemeral range are only ever taken by an explicit bind. Still racy against
+    another process picking the same port the same way; the ports go to processes started
+    right away.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    low = _ephemeral_low()
+    for _ in range(64):
+        port = random.randrange(_FIXED_PORT_MIN, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # all taken: any free port
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+_FIXED_PORT_MIN = 20000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+    return max(low, _FIXED_PORT_MIN + 1024)
 
 
 def encode(message: dict[str, Any]) -> bytes:
