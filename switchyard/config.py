@@ -287,6 +287,10 @@ class ServeConfig(StrictModel):
     restart_backoff_s: float = Field(default=1.0, ge=0)
     """Wait before restarting a dead instance, so a crash loop does not spin."""
 
+    instance_start_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest an instance may take to start; past it the start fails and nothing is left
+    running, instead of waiting on an engine that will never come up."""
+
     pools: tuple[PoolConfig, ...] = ()
     """Pools to run; empty means one pool named ``pool`` of ``instances`` instances."""
 

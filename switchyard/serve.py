@@ -109,6 +109,7 @@ async def start_stack(config: ServeConfig) -> RunningStack:
             model_dir=str(model_dir) if (pool.engine or config.engine).kind == "vllm" else None,
             served_model_name=model_name,
             restart_backoff_s=config.restart_backoff_s,
+            start_timeout_s=config.instance_start_timeout_s,
             ray_resource=pool.ray_resource,
             instance_resource=pool.instance_resource,
             # Joined cluster: instances run on other machines and must be reachable from here.

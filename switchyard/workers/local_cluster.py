@@ -109,26 +109,66 @@ class LocalPool:
             ray.shutdown()
 
 
+RAY_START_ATTEMPTS = 3
+"""Local Ray start-ups tried before giving up: Ray waits a fixed 30 s for its raylet to
+register, which a loaded 2-core machine has been seen to miss (CI, once)."""
+
+
+def _init_ray(specs: Sequence[PoolSpec], *, ray_address: str | None, num_cpus: int | None) -> None:
+    """Start a local Ray (or join ``ray_address``); retry a local start that timed out.
+
+    Joining is not retried: a wrong address should fail at once and loudly.
+    """
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(
+                address=ray_address,
+                num_cpus=num_cpus if ray_address is None else None,
+                include_dashboard=False,
+                namespace="switchyard",
+                runtime_env={"env_vars": engine_environment(specs)},
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+            )
+            return
+        except Exception as exc:
+            if ray_address is not None or attempt == RAY_START_ATTEMPTS:
+                raise
+            logger.warning("local Ray start failed (attempt %d of %d), retrying: %s",
+                           attempt, RAY_START_ATTEMPTS, exc)  # fmt: skip
+            ray.shutdown()
+
+
+def _kill_stale_supervisor(name: str) -> None:
+    """Remove a supervisor of that name left in this process's own Ray by an owner that died.
+
+    Only for a Ray this process owns (not a joined cluster, whose named supervisors are
+    shared on purpose): an owner killed mid-start (a test past its timeout) skips its
+    ``stop``, and the leftover name would make every later start fail.
+    """
+    try:
+        stale = ray.get_actor(name, namespace="switchyard")
+    except ValueError:
+        return
+    logger.warning("killing stale supervisor %s left by an earlier owner in this process", name)
+    ray.kill(stale, no_restart=True)
+
+
 async def start_local_pools(
     specs: Sequence[PoolSpec], *, ray_address: str | None = None, num_cpus: int | None = None
 ) -> LocalPool:
     """Start (or join) Ray, start a supervisor per pool and wait until every instance serves."""
     started = False
     if not ray.is_initialized():
-        ray.init(
-            address=ray_address,
-            num_cpus=num_cpus if ray_address is None else None,
-            include_dashboard=False,
-            namespace="switchyard",
-            runtime_env={"env_vars": engine_environment(specs)},
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-        )
+        _init_ray(specs, ray_address=ray_address, num_cpus=num_cpus)
         started = True
     # On a joined cluster (Kubernetes) every router replica attaches to the same detached,
     # named supervisors and brings them to its spec; the first one starts the instances.
     shared = ray_address is not None
     options: dict[str, Any] = {"lifetime": "detached", "get_if_exists": True} if shared else {}
+    if not shared:
+        for spec in specs:
+            _kill_stale_supervisor(f"supervisor-{spec.name}")
     supervisors = {
         s.name: Supervisor.options(name=f"supervisor-{s.name}", **options).remote(s) for s in specs
     }

@@ -20,6 +20,7 @@ from pydantic import Field
 from ray.exceptions import RayActorError
 
 from switchyard.config import EngineConfig, StrictModel
+from switchyard.errors import EngineDeadError
 from switchyard.messages import InstanceInfo, Membership
 from switchyard.workers.instance_actor import InstanceActor
 
@@ -180,6 +181,12 @@ class _SupervisorImpl:
                 ),
                 timeout=spec.start_timeout_s,
             )
+        except TimeoutError:
+            ray.kill(actor, no_restart=True)
+            raise EngineDeadError(
+                f"instance {instance_id} did not start within {spec.start_timeout_s:g} s "
+                "(instance_start_timeout_s); it was stopped"
+            ) from None
         except BaseException:
             ray.kill(actor, no_restart=True)
             raise

@@ -16,7 +16,7 @@ from switchyard.config import EngineConfig
 from switchyard.messages import EngineRequest, SamplingOptions
 from switchyard.router.worker_client import WorkerClient
 from switchyard.workers.local_cluster import LocalPool, start_local_pool
-from switchyard.workers.supervisor import PoolSpec
+from switchyard.workers.supervisor import PoolSpec, Supervisor
 from tests.helpers.waiting import eventually
 
 pytestmark = [pytest.mark.ray, pytest.mark.asyncio(loop_scope="module")]
@@ -98,3 +98,20 @@ async def test_scale_in_removes_from_membership_at_once_and_finishes_running_req
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("the drained instance actor should have stopped")
+
+
+async def test_a_supervisor_left_by_a_dead_owner_does_not_block_a_new_start(pool: LocalPool) -> None:
+    """An owner that died mid-start (a test past its timeout) leaves its named supervisor in
+    this process's Ray; the next start of that pool replaces it instead of failing on the name."""
+    stale_spec = PoolSpec(name="stale", instances=1, engine=EngineConfig(kind="sim"), served_model_name="m")
+    stale = Supervisor.options(name="supervisor-stale").remote(stale_spec)
+    await stale.membership.remote()  # it exists and holds the name
+    fresh = await start_local_pool(stale_spec)
+    try:
+        assert not fresh.started_ray, "Ray was already up: the new pool joins it"
+        assert [i.instance_id for i in fresh.memberships["stale"].instances] == ["stale-0"]
+        with pytest.raises(ray.exceptions.RayActorError):
+            await stale.membership.remote()
+    finally:
+        await fresh.stop()
+    assert ray.is_initialized(), "stopping a pool that joined Ray leaves Ray to its owner"

@@ -63,6 +63,23 @@ def prompt(seed: int, length: int) -> list[int]:
     return [5 + (seed * 131 + i * 17) % 500 for i in range(length)]
 
 
+def _live_children() -> list[psutil.Process]:
+    """This process's running descendants, less multiprocessing's resource tracker.
+
+    Zombies (children of earlier modules that exited and are not reaped yet) are skipped:
+    they run nothing, and reading their command line raises.
+    """
+    live = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE or "resource_tracker" in " ".join(child.cmdline()):
+                continue
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        live.append(child)
+    return live
+
+
 async def collect(engine: VLLMEngine, req: EngineRequest) -> list[EngineOutput]:
     return [out async for out in engine.generate(req)]
 
@@ -105,8 +122,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     restore_env(previous)
 
 
+@pytest.fixture(scope="module")
+def pids_before_engine() -> set[int]:
+    """Descendants that existed before the module's engine started (earlier modules' leftovers)."""
+    return {child.pid for child in _live_children()}
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine(model_dir: Path) -> AsyncIterator[VLLMEngine]:
+async def engine(model_dir: Path, pids_before_engine: set[int]) -> AsyncIterator[VLLMEngine]:
     cfg = EngineConfig(dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=8)
     eng = await VLLMEngine.start(cfg, instance_id="vllm-test-0", model_dir=model_dir)
     yield eng
@@ -285,16 +308,14 @@ def test_switchyard_errors_pass_through_unchanged() -> None:
     assert translate_vllm_error(err, admitted=False, **_CONTEXT) is err
 
 
-async def test_close_aborts_streams_and_stops_the_engine_processes(engine: VLLMEngine) -> None:
+async def test_close_aborts_streams_and_stops_the_engine_processes(
+    engine: VLLMEngine, pids_before_engine: set[int]
+) -> None:
     """close() ends running streams with ABORT, refuses new work and leaves no child process.
 
     Runs last: it closes the module's engine (the fixture's close is then a no-op).
     """
-    children = [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if "resource_tracker" not in " ".join(p.cmdline())
-    ]
+    children = [child for child in _live_children() if child.pid not in pids_before_engine]
     assert children, "the engine core should run in a child process"
     req = make_request(prompt(12, 8), max_tokens=200, ignore_eos=True)
     stream = engine.generate(req)
