@@ -137,6 +137,28 @@ def _init_ray(specs: Sequence[PoolSpec], *, ray_address: str | None, num_cpus: i
             logger.warning("local Ray start failed (attempt %d of %d), retrying: %s",
                            attempt, RAY_START_ATTEMPTS, exc)  # fmt: skip
             ray.shutdown()
+            _kill_half_started_ray()
+
+
+_RAY_DAEMONS = frozenset({"gcs_server", "raylet"})
+
+
+def _kill_half_started_ray() -> None:
+    """Kill the GCS, raylet and reaper a failed local start left behind.
+
+    Ray raises from inside its node's constructor, so the half-built node is never recorded
+    and ``ray.shutdown`` cannot reach its processes; they would hold CPU and memory until this
+    process exits. Only called while this process runs no Ray, so every such child is stale.
+    """
+    import psutil  # type: ignore[import-untyped]  # ships with vLLM and Ray
+
+    stale = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.name() in _RAY_DAEMONS or "ray_process_reaper" in " ".join(child.cmdline()):
+                child.kill()
+                stale.append(child)
+    psutil.wait_procs(stale, timeout=10)
 
 
 def _kill_stale_supervisor(name: str) -> None:

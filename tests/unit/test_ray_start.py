@@ -7,6 +7,11 @@ retry policy is the unit under test, real Ray start-ups are covered by the integ
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]
 import pytest
 
 from switchyard.workers import local_cluster
@@ -19,6 +24,7 @@ class _FlakyInit:
         self.failures = failures
         self.calls: list[dict[str, object]] = []
         self.shutdowns = 0
+        self.cleanups = 0
 
     def init(self, **kwargs: object) -> None:
         self.calls.append(kwargs)
@@ -28,12 +34,16 @@ class _FlakyInit:
     def shutdown(self) -> None:
         self.shutdowns += 1
 
+    def cleanup(self) -> None:
+        self.cleanups += 1
+
 
 @pytest.fixture
 def flaky(monkeypatch: pytest.MonkeyPatch) -> _FlakyInit:
     fake = _FlakyInit(failures=0)
     monkeypatch.setattr(local_cluster.ray, "init", fake.init)
     monkeypatch.setattr(local_cluster.ray, "shutdown", fake.shutdown)
+    monkeypatch.setattr(local_cluster, "_kill_half_started_ray", fake.cleanup)
     return fake
 
 
@@ -41,7 +51,7 @@ def test_a_local_start_that_timed_out_is_retried_after_a_shutdown(flaky: _FlakyI
     flaky.failures = local_cluster.RAY_START_ATTEMPTS - 1
     local_cluster._init_ray([], ray_address=None, num_cpus=2)
     assert len(flaky.calls) == local_cluster.RAY_START_ATTEMPTS
-    assert flaky.shutdowns == local_cluster.RAY_START_ATTEMPTS - 1
+    assert flaky.shutdowns == flaky.cleanups == local_cluster.RAY_START_ATTEMPTS - 1
     assert all(call["num_cpus"] == 2 and call["namespace"] == "switchyard" for call in flaky.calls)
 
 
@@ -58,3 +68,26 @@ def test_joining_a_cluster_is_not_retried(flaky: _FlakyInit) -> None:
     with pytest.raises(Exception, match="timed out"):
         local_cluster._init_ray([], ray_address="ray://head:10001", num_cpus=None)
     assert len(flaky.calls) == 1 and flaky.shutdowns == 0
+
+
+def test_the_processes_of_a_half_started_ray_are_killed(tmp_path: Path) -> None:
+    """Children named like Ray's daemons die (a failed start left them); other children live.
+
+    Real processes: ``sleep`` copied under the daemons' names, so ``ps`` sees those names.
+    """
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    procs = {}
+    for name in ("raylet", "gcs_server", "bystander"):
+        exe = tmp_path / name
+        shutil.copy(sleep, exe)
+        procs[name] = subprocess.Popen([str(exe), "60"])
+    try:
+        local_cluster._kill_half_started_ray()  # kills and reaps: nothing left to wait for
+        assert procs["raylet"].poll() is not None and not psutil.pid_exists(procs["raylet"].pid)
+        assert procs["gcs_server"].poll() is not None and not psutil.pid_exists(procs["gcs_server"].pid)
+        assert procs["bystander"].poll() is None, "a child that is not Ray's must be left alone"
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
