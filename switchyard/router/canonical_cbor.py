@@ -11,9 +11,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-__all__ = ["cbor_block", "cbor_encode"]
+__all__ = ["U64_MAX", "cbor_block", "cbor_encode"]
 
-_U64 = (1 << 64) - 1
+U64_MAX = (1 << 64) - 1
+"""The largest unsigned 64-bit integer (CBOR's widest head; vLLM's external block hash width)."""
 
 
 def _cbor_head(major: int, n: int) -> bytes:
@@ -26,7 +27,7 @@ def _cbor_head(major: int, n: int) -> bytes:
         return struct.pack(">BH", major << 5 | 25, n)
     if n < 0x1_0000_0000:
         return struct.pack(">BI", major << 5 | 26, n)
-    if n <= _U64:
+    if n <= U64_MAX:
         return struct.pack(">BQ", major << 5 | 27, n)
     raise ValueError(f"integer {n} needs a CBOR bignum, which block hashes never contain")
 

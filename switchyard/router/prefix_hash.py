@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 from switchyard.messages import RoutingRequest
-from switchyard.router.canonical_cbor import cbor_block, cbor_encode
+from switchyard.router.canonical_cbor import U64_MAX, cbor_block, cbor_encode
 
 __all__ = [
     "DEFAULT_NONE_HASH_SEED",
@@ -64,7 +64,6 @@ DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
 """vLLM's seed of ``NONE_HASH`` for cryptographic algorithms when ``PYTHONHASHSEED`` is unset."""
 
 _PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL  # what vLLM's sha256 uses (5 on Python 3.11)
-_U64 = (1 << 64) - 1
 _FINGERPRINT_SEED = 0x5157_4954_4348  # any constant; fingerprints never leave the process
 
 
@@ -73,7 +72,7 @@ def external_block_hash(block_hash: bytes) -> int:
 
     (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0`` makes vLLM publish the raw bytes instead.)
     """
-    return int.from_bytes(block_hash, "big") & _U64
+    return int.from_bytes(block_hash, "big") & U64_MAX
 
 
 _KEY_MEMO_TOKENS = 1 << 18  # head tokens kept by PromptHasher's key memo (~10 MB with their ints)
