@@ -120,6 +120,15 @@ class EngineConfig(StrictModel):
     cpu_kvcache_space_gib: int = Field(default=1, ge=1)
     """KV cache memory per instance on the CPU build (``VLLM_CPU_KVCACHE_SPACE``)."""
 
+    cpu_threads: int | None = Field(default=None, ge=1, le=1024)
+    """OpenMP threads of this engine, not pinned to cores (``OMP_NUM_THREADS``, and
+    ``VLLM_CPU_OMP_THREADS_BIND=nobind`` on the CPU build), set only for this engine's
+    processes. None keeps vLLM's default, one thread pinned to every core of a NUMA node,
+    which suits one engine per machine or pod. Set it when several engines share a machine's
+    cores. Not chosen automatically: with NIXL migration (``kv_transfer``), one unpinned
+    thread per engine made a pre-copy under concurrent load stall past its timeout on the
+    2-core CI machine (cause not found), where vLLM's default did not."""
+
     extra_args: dict[str, Any] = Field(default_factory=dict)
     """Further ``AsyncEngineArgs`` fields, passed through unchanged."""
 

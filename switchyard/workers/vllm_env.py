@@ -23,10 +23,20 @@ from pathlib import Path
 
 from switchyard.config import EngineConfig
 
-__all__ = ["KVCACHE_SPACE_VAR", "apply_vllm_env", "restore_env", "vllm_env"]
+__all__ = [
+    "CPU_THREAD_VARS",
+    "KVCACHE_SPACE_VAR",
+    "apply_vllm_env",
+    "cpu_thread_env",
+    "restore_env",
+    "vllm_env",
+]
 
-#: The one per-engine variable: GiB of KV cache the CPU worker allocates, read at spawn time.
+#: GiB of KV cache the CPU worker allocates, read at spawn time.
 KVCACHE_SPACE_VAR = "VLLM_CPU_KVCACHE_SPACE"
+
+#: The OpenMP settings of vLLM's CPU workers: thread count, and which cores they are pinned to.
+CPU_THREAD_VARS = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND")
 
 
 def vllm_env(cfg: EngineConfig, *, cache_dir: Path) -> dict[str, str]:
@@ -76,3 +86,20 @@ def restore_env(previous: Mapping[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def cpu_thread_env(cfg: EngineConfig) -> dict[str, str]:
+    """``cfg.cpu_threads`` as vLLM's variables: that many OpenMP threads, pinned to no core.
+
+    Unpinned because a pinned thread cannot leave a core that something else is busy on,
+    and every OpenMP barrier of the engine then waits for it. Measured on the 2-core CI
+    machine with two engines (``tests/e2e/test_serve_drain.py``): the two tests' calls took
+    84 s pinned and 46 s at one unpinned thread each; with a busy process beside them, over
+    500 s pinned and 93 s unpinned.
+
+    Empty when ``cpu_threads`` is None: vLLM's own default applies. Not part of
+    :func:`vllm_env`: it is per engine, set only while the engine spawns its processes.
+    """
+    if cfg.cpu_threads is None:
+        return {}
+    return {"OMP_NUM_THREADS": str(cfg.cpu_threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}

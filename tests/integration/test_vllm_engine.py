@@ -9,6 +9,7 @@ processes are gone. The error-table tests need no engine.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from switchyard.messages import EngineOutput, EngineRequest, FinishReason, Sampl
 from switchyard.workers.engine import Engine
 from switchyard.workers.tiny_model import TINY_MODEL_NAME, build_tiny_model
 from switchyard.workers.vllm_engine import VLLMEngine, translate_vllm_error
-from switchyard.workers.vllm_env import apply_vllm_env, restore_env, vllm_env
+from switchyard.workers.vllm_env import CPU_THREAD_VARS, apply_vllm_env, restore_env, vllm_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -128,9 +129,17 @@ def pids_before_engine() -> set[int]:
     return {child.pid for child in _live_children()}
 
 
+@pytest.fixture(scope="module")
+def host_thread_env() -> dict[str, str | None]:
+    """This process's OpenMP variables before the engine started (the engine must not change them)."""
+    return {var: os.environ.get(var) for var in CPU_THREAD_VARS}
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine(model_dir: Path, pids_before_engine: set[int]) -> AsyncIterator[VLLMEngine]:
-    cfg = EngineConfig(dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=8)
+async def engine(
+    model_dir: Path, pids_before_engine: set[int], host_thread_env: dict[str, str | None]
+) -> AsyncIterator[VLLMEngine]:
+    cfg = EngineConfig(dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=8, cpu_threads=1)
     eng = await VLLMEngine.start(cfg, instance_id="vllm-test-0", model_dir=model_dir)
     yield eng
     await eng.close()
@@ -146,6 +155,21 @@ async def test_started_engine_reports_its_geometry_and_idle_load(engine: VLLMEng
     # 1 GiB of KV for 2 layers x 1 KV head x 32 head dim x fp32 K+V = 64 Ki blocks of 32 tokens.
     assert load.kv_blocks_total > 60_000
     assert (load.num_running, load.num_waiting, load.kv_blocks_used) == (0, 0, 0)
+
+
+async def test_thread_settings_apply_to_the_spawn_only(
+    engine: VLLMEngine, pids_before_engine: set[int], host_thread_env: dict[str, str | None]
+) -> None:
+    """An engine with cpu_threads starts its engine core and CPU worker, and the hosting process
+    keeps its own OpenMP values (another engine it starts may want others).
+
+    What the children received cannot be read back here: vLLM renames its processes with
+    setproctitle, which overwrites /proc/<pid>/environ. The engine core logs it on start
+    (``VLLM_CPU_OMP_THREADS_BIND='nobind'``).
+    """
+    spawned = [child for child in _live_children() if child.pid not in pids_before_engine]
+    assert len(spawned) >= 2, [child.cmdline() for child in spawned]  # engine core + CPU worker
+    assert {var: os.environ.get(var) for var in CPU_THREAD_VARS} == host_thread_env
 
 
 async def test_greedy_output_equals_vllms_own_output(engine: VLLMEngine) -> None:
