@@ -90,19 +90,34 @@ async def ref_tokens(engine: VLLMEngine, seed: int, cache: dict[int, list[int]])
 
 
 async def migrate_at(
-    coord: MigrationCoordinator, src: VLLMEngine, dst: VLLMEngine, req: EngineRequest, cut: int
+    coord: MigrationCoordinator,
+    src: VLLMEngine,
+    dst: VLLMEngine,
+    req: EngineRequest,
+    cut: int,
+    *,
+    after: asyncio.Event | None = None,
+    done: asyncio.Event | None = None,
 ) -> tuple[list[int], MigrationOutcome]:
-    """Stream ``req`` on ``src`` and move it to ``dst`` once ``cut`` tokens arrived."""
+    """Stream ``req`` on ``src`` and move it to ``dst`` once ``cut`` tokens arrived.
+
+    With ``after``, the move also waits for that event: an instance takes part in one
+    migration at a time (``max_concurrent_per_instance``), so a second move that overlapped
+    the first would stay on its source as ``busy``, and which one comes first depends on
+    how fast each engine decodes. ``done`` is set once this move has its outcome.
+    """
     stream = MovableStream(req.request_id, src.instance_id, src.generate(req))
     got: list[int] = []
     outcome: MigrationOutcome | None = None
     async for out in stream:
         got.extend(out.token_ids)
         assert out.num_prompt_tokens == len(req.prompt_token_ids)  # usage stays the client's
-        if outcome is None and len(got) >= cut:
+        if outcome is None and len(got) >= cut and (after is None or after.is_set()):
             outcome = await stream.move(
                 coord, EnginePeer(src, src.instance_id), EnginePeer(dst, dst.instance_id)
             )
+            if done is not None:
+                done.set()
     assert outcome is not None
     return got, outcome
 
@@ -229,9 +244,10 @@ async def test_migration_under_concurrent_load_on_both_instances(
     background = [
         asyncio.create_task(bystander(e, s)) for e, s in zip((a, a, a, b, b, b), seeds, strict=True)
     ]
+    first_moved = asyncio.Event()
     (ab, o1), (ba, o2) = await asyncio.gather(
-        migrate_at(coord, a, b, make_request(prompt(1)), 30),
-        migrate_at(coord, b, a, make_request(prompt(2)), 50),
+        migrate_at(coord, a, b, make_request(prompt(1)), 30, done=first_moved),
+        migrate_at(coord, b, a, make_request(prompt(2)), 50, after=first_moved),
     )
     await asyncio.gather(*background)
     TIMINGS.extend([("under load a->b", o1), ("under load b->a", o2)])
