@@ -125,9 +125,10 @@ class EngineConfig(StrictModel):
     ``VLLM_CPU_OMP_THREADS_BIND=nobind`` on the CPU build), set only for this engine's
     processes. None keeps vLLM's default, one thread pinned to every core of a NUMA node,
     which suits one engine per machine or pod. Set it when several engines share a machine's
-    cores. Not chosen automatically: with NIXL migration (``kv_transfer``), one unpinned
-    thread per engine made a pre-copy under concurrent load stall past its timeout on the
-    2-core CI machine (cause not found), where vLLM's default did not."""
+    cores. Not chosen automatically: with NIXL migration (``kv_transfer``) under concurrent
+    load on the 2-core CI machine, one unpinned thread per engine let a pre-copy stall past
+    its 10 s step timeout in 2 of 13 runs (the request then stays on its source; cause not
+    found), which was not seen at vLLM's default."""
 
     extra_args: dict[str, Any] = Field(default_factory=dict)
     """Further ``AsyncEngineArgs`` fields, passed through unchanged."""
