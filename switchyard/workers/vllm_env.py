@@ -93,9 +93,9 @@ def cpu_thread_env(cfg: EngineConfig) -> dict[str, str]:
 
     Unpinned because a pinned thread cannot leave a core that something else is busy on,
     and every OpenMP barrier of the engine then waits for it. Measured on the 2-core CI
-    machine with two engines (``tests/e2e/test_serve_drain.py``): the two tests' calls took
-    84 s pinned and 46 s at one unpinned thread each; with a busy process beside them, over
-    500 s pinned and 93 s unpinned.
+    machine with two engines (``tests/e2e/test_serve_drain.py``, the variables set by hand):
+    the two tests' calls took 84 s pinned and 46 s at one unpinned thread each; with a busy
+    process beside them, over 500 s pinned and 93 s unpinned.
 
     Empty when ``cpu_threads`` is None: vLLM's own default applies. Not part of
     :func:`vllm_env`: it is per engine, set only while the engine spawns its processes.

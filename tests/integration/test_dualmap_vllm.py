@@ -48,7 +48,7 @@ MODEL = "switchyard-tiny"
 @pytest_asyncio.fixture
 async def members(tiny_model_dir: Path) -> AsyncIterator[list[InstanceInfo]]:
     """Two engines, each behind its own Worker gRPC server on port 0, started one after the other."""
-    # Two engines share the machine: one unpinned OpenMP thread each, as `serve` would give them.
+    # Two engines share the machine's cores: one unpinned OpenMP thread each (engine.cpu_threads).
     cfg = EngineConfig(dtype="float32", block_size=BLOCK, max_model_len=512, max_num_seqs=8, cpu_threads=1)
     engines: list[VLLMEngine] = []
     servers: list[grpc.aio.Server] = []

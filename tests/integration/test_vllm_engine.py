@@ -157,7 +157,7 @@ async def test_started_engine_reports_its_geometry_and_idle_load(engine: VLLMEng
     assert (load.num_running, load.num_waiting, load.kv_blocks_used) == (0, 0, 0)
 
 
-async def test_thread_settings_apply_to_the_spawn_only(
+async def test_an_engine_with_cpu_threads_leaves_the_hosts_openmp_settings(
     engine: VLLMEngine, pids_before_engine: set[int], host_thread_env: dict[str, str | None]
 ) -> None:
     """An engine with cpu_threads starts its engine core and CPU worker, and the hosting process
