@@ -127,7 +127,7 @@ class EngineConfig(StrictModel):
     which suits one engine per machine or pod. Set it when several engines share a machine's
     cores. Not chosen automatically: with NIXL migration (``kv_transfer``) under concurrent
     load on the 2-core CI machine, one unpinned thread per engine let a pre-copy stall past
-    its 10 s step timeout in 2 of 19 runs (the request then stays on its source; cause not
+    its 10 s step timeout in 2 of 24 runs (the request then stays on its source; cause not
     found), which was not seen at vLLM's default."""
 
     extra_args: dict[str, Any] = Field(default_factory=dict)
