@@ -46,7 +46,7 @@ from switchyard.errors import (
 from switchyard.messages import EngineOutput, EngineRequest, KvSnapshot, LoadReport, SuspendedRequest
 from switchyard.workers.migration import continuation_request, migration_refusal
 from switchyard.workers.tiny_model import TINY_MODEL_NAME, default_cache_dir
-from switchyard.workers.vllm_env import apply_vllm_env, cpu_thread_env, restore_env, vllm_env
+from switchyard.workers.vllm_env import apply_vllm_env, cpu_threads_while_spawning, vllm_env
 from switchyard.workers.vllm_errors import finish_reason, translate_vllm_error
 from switchyard.workers.vllm_kv import (
     KvEndpoint,
@@ -156,11 +156,11 @@ class VLLMEngine:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid vLLM engine arguments: {exc}") from exc
         started = time.monotonic()
-        # The engine's processes are spawned now and keep the thread settings they inherit;
-        # set on purpose, they win over inherited values, and the host gets its own back.
-        threads_before = apply_vllm_env(cpu_thread_env(cfg))
         try:
-            llm = AsyncLLM.from_engine_args(args, stat_loggers=[load.bind])
+            # The engine's processes are spawned here and keep the thread settings they inherit;
+            # set on purpose, they win over inherited values, and the host gets its own back.
+            with cpu_threads_while_spawning(cfg):
+                llm = AsyncLLM.from_engine_args(args, stat_loggers=[load.bind])
             # Cache the supported tasks now, so that later add_request calls do not await
             # before registering the request (an abort in that window would be lost).
             await llm.get_supported_tasks()
@@ -168,8 +168,6 @@ class VLLMEngine:
             raise ConfigError(f"vLLM rejected the engine configuration: {exc}") from exc
         except Exception as exc:
             raise EngineDeadError(f"the vLLM engine failed to start: {exc}") from exc
-        finally:
-            restore_env(threads_before)
         logger.info(
             "vLLM engine %s serving %s started in %.1f s", instance_id, name, time.monotonic() - started
         )

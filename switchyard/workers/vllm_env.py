@@ -17,8 +17,9 @@ threads (asyncio, gRPC, Ray) is unsafe.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from switchyard.config import EngineConfig
@@ -28,6 +29,7 @@ __all__ = [
     "KVCACHE_SPACE_VAR",
     "apply_vllm_env",
     "cpu_thread_env",
+    "cpu_threads_while_spawning",
     "restore_env",
     "vllm_env",
 ]
@@ -103,3 +105,17 @@ def cpu_thread_env(cfg: EngineConfig) -> dict[str, str]:
     if cfg.cpu_threads is None:
         return {}
     return {"OMP_NUM_THREADS": str(cfg.cpu_threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+@contextlib.contextmanager
+def cpu_threads_while_spawning(cfg: EngineConfig) -> Iterator[None]:
+    """Hold :func:`cpu_thread_env` in this process's environment for a synchronous spawn only.
+
+    The block must not await: another engine starting in the same event loop would read, and
+    later restore, these values as if they were the host's.
+    """
+    previous = apply_vllm_env(cpu_thread_env(cfg))
+    try:
+        yield
+    finally:
+        restore_env(previous)
