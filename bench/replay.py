@@ -21,6 +21,7 @@ There is no network delay and no frontend overhead: TTFT is arrival to first tok
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -94,6 +95,9 @@ class ReplayResult:
     ttft_estimate_error_s: np.ndarray
     """Per request, measured TTFT minus the policy's estimate for the chosen instance (the core's
     ``ttft_estimate_error`` metric); NaN when the policy gives no estimate for its choice."""
+    decisions_sha256: str = ""
+    """SHA-256 over every decision in arrival order (request, instance, outcome): two runs with
+    equal digests routed every request alike, so a refactoring can be shown not to change routing."""
 
 
 class _MeteredInstance(SimInstance):
@@ -169,6 +173,7 @@ class _Replay:
         self.outcomes: Counter[str] = Counter()
         self.per_instance: Counter[str] = Counter()
         self.decision_s = 0.0
+        self.decisions = hashlib.sha256()
 
     def run(self) -> ReplayResult:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -204,6 +209,7 @@ class _Replay:
                 if self.feedback is not None
                 else np.full(n, np.nan)
             ),
+            decisions_sha256=self.decisions.hexdigest(),
         )
 
     def _reporter(self, instance_id: str) -> Any:
@@ -240,6 +246,7 @@ class _Replay:
                 break
         self.policy.on_dispatched(rreq, decision)
         self.outcomes[decision.outcome.value] += 1
+        self.decisions.update(f"{idx} {decision.instance_id} {decision.outcome.value}\n".encode())
         self.per_instance[decision.instance_id] += 1
         self.fleet.submit(
             decision.instance_id, EngineRequest(rreq.request_id, rreq.prompt_token_ids, sampling)
