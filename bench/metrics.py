@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from bench.replay import ReplayResult
-from switchyard.workers.sim_cost import StepCostModel, StepWork, prefill_pairs
+from switchyard.workers.sim.cost import StepCostModel, StepWork, prefill_pairs
 
 __all__ = [
     "ATTAINMENT_SLOS_S",

@@ -40,12 +40,12 @@ from typing import Any
 from bench.provenance import run_header
 from switchyard.config import EngineConfig, KvTransferConfig, MigrationConfig
 from switchyard.messages import EngineRequest, SamplingOptions
+from switchyard.router.migration import EnginePeer, MigrationCoordinator, MigrationOutcome
 from switchyard.router.movable_stream import MovableStream
-from switchyard.workers.migration import EnginePeer, MigrationCoordinator, MigrationOutcome
-from switchyard.workers.tiny_model import MODEL_SHAPES, build_tiny_model, default_cache_dir
-from switchyard.workers.vllm_engine import VLLMEngine
-from switchyard.workers.vllm_env import apply_vllm_env, vllm_env
-from switchyard.workers.vllm_kv import kv_bytes_per_block
+from switchyard.testing.tiny_model import MODEL_SHAPES, build_tiny_model, default_cache_dir
+from switchyard.workers.vllm.engine import VLLMEngine
+from switchyard.workers.vllm.env import apply_vllm_env, vllm_env
+from switchyard.workers.vllm.kv_transfer import kv_bytes_per_block
 
 __all__ = ["main"]
 

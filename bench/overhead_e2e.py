@@ -49,7 +49,7 @@ from switchyard.event_loop import EventLoopName
 from switchyard.messages import EngineRequest, InstanceInfo, Membership, RoutingRequest, SamplingOptions
 from switchyard.router.core import RouterCore
 from switchyard.router.worker_client import WorkerClient
-from switchyard.workers.tiny_model import TINY_MODEL_NAME
+from switchyard.testing.tiny_model import TINY_MODEL_NAME
 
 MODEL = TINY_MODEL_NAME
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -342,7 +342,7 @@ async def bench_e2e(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     from switchyard.router.gateway.tokenizer import TokenizerAdapter
-    from switchyard.workers.tiny_model import build_tiny_model
+    from switchyard.testing.tiny_model import build_tiny_model
 
     prompt_ids = TokenizerAdapter.from_model_dir(build_tiny_model()).encode(PROMPT)
     workers = await asyncio.to_thread(Child, workers_child, MODEL, 2, hold_tick_s)

@@ -29,7 +29,7 @@ from switchyard import event_loop
 
 async def _ab(a: int, b: int, rounds: int, streams: int, probes: int, policy: str) -> dict[str, Any]:
     from switchyard.router.gateway.tokenizer import TokenizerAdapter
-    from switchyard.workers.tiny_model import build_tiny_model
+    from switchyard.testing.tiny_model import build_tiny_model
 
     prompt_ids = TokenizerAdapter.from_model_dir(build_tiny_model()).encode(PROMPT)
     workers = await asyncio.to_thread(Child, workers_child, MODEL, 2, 1.0)

@@ -160,7 +160,7 @@ async def _gateway_main(
     from switchyard.router.core import RouterCore
     from switchyard.router.gateway import build_gateway_app, serve_gateway, stop_gateway
     from switchyard.router.gateway.tokenizer import TokenizerAdapter
-    from switchyard.workers.tiny_model import build_tiny_model
+    from switchyard.testing.tiny_model import build_tiny_model
 
     infos = tuple(InstanceInfo(f"w{i}", addr, model, engine="sim") for i, addr in enumerate(worker_addresses))
     core = RouterCore(RouterConfig(policy=policy))

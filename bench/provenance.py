@@ -31,13 +31,13 @@ __all__ = ["policy_digest", "provenance", "run_header", "sim_digest"]
 _TRACKED = "switchyard.router"
 _REGISTRY = "switchyard.router.policies"
 _SIM_MODULES = (
-    "switchyard.workers.sim_cost",
-    "switchyard.workers.sim_engine",
-    "switchyard.workers.sim_fleet",
-    "switchyard.workers.sim_instance",
-    "switchyard.workers.sim_kv_pool",
-    "switchyard.workers.sim_migration",
-    "switchyard.workers.sim_request",
+    "switchyard.workers.sim.cost",
+    "switchyard.workers.sim.engine",
+    "switchyard.workers.sim.fleet",
+    "switchyard.workers.sim.instance",
+    "switchyard.workers.sim.kv_pool",
+    "switchyard.workers.sim.migration",
+    "switchyard.workers.sim.request",
 )
 
 

@@ -53,9 +53,9 @@ from switchyard.config import MigrationConfig, RebalancerConfig
 from switchyard.router import rebalancer as rebalancer_module
 from switchyard.router.policies import POLICIES
 from switchyard.router.rebalancer import InstanceLoad, Move, fleet_loads, plan_rebalance
-from switchyard.workers.sim_cost import KvTransferCost, KvTransferProfile, available_profiles, load_profile
-from switchyard.workers.sim_instance import SimInstance
-from switchyard.workers.sim_migration import SimMigrationOutcome
+from switchyard.workers.sim.cost import KvTransferCost, KvTransferProfile, available_profiles, load_profile
+from switchyard.workers.sim.instance import SimInstance
+from switchyard.workers.sim.migration import SimMigrationOutcome
 
 if TYPE_CHECKING:
     from switchyard.router.movable_stream import MovableStream

@@ -19,7 +19,7 @@ from bench import metrics
 from bench.replay import ReplayResult
 from bench.traces import Trace
 from switchyard.router.rebalancer import Move
-from switchyard.workers.sim_migration import SimMigrationOutcome
+from switchyard.workers.sim.migration import SimMigrationOutcome
 
 __all__ = ["RunResult", "migration_stats", "misses_by_burst", "ratios", "render_summary", "tpot_quantiles"]
 

@@ -43,9 +43,9 @@ from switchyard.messages import (
 from switchyard.router.policies import make_policy
 from switchyard.router.registry import InstanceRegistry, InstanceState
 from switchyard.router.ttft_estimator import TtftFeedback
-from switchyard.workers.sim_cost import KvTransferCost, KvTransferProfile, load_profile
-from switchyard.workers.sim_fleet import SimFleet
-from switchyard.workers.sim_instance import SimInstance, StepResult
+from switchyard.workers.sim.cost import KvTransferCost, KvTransferProfile, load_profile
+from switchyard.workers.sim.fleet import SimFleet
+from switchyard.workers.sim.instance import SimInstance, StepResult
 
 __all__ = ["MODEL", "ReplayConfig", "ReplayResult", "engine_config", "replay"]
 

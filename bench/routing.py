@@ -37,8 +37,8 @@ from bench.replay import ReplayConfig, ReplayResult, engine_config, replay
 from bench.report import render_summary
 from bench.traces import Trace, load_trace, lru_hit_rate, prefix_hit_bound
 from switchyard.router.policies import POLICIES
-from switchyard.workers.sim_cost import available_profiles, load_profile
-from switchyard.workers.sim_instance import SimInstance
+from switchyard.workers.sim.cost import available_profiles, load_profile
+from switchyard.workers.sim.instance import SimInstance
 
 __all__ = ["main", "parse_args"]
 

@@ -102,7 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("build-tiny-model", help="build the tiny random-weight model and print its path")
     tiny.add_argument("--cache-dir", type=Path, default=None)
 
-    from switchyard.operator import crds as crds_module
+    from switchyard.operator.crd import schema as crds_module
 
     crds = sub.add_parser("crds", help="write the CRD manifests generated from the operator's models")
     crds_module.add_arguments(crds)
@@ -220,12 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "drain":
         return _drain(args)
     if args.command == "build-tiny-model":
-        from switchyard.workers.tiny_model import build_tiny_model
+        from switchyard.testing.tiny_model import build_tiny_model
 
         print(build_tiny_model(args.cache_dir))
         return 0
     if args.command == "crds":
-        from switchyard.operator.crds import run as write_crds
+        from switchyard.operator.crd.schema import run as write_crds
 
         return write_crds(args)
     if args.command == "operator":

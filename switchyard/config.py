@@ -36,7 +36,7 @@ class SimConfig(StrictModel):
     """Parameters of the simulated engine (a performance model, not inference)."""
 
     profile: str = "llama3.1-8b-h100"
-    """Name of the GPU cost profile (``switchyard/workers/profiles``); each cites its sources."""
+    """Name of the GPU cost profile (``switchyard/workers/sim/profiles``); each cites its sources."""
 
     time_mode: Literal["real", "virtual"] = "real"
     """``real`` sleeps for each simulated step; ``virtual`` advances an injected clock (benchmarks)."""

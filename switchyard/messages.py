@@ -1,12 +1,13 @@
 """Typed messages passed between Switchyard's components inside one process.
 
 The gateway, the router core, the worker clients and the engines speak these; the wire form
-(protobuf, in ``switchyard/api``) is converted to and from them in ``switchyard/wire.py`` only.
+(protobuf, in ``switchyard/api``) is converted to and from them in ``switchyard/api/wire.py`` only.
 They are frozen, slotted dataclasses: cheap to build on the hot path and safe to share.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ __all__ = [
     "RoutingRequest",
     "SamplingOptions",
     "SuspendedRequest",
+    "continuation_request",
+    "migration_refusal",
+    "resubmission",
 ]
 
 
@@ -183,3 +187,47 @@ class SuspendedRequest:
     def num_tokens(self) -> int:
         """Tokens whose KV the destination needs: prompt plus outputs."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
+def migration_refusal(s: SamplingOptions) -> str | None:
+    """Why moving a request with these options would change its output, or None if it would not.
+
+    The destination sees the outputs as prompt tokens and starts a fresh sampler, so:
+
+    * a seeded request would continue from a different generator state;
+    * presence/frequency penalties count *output* tokens only, and moved outputs are prompt;
+    * repetition penalties are refused too, to keep the rule simple (vLLM 0.32 applies them
+      to prompt and output tokens alike, so they may be safe; not tested yet).
+
+    Structured output (a grammar whose state would restart), logprobs, LoRA and multimodal
+    inputs are not in ``SamplingOptions`` yet; they must be refused here when they are added.
+    """
+    if s.seed is not None:
+        return "seeded sampling would continue from a different generator state"
+    if s.presence_penalty or s.frequency_penalty:
+        return "presence/frequency penalties count output tokens, which would become prompt"
+    if s.repetition_penalty != 1.0:
+        return "repetition penalty is not supported across a migration"
+    return None
+
+
+def continuation_request(s: SuspendedRequest) -> EngineRequest:
+    """``prompt + outputs`` with the output-dependent limits reduced: what a destination runs."""
+    n = len(s.output_token_ids)
+    sampling = dataclasses.replace(
+        s.sampling, max_tokens=s.sampling.max_tokens - n, min_tokens=max(0, s.sampling.min_tokens - n)
+    )
+    return EngineRequest(s.request_id, [*s.prompt_token_ids, *s.output_token_ids], sampling)
+
+
+def resubmission(req: RoutingRequest, generated: list[int]) -> EngineRequest | None:
+    """The engine request for the next attempt: the original, or its continuation after
+    ``generated`` tokens (None when nothing is left to generate)."""
+    if not generated:
+        return EngineRequest(req.request_id, req.prompt_token_ids, req.sampling)
+    s = req.sampling
+    remaining = s.max_tokens - len(generated)
+    if remaining <= 0:
+        return None
+    sampling = dataclasses.replace(s, max_tokens=remaining, min_tokens=max(0, s.min_tokens - len(generated)))
+    return EngineRequest(req.request_id, [*req.prompt_token_ids, *generated], sampling)

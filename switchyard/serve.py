@@ -30,7 +30,7 @@ def resolve_model(config: ServeConfig) -> tuple[Path, str, bool]:
     The simulator produces token IDs, not text from a model, but the gateway still needs a
     tokenizer and chat template: it uses the tiny model's, which is built locally in seconds.
     """
-    from switchyard.workers.tiny_model import TINY_MODEL_NAME, build_tiny_model
+    from switchyard.testing.tiny_model import TINY_MODEL_NAME, build_tiny_model
 
     model = config.engine.model
     if model is None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from switchyard.workers.tiny_model import build_tiny_model
+from switchyard.testing.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

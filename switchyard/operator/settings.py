@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 
 from switchyard.config import StrictModel
 from switchyard.operator.kube import KubeApi
-from switchyard.operator.render_pods import child_names
+from switchyard.operator.render.objects import child_names
 from switchyard.operator.router_metrics import HttpMetricsSource, MetricsDrainClient
 
 __all__ = ["FINALIZER", "OperatorOptions", "configure", "make_api_client"]

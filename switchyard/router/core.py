@@ -14,7 +14,7 @@ instance (``instance_links.py``) feeds the registry, which also counts what this
 dispatched since.
 
 Live migration (``migrate``) moves a streaming request to another instance with its KV cache
-(``workers/migration.py``); the per-request upstream is a ``MovableStream``, which switches
+(``router/migration.py``); the per-request upstream is a ``MovableStream``, which switches
 from the source's stream to the destination's without losing or repeating a token, so the
 loop below sees one continuous stream and needs no migration logic of its own.
 
@@ -43,16 +43,23 @@ from switchyard.errors import (
     MigrationError,
     ModelNotFoundError,
 )
-from switchyard.messages import EngineOutput, FinishReason, InstanceInfo, Membership, RoutingRequest
+from switchyard.messages import (
+    EngineOutput,
+    FinishReason,
+    InstanceInfo,
+    Membership,
+    RoutingRequest,
+    resubmission,
+)
 from switchyard.router.drain import DrainResult, drain_instance
 from switchyard.router.instance_links import InstanceLinks
+from switchyard.router.migration import MigrationCoordinator, MigrationOutcome
 from switchyard.router.movable_stream import MovableStream
 from switchyard.router.policies import RoutingDecision, RoutingOutcome, make_policy
 from switchyard.router.rebalancer import Rebalancer
 from switchyard.router.registry import InstanceRegistry, InstanceState
 from switchyard.router.ttft_estimator import TtftFeedback
 from switchyard.router.worker_client import WorkerClient
-from switchyard.workers.migration import MigrationCoordinator, MigrationOutcome, resubmission
 
 __all__ = ["RouterCore"]
 

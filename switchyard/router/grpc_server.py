@@ -1,6 +1,6 @@
 """The Router gRPC service: the router core for gateways other than the built-in HTTP one.
 
-Each method converts protobuf to messages (``switchyard.wire``), calls ``RouterCore`` and
+Each method converts protobuf to messages (``switchyard.api.wire``), calls ``RouterCore`` and
 converts back; it has no routing logic of its own. Errors leave through the one table
 (``wire.status_for_error``). As in the worker service, streaming handlers are coroutines that
 ``await context.write(...)``, so a client cancel cancels our own frame and the ``finally``
@@ -17,7 +17,7 @@ from typing import NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from switchyard import wire
+from switchyard.api import wire
 from switchyard.api.v1 import router_pb2, router_pb2_grpc
 from switchyard.messages import EngineOutput
 from switchyard.router.core import RouterCore

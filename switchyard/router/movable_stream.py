@@ -33,7 +33,7 @@ from switchyard.errors import EngineDeadError, MigrationError
 from switchyard.messages import EngineOutput, FinishReason
 
 if TYPE_CHECKING:
-    from switchyard.workers.migration import MigrationCoordinator, MigrationOutcome, MigrationPeer
+    from switchyard.router.migration import MigrationCoordinator, MigrationOutcome, MigrationPeer
 
 __all__ = ["MovableStream"]
 

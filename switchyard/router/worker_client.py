@@ -22,7 +22,7 @@ from types import TracebackType
 
 import grpc
 
-from switchyard import wire
+from switchyard.api import wire
 from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
 from switchyard.errors import (
     GRPC_CODE_TO_ERROR,

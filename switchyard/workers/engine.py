@@ -3,7 +3,7 @@
 The instance actor, the worker gRPC service and the tests talk to engines only through this
 protocol, so the real vLLM engine and the simulator are interchangeable. The migration
 steps (``snapshot``/``shadow_pull``/``suspend``/``admit_migrated``/``release_suspended``) are
-what ``workers/migration.py``'s coordinator calls, locally or through the Worker service; an
+what ``router/migration.py``'s coordinator calls, locally or through the Worker service; an
 engine that cannot migrate raises ``MigrationError`` from them, and the request stays put.
 
 Contract of ``generate`` (vLLM's own): on cancellation or ``GeneratorExit`` the adapter aborts

@@ -42,10 +42,10 @@ async def build_engine(cfg: EngineConfig, *, instance_id: str, model_dir: Path |
     if cfg.kind == "vllm":
         if model_dir is None:
             raise ConfigError("the vllm engine needs a model directory")
-        from switchyard.workers.vllm_engine import VLLMEngine
+        from switchyard.workers.vllm.engine import VLLMEngine
 
         return await VLLMEngine.start(cfg, instance_id=instance_id, model_dir=model_dir)
-    from switchyard.workers.sim_engine import SimEngine
+    from switchyard.workers.sim.engine import SimEngine
 
     return SimEngine.from_config(cfg, instance_id=instance_id)
 

@@ -21,7 +21,7 @@ from typing import Any
 import ray
 
 from switchyard.messages import Membership
-from switchyard.router.membership import MembershipMerger
+from switchyard.workers.membership import MembershipMerger
 from switchyard.workers.supervisor import PoolSpec, Supervisor, follow_membership
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def engine_environment(specs: Sequence[PoolSpec]) -> dict[str, str]:
     cache_root = Path(os.environ.get("SWITCHYARD_CACHE_DIR") or Path(tempfile.gettempdir()) / "switchyard")
     for spec in specs:
         if spec.engine.kind == "vllm":
-            from switchyard.workers.vllm_env import vllm_env
+            from switchyard.workers.vllm.env import vllm_env
 
             env.update(vllm_env(spec.engine, cache_dir=cache_root))
     # Pass through the cache location so restarted instances find the same models.

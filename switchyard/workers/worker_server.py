@@ -1,6 +1,6 @@
 """The Worker gRPC service: any ``Engine`` made reachable by routers.
 
-One server per engine instance. It converts protobuf to messages and back (``switchyard.wire``)
+One server per engine instance. It converts protobuf to messages and back (``switchyard.api.wire``)
 and adds no logic of its own, so the vLLM engine, the simulator and test fakes all serve
 through the same code. Errors leave through the one table (``wire.status_for_error``).
 
@@ -22,7 +22,7 @@ from typing import NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from switchyard import wire
+from switchyard.api import wire
 from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
 from switchyard.messages import EngineOutput, InstanceInfo
 from switchyard.workers.engine import Engine
@@ -126,7 +126,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         except Exception as exc:
             await _abort(context, exc, "StreamLoad")
 
-    # -- migration steps (workers/migration.py drives them; the engine does the work) ---------
+    # -- migration steps (router/migration.py drives them; the engine does the work) ---------
 
     async def Snapshot(
         self, request: worker_pb2.SnapshotRequest, context: grpc.aio.ServicerContext

@@ -33,7 +33,7 @@ from switchyard import metrics
 from switchyard.config import EngineConfig, RouterConfig
 from switchyard.messages import InstanceInfo, Membership, RoutingRequest, SamplingOptions
 from switchyard.router.core import RouterCore
-from switchyard.workers.vllm_engine import VLLMEngine
+from switchyard.workers.vllm.engine import VLLMEngine
 from switchyard.workers.worker_server import start_worker_server
 from tests.helpers.waiting import eventually
 

@@ -1,6 +1,6 @@
 """Contract tests: the vLLM internals ``MigrationConnector`` relies on are still there.
 
-``switchyard/workers/kv_connector.py`` subclasses NIXL's connector and reaches into private
+``switchyard/workers/vllm/kv_connector.py`` subclasses NIXL's connector and reaches into private
 state (research ``vllm-migration.md`` §7.1). These tests start no engine; they inspect vLLM's
 classes and sources so that a vLLM upgrade that moves any of it fails here, by name, instead
 of as a hung migration or a destination engine killed by an assertion.
@@ -29,9 +29,9 @@ from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from switchyard.workers import kv_connector
-from switchyard.workers.kv_connector import REQUEST_ID_ARG, MigrationConnector, external_id
-from switchyard.workers.kv_control import CONTROL_COMMANDS
+from switchyard.workers.vllm import kv_connector
+from switchyard.workers.vllm.kv_connector import REQUEST_ID_ARG, MigrationConnector, external_id
+from switchyard.workers.vllm.kv_control import CONTROL_COMMANDS
 
 pytestmark = pytest.mark.vllm
 

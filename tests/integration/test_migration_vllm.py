@@ -19,11 +19,11 @@ import pytest_asyncio
 
 from switchyard.config import EngineConfig, KvTransferConfig
 from switchyard.messages import EngineOutput, EngineRequest, FinishReason, SamplingOptions
+from switchyard.router.migration import EnginePeer, MigrationCoordinator, MigrationOutcome
 from switchyard.router.movable_stream import MovableStream
-from switchyard.workers.migration import EnginePeer, MigrationCoordinator, MigrationOutcome
-from switchyard.workers.tiny_model import build_tiny_model
-from switchyard.workers.vllm_engine import VLLMEngine
-from switchyard.workers.vllm_env import apply_vllm_env, restore_env, vllm_env
+from switchyard.testing.tiny_model import build_tiny_model
+from switchyard.workers.vllm.engine import VLLMEngine
+from switchyard.workers.vllm.env import apply_vllm_env, restore_env, vllm_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 

@@ -24,7 +24,7 @@ from vllm.distributed.kv_events import BlockStored, KVEventBatch
 from switchyard.config import EngineConfig
 from switchyard.messages import EngineRequest, SamplingOptions
 from switchyard.router.prefix_hash import BlockHasher, external_block_hash
-from switchyard.workers.vllm_engine import VLLMEngine
+from switchyard.workers.vllm.engine import VLLMEngine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]  # a safety net: ~60 s on a quiet machine
 

@@ -27,9 +27,9 @@ from switchyard.messages import (
     RoutingRequest,
     SamplingOptions,
     SuspendedRequest,
+    continuation_request,
 )
 from switchyard.router.core import RouterCore
-from switchyard.workers.migration import continuation_request
 from switchyard.workers.worker_server import start_worker_server
 from tests.helpers.scripted_engine import ScriptedEngine
 

@@ -34,10 +34,10 @@ from switchyard.errors import (
     SwitchyardError,
 )
 from switchyard.messages import EngineOutput, EngineRequest, FinishReason, SamplingOptions
+from switchyard.testing.tiny_model import TINY_MODEL_NAME, build_tiny_model
 from switchyard.workers.engine import Engine
-from switchyard.workers.tiny_model import TINY_MODEL_NAME, build_tiny_model
-from switchyard.workers.vllm_engine import VLLMEngine, translate_vllm_error
-from switchyard.workers.vllm_env import CPU_THREAD_VARS, apply_vllm_env, restore_env, vllm_env
+from switchyard.workers.vllm.engine import VLLMEngine, translate_vllm_error
+from switchyard.workers.vllm.env import CPU_THREAD_VARS, apply_vllm_env, restore_env, vllm_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
 

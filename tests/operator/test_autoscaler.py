@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from switchyard.operator.autoscaler import PoolInput, ServiceSignals, decide
-from switchyard.operator.conditions import Condition
+from switchyard.operator.autoscaling.decision import PoolInput, ServiceSignals, decide
+from switchyard.operator.crd.conditions import Condition
 from switchyard.operator.handlers.autoscaling import run_autoscaler, write_observed_status
 from switchyard.operator.kube import ApiError
 from switchyard.operator.router_metrics import (
@@ -79,7 +79,7 @@ def one(p: PoolInput, **signals: Any) -> tuple[int, str]:
     ],
 )
 def test_decision_table(case: str, p: PoolInput, signals: dict[str, Any], expected: tuple[int, str]) -> None:
-    """Each rule of the autoscaler, one row each (see switchyard.operator.autoscaler)."""
+    """Each rule of the autoscaler, one row each (see switchyard.operator.autoscaling.decision)."""
     assert one(p, **signals) == expected, case
 
 

@@ -17,8 +17,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from switchyard.operator import crds
-from switchyard.operator.models import (
+from switchyard.operator.crd import (
     API_GROUP,
     CRD_SPECS,
     AutoscalingSpec,
@@ -27,6 +26,7 @@ from switchyard.operator.models import (
     RatioBand,
     ServingPoolStatus,
 )
+from switchyard.operator.crd import schema as crds
 from switchyard.router.policies import POLICIES
 from tests.operator.schema_admission import admission_errors, apply_defaults, cel_rules, structural_problems
 
@@ -35,7 +35,8 @@ CRD_DIR = REPO / "deploy" / "crds"
 EXAMPLES = sorted((REPO / "deploy" / "examples").glob("*.yaml"))
 SPECS = {c.kind: c for c in CRD_SPECS}
 REGENERATE = (
-    "regenerate with `switchyard crds` (or `python -m switchyard.operator.crds`) and commit deploy/crds/"
+    "regenerate with `switchyard crds` (or `python -m switchyard.operator.crd.schema`)"
+    " and commit deploy/crds/"
 )
 
 

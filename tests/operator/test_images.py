@@ -40,7 +40,7 @@ def test_operator_entry_point_imports_no_serving_stack() -> None:
     code = (
         "import sys, json\n"
         "import switchyard.cli, switchyard.operator.handlers\n"
-        "import switchyard.operator.run, switchyard.operator.crds\n"
+        "import switchyard.operator.run, switchyard.operator.crd.schema\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
     out = subprocess.run(
@@ -63,7 +63,7 @@ def test_operator_dockerfile_installs_those_deps_and_pins_kopf_like_pyproject() 
 
 
 def test_engine_dockerfile_pins_vllm_and_ray_like_pyproject_and_crd_default() -> None:
-    from switchyard.operator.models import RaySpec
+    from switchyard.operator.crd import RaySpec
 
     dockerfile = (REPO / "docker" / "engine.Dockerfile").read_text()
     pyproject = (REPO / "pyproject.toml").read_text()

@@ -25,7 +25,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from switchyard.operator.models import API_GROUP, CRD_SPECS, ServingPoolStatus
+from switchyard.operator.crd import API_GROUP, CRD_SPECS, ServingPoolStatus
 from tests.operator.emulator import K8sEmulator
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")

@@ -7,8 +7,8 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from switchyard.operator.conditions import Condition, merge_conditions, standard_conditions
-from switchyard.operator.observation import observe, unavailable
+from switchyard.operator.autoscaling.observation import observe, unavailable
+from switchyard.operator.crd.conditions import Condition, merge_conditions, standard_conditions
 from switchyard.operator.router_metrics import RouterSnapshot
 from switchyard.operator.settings import OperatorOptions
 

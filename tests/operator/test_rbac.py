@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
+from switchyard.operator.crd import API_GROUP, CRD_SPECS
 from switchyard.operator.kube import KINDS
-from switchyard.operator.models import API_GROUP, CRD_SPECS
-from switchyard.operator.render_pods import ROUTER_SERVICE_ACCOUNT, WORKER_SERVICE_ACCOUNT
+from switchyard.operator.render.objects import ROUTER_SERVICE_ACCOUNT, WORKER_SERVICE_ACCOUNT
 
 OPERATOR_DIR = Path(__file__).resolve().parents[2] / "deploy" / "operator"
 WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}

@@ -11,17 +11,12 @@ from switchyard import cli
 from switchyard.config import ServeConfig
 from switchyard.kvcache import KVCacheServerConfig
 from switchyard.kvcache.server import KVCacheServer
+from switchyard.operator.crd import KVCachePoolSpec, LLMServiceSpec, ServingPoolSpec
 from switchyard.operator.kube import contains
-from switchyard.operator.models import KVCachePoolSpec, LLMServiceSpec, ServingPoolSpec
-from switchyard.operator.render import (
-    Owner,
-    Ports,
-    kvcache_children,
-    pool_children,
-    selector_string,
-    service_children,
-)
-from switchyard.operator.render_kvcache import kvcache_pod_memory
+from switchyard.operator.render.kvcache import kvcache_children, kvcache_pod_memory
+from switchyard.operator.render.objects import Owner, Ports, selector_string
+from switchyard.operator.render.pool import pool_children
+from switchyard.operator.render.service import service_children
 from tests.operator.harness import load_examples
 
 NS = "prod"

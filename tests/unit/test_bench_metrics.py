@@ -11,7 +11,7 @@ from bench.metrics import Capacity, capacity, idle_ttft_s, imbalance, percentile
 from bench.replay import ReplayConfig, replay
 from bench.traces import Trace, TraceRequest
 from switchyard.router.policies import POLICIES
-from switchyard.workers.sim_cost import StepCostModel, load_profile
+from switchyard.workers.sim.cost import StepCostModel, load_profile
 
 
 def test_attainment_counts_missing_first_tokens_as_misses() -> None:

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from switchyard.config import EngineConfig
-from switchyard.workers.vllm_env import CPU_THREAD_VARS, cpu_thread_env, cpu_threads_while_spawning, vllm_env
+from switchyard.workers.vllm.env import CPU_THREAD_VARS, cpu_thread_env, cpu_threads_while_spawning, vllm_env
 
 
 def test_cpu_threads_become_unpinned_openmp_settings() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from switchyard.workers.kv_control import _ephemeral_low, free_port
+from switchyard.workers.vllm.kv_control import _ephemeral_low, free_port
 
 
 def test_free_port_is_bindable_and_below_the_ephemeral_range() -> None:

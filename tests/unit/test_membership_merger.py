@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from switchyard.messages import InstanceInfo, Membership
-from switchyard.router.membership import MembershipMerger
+from switchyard.workers.membership import MembershipMerger
 
 
 def _info(iid: str) -> InstanceInfo:

@@ -11,7 +11,7 @@ import pytest
 
 from switchyard.config import SimConfig
 from switchyard.errors import ConfigError
-from switchyard.workers.sim_cost import (
+from switchyard.workers.sim.cost import (
     StepCostModel,
     StepWork,
     available_profiles,
@@ -19,7 +19,7 @@ from switchyard.workers.sim_cost import (
     prefill_pairs,
 )
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "switchyard" / "workers" / "profiles"
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "switchyard" / "workers" / "sim" / "profiles"
 
 EXPECTED_PROFILES = {
     "llama3.1-8b-h100",

@@ -14,9 +14,9 @@ from switchyard.config import EngineConfig, SimConfig
 from switchyard.errors import ConfigError, EngineDeadError
 from switchyard.messages import EngineOutput, EngineRequest, FinishReason, SamplingOptions
 from switchyard.workers.engine import Engine
-from switchyard.workers.sim_cost import StepCostModel, StepWork, load_profile, prefill_pairs
-from switchyard.workers.sim_engine import SimEngine, SimFleet, VirtualClock
-from switchyard.workers.sim_instance import SimInstance, simulated_token_id
+from switchyard.workers.sim.cost import StepCostModel, StepWork, load_profile, prefill_pairs
+from switchyard.workers.sim.engine import SimEngine, SimFleet, VirtualClock
+from switchyard.workers.sim.instance import SimInstance, simulated_token_id
 
 COST = StepCostModel.from_profile(load_profile("llama3.1-8b-h100"))
 

@@ -12,9 +12,9 @@ import asyncio
 from switchyard.config import RouterConfig
 from switchyard.messages import EngineOutput, InstanceInfo, Membership, RoutingRequest, SamplingOptions
 from switchyard.router.core import RouterCore
+from switchyard.router.migration import EnginePeer, MigrationCoordinator
 from switchyard.router.movable_stream import MovableStream
-from switchyard.workers.migration import EnginePeer, MigrationCoordinator
-from switchyard.workers.sim_engine import SimEngine
+from switchyard.workers.sim.engine import SimEngine
 from switchyard.workers.worker_server import start_worker_server
 from tests.unit.test_sim_migration import BS, KV, expected_tokens, make_instance, make_request
 

@@ -11,8 +11,8 @@ import pytest
 from switchyard.config import EngineConfig, SimConfig
 from switchyard.errors import ConfigError, ContextLengthError, EngineRequestError, InvalidRequestError
 from switchyard.messages import EngineOutput, EngineRequest, FinishReason, SamplingOptions
-from switchyard.workers.sim_cost import StepCostModel, load_profile, prefill_pairs
-from switchyard.workers.sim_instance import SimInstance, StepResult, simulated_token_id
+from switchyard.workers.sim.cost import StepCostModel, load_profile, prefill_pairs
+from switchyard.workers.sim.instance import SimInstance, StepResult, simulated_token_id
 
 PROFILE = load_profile("llama3.1-8b-h100")
 COST = StepCostModel.from_profile(PROFILE)

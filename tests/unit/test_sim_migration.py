@@ -9,10 +9,10 @@ import pytest
 
 from switchyard.config import MigrationConfig
 from switchyard.messages import EngineOutput, EngineRequest, FinishReason, SamplingOptions
-from switchyard.workers.sim_cost import KvTransferCost, StepCostModel, available_profiles, load_profile
-from switchyard.workers.sim_fleet import SimFleet
-from switchyard.workers.sim_instance import SimInstance, simulated_token_id
-from switchyard.workers.sim_migration import SimMigrationOutcome, admission_blocks
+from switchyard.workers.sim.cost import KvTransferCost, StepCostModel, available_profiles, load_profile
+from switchyard.workers.sim.fleet import SimFleet
+from switchyard.workers.sim.instance import SimInstance, simulated_token_id
+from switchyard.workers.sim.migration import SimMigrationOutcome, admission_blocks
 
 PROFILE = load_profile("llama3.1-8b-h100")
 COST = StepCostModel.from_profile(PROFILE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from switchyard import wire
+from switchyard.api import wire
 from switchyard.api.v1 import router_pb2, worker_pb2
 from switchyard.errors import CapacityError, ContextLengthError, EngineDeadError, ModelNotFoundError
 from switchyard.messages import (

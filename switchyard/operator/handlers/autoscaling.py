@@ -36,17 +36,17 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from switchyard.operator.autoscaler import PoolInput, ScaleDecision, ServiceSignals, decide
-from switchyard.operator.conditions import Condition, merge_conditions, now_rfc3339, status_changes
-from switchyard.operator.handlers.common import GROUP, VERSION, PoolsIndex, index_entries
-from switchyard.operator.kube import ApiError
-from switchyard.operator.models import LLMServiceSpec, ServingPoolSpec
-from switchyard.operator.observation import (
+from switchyard.operator.autoscaling.decision import PoolInput, ScaleDecision, ServiceSignals, decide
+from switchyard.operator.autoscaling.observation import (
     METRICS_CONDITION,
     ServiceObservation,
     observe,
     unavailable,
 )
+from switchyard.operator.crd import LLMServiceSpec, ServingPoolSpec
+from switchyard.operator.crd.conditions import Condition, merge_conditions, now_rfc3339, status_changes
+from switchyard.operator.handlers.common import GROUP, VERSION, PoolsIndex, index_entries
+from switchyard.operator.kube import ApiError
 from switchyard.operator.router_metrics import RouterSnapshot, parse_router_metrics
 
 __all__ = ["autoscale", "run_autoscaler", "write_observed_status"]

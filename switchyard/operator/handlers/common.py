@@ -16,15 +16,15 @@ from typing import Any, NoReturn, TypeVar
 import kopf
 from pydantic import BaseModel, ValidationError
 
-from switchyard.operator.conditions import (
+from switchyard.operator.crd import API_GROUP, API_VERSION, ServingPoolSpec
+from switchyard.operator.crd.conditions import (
     Condition,
     merge_conditions,
     standard_conditions,
     status_changes,
 )
 from switchyard.operator.kube import ApiError, ApplyConflictError, KubeApi, apply
-from switchyard.operator.models import API_GROUP, API_VERSION, ServingPoolSpec
-from switchyard.operator.render import Owner
+from switchyard.operator.render.objects import Owner
 
 __all__ = [
     "GROUP",

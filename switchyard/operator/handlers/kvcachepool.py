@@ -13,7 +13,8 @@ from typing import Any
 
 import kopf
 
-from switchyard.operator.conditions import standard_conditions
+from switchyard.operator.crd import KVCachePoolSpec, LLMServiceSpec
+from switchyard.operator.crd.conditions import standard_conditions
 from switchyard.operator.handlers.common import (
     GROUP,
     VERSION,
@@ -28,8 +29,8 @@ from switchyard.operator.handlers.common import (
     set_status,
     status_patch,
 )
-from switchyard.operator.models import KVCachePoolSpec, LLMServiceSpec
-from switchyard.operator.render import Ports, kvcache_children
+from switchyard.operator.render.kvcache import kvcache_children
+from switchyard.operator.render.objects import Ports
 
 __all__ = ["cleanup_kvcache", "reconcile_kvcache"]
 

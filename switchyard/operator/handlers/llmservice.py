@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 import kopf
 from pydantic import ValidationError
 
-from switchyard.operator.conditions import standard_conditions
+from switchyard.operator.crd import LLMServiceSpec
+from switchyard.operator.crd.conditions import standard_conditions
 from switchyard.operator.handlers.common import (
     GROUP,
     VERSION,
@@ -39,8 +40,8 @@ from switchyard.operator.handlers.common import (
     status_patch,
 )
 from switchyard.operator.handlers.servingpool import wake_pool
-from switchyard.operator.models import LLMServiceSpec
-from switchyard.operator.render import Ports, child_names, service_children
+from switchyard.operator.render.objects import Ports, child_names
+from switchyard.operator.render.service import service_children
 from switchyard.operator.settings import OperatorOptions
 
 __all__ = ["check_model", "cleanup_service", "converge_service", "reconcile_service", "workload_changed"]

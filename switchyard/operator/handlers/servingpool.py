@@ -17,7 +17,8 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from switchyard.operator.conditions import standard_conditions
+from switchyard.operator.crd import LLMServiceSpec, ServingPoolSpec
+from switchyard.operator.crd.conditions import standard_conditions
 from switchyard.operator.drain import pending_drains, release_pods
 from switchyard.operator.handlers.common import (
     GROUP,
@@ -36,15 +37,9 @@ from switchyard.operator.handlers.common import (
     set_status,
     status_patch,
 )
-from switchyard.operator.models import LLMServiceSpec, ServingPoolSpec
-from switchyard.operator.render import (
-    child_names,
-    model_path,
-    pool_children,
-    pool_selector,
-    selector_string,
-    service_children,
-)
+from switchyard.operator.render.objects import child_names, model_path, pool_selector, selector_string
+from switchyard.operator.render.pool import pool_children
+from switchyard.operator.render.service import service_children
 from switchyard.operator.settings import OperatorOptions
 
 __all__ = ["cleanup_pool", "converge_pool", "reconcile_pool", "wake_pool"]

@@ -66,7 +66,7 @@ class EstimatorParams(StrictModel):
     """The TTFT estimator's prior and how fast measurements override it."""
 
     prior_profile: str | None = None
-    """Simulator profile (``switchyard/workers/profiles``) whose ``fits.prefill_ms`` is the prior;
+    """Simulator profile (``switchyard/workers/sim/profiles``) whose ``fits.prefill_ms`` is the prior;
     None takes the ``prior_*`` fields below."""
     prior_fixed_ms: float = Field(default=1.54, ge=0)
     """Fixed part of one prefill, ms (default: the qwen2.5-7b-h100 profile's fit)."""
@@ -86,7 +86,7 @@ class EstimatorParams(StrictModel):
 
     def build(self) -> TtftEstimator:
         if self.prior_profile is not None:
-            from switchyard.workers.sim_cost import load_profile  # data only, no engine imports
+            from switchyard.workers.sim.cost import load_profile  # data only, no engine imports
 
             fit = load_profile(self.prior_profile).fits.prefill_ms
             prior = PrefillCost.from_fit_ms(a_n2=fit.a_n2, b_n=fit.b_n, c=fit.c)

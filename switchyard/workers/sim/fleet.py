@@ -7,7 +7,7 @@ is not an ``Engine``: asyncio code cannot share one virtual clock across instanc
 virtual-time event loop, so benchmarks call routing policies from its callbacks instead.
 
 Live migration between its instances (``migrate``) runs on the same timeline, staged and
-priced by ``sim_migration``; the fleet only provides what a migration waits for (step
+priced by ``sim.migration``; the fleet only provides what a migration waits for (step
 boundaries, a request's next output) and starts instances that were given work.
 """
 
@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 from switchyard.config import EngineConfig, MigrationConfig
 from switchyard.messages import EngineOutput, EngineRequest, LoadReport
-from switchyard.workers.sim_cost import KvTransferCost, load_profile
-from switchyard.workers.sim_instance import SimInstance, StepResult
-from switchyard.workers.sim_migration import SimMigrationOutcome, VirtualMigrator
+from switchyard.workers.sim.cost import KvTransferCost, load_profile
+from switchyard.workers.sim.instance import SimInstance, StepResult
+from switchyard.workers.sim.migration import SimMigrationOutcome, VirtualMigrator
 
 __all__ = ["OutputCallback", "SimFleet", "VirtualClock"]
 
@@ -143,7 +143,7 @@ class SimFleet:
         destination: str,
         on_done: Callable[[SimMigrationOutcome], None] | None = None,
     ) -> None:
-        """Live-migrate ``request_id`` (see ``sim_migration``); ``on_done`` gets the outcome."""
+        """Live-migrate ``request_id`` (see ``sim.migration``); ``on_done`` gets the outcome."""
         if self._migrator is None:
             if on_done is not None:
                 on_done(SimMigrationOutcome(request_id, "stayed", source, source, "not_supported", self.now))

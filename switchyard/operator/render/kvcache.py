@@ -18,8 +18,8 @@ import math
 from typing import Any
 
 from switchyard.kvcache.config import memory_bytes
-from switchyard.operator.models import KVCachePoolSpec, LLMServiceSpec
-from switchyard.operator.render_pods import (
+from switchyard.operator.crd import KVCachePoolSpec, LLMServiceSpec
+from switchyard.operator.render.objects import (
     DEFAULT_PORTS,
     ENV,
     WORKER_SERVICE_ACCOUNT,

@@ -4,7 +4,7 @@ Why a subclass and not a data plane of our own: NIXL already moves KV blocks bet
 (pull-based, one-sided READs that skip blocks the destination's prefix cache holds), and every
 serving stack that does P/D on vLLM uses it. What stock vLLM V1 lacks for *live* migration is
 access to a running request (research ``vllm-migration.md`` §3.3), so this subclass, loaded
-with ``kv_connector_module_path="switchyard.workers.kv_connector"``, adds five things:
+with ``kv_connector_module_path="switchyard.workers.vllm.kv_connector"``, adds five things:
 
 1. **A control channel** in the engine-core process: a loopback ZMQ ROUTER socket served by a
    daemon thread (protocol in ``kv_control.py``). Anything that must be consistent with the
@@ -49,7 +49,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlConnector
 from vllm.v1.request import Request, RequestStatus
 
-from switchyard.workers.kv_control import decode, encode
+from switchyard.workers.vllm.kv_control import decode, encode
 
 __all__ = ["REQUEST_ID_ARG", "MigrationConnector"]
 

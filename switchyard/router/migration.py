@@ -39,16 +39,13 @@ from switchyard.config import MigrationConfig
 from switchyard.errors import MigrationError
 from switchyard.messages import (
     EngineOutput,
-    EngineRequest,
     KvSnapshot,
     LoadReport,
-    RoutingRequest,
-    SamplingOptions,
     SuspendedRequest,
 )
 from switchyard.workers.engine import Engine
 
-__all__ = ["EnginePeer", "MigrationCoordinator", "MigrationOutcome", "MigrationPeer", "migration_refusal"]
+__all__ = ["EnginePeer", "MigrationCoordinator", "MigrationOutcome", "MigrationPeer"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,28 +53,6 @@ _T = TypeVar("_T")
 
 _NO_TICKET = 1 << 30  # min_new_blocks that no request reaches: a snapshot that only sizes
 OutcomeStatus = Literal["moved", "recomputed", "finished", "stayed", "lost"]
-
-
-def migration_refusal(s: SamplingOptions) -> str | None:
-    """Why moving a request with these options would change its output, or None if it would not.
-
-    The destination sees the outputs as prompt tokens and starts a fresh sampler, so:
-
-    * a seeded request would continue from a different generator state;
-    * presence/frequency penalties count *output* tokens only, and moved outputs are prompt;
-    * repetition penalties are refused too, to keep the rule simple (vLLM 0.32 applies them
-      to prompt and output tokens alike, so they may be safe; not tested yet).
-
-    Structured output (a grammar whose state would restart), logprobs, LoRA and multimodal
-    inputs are not in ``SamplingOptions`` yet; they must be refused here when they are added.
-    """
-    if s.seed is not None:
-        return "seeded sampling would continue from a different generator state"
-    if s.presence_penalty or s.frequency_penalty:
-        return "presence/frequency penalties count output tokens, which would become prompt"
-    if s.repetition_penalty != 1.0:
-        return "repetition penalty is not supported across a migration"
-    return None
 
 
 class MigrationPeer(Protocol):
@@ -343,25 +318,3 @@ async def _prepend(
         aclose = getattr(rest, "aclose", None)
         if aclose is not None:
             await aclose()
-
-
-def continuation_request(s: SuspendedRequest) -> EngineRequest:
-    """``prompt + outputs`` with the output-dependent limits reduced: what a destination runs."""
-    n = len(s.output_token_ids)
-    sampling = dataclasses.replace(
-        s.sampling, max_tokens=s.sampling.max_tokens - n, min_tokens=max(0, s.sampling.min_tokens - n)
-    )
-    return EngineRequest(s.request_id, [*s.prompt_token_ids, *s.output_token_ids], sampling)
-
-
-def resubmission(req: RoutingRequest, generated: list[int]) -> EngineRequest | None:
-    """The engine request for the next attempt: the original, or its continuation after
-    ``generated`` tokens (None when nothing is left to generate)."""
-    if not generated:
-        return EngineRequest(req.request_id, req.prompt_token_ids, req.sampling)
-    s = req.sampling
-    remaining = s.max_tokens - len(generated)
-    if remaining <= 0:
-        return None
-    sampling = dataclasses.replace(s, max_tokens=remaining, min_tokens=max(0, s.min_tokens - len(generated)))
-    return EngineRequest(req.request_id, [*req.prompt_token_ids, *generated], sampling)

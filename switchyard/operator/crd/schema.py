@@ -3,7 +3,7 @@
 Why generate: the operator validates specs with those models, so a hand-written schema would
 drift from them. The generated YAML is committed under ``deploy/crds/`` (Helm and ``kubectl
 apply`` read it there) and a test fails when it differs from what this module produces now.
-Regenerate with ``switchyard crds`` or ``python -m switchyard.operator.crds``.
+Regenerate with ``switchyard crds`` or ``python -m switchyard.operator.crd.schema``.
 
 Pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3 schema:
 every node typed, no ``$ref``, no ``anyOf``/``oneOf`` that alternate types, no
@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from switchyard.operator.models import API_GROUP, API_VERSION, CRD_SPECS, CrdSpec
+from switchyard.operator.crd import API_GROUP, API_VERSION, CRD_SPECS, CrdSpec
 
 __all__ = [
     "DEFAULT_OUT_DIR",
@@ -45,7 +45,7 @@ __all__ = [
 DEFAULT_OUT_DIR = Path("deploy/crds")
 CATEGORIES = ["switchyard"]
 
-_HEADER = "# Generated from switchyard/operator/models.py by `switchyard crds`; do not edit by hand.\n"
+_HEADER = "# Generated from switchyard/operator/crd/models.py by `switchyard crds`; do not edit by hand.\n"
 _DROPPED_KEYS = frozenset({"title", "$defs", "additionalProperties"})
 _KEY_ORDER = ("description", "type", "format", "enum", "default", "minimum", "exclusiveMinimum", "maximum")
 

@@ -1,6 +1,6 @@
 """Paged KV blocks with a prefix cache, as the simulator models one vLLM V1 instance's KV memory.
 
-Kept apart from the scheduler in ``sim_instance`` because it is the one piece whose behaviour
+Kept apart from the scheduler in ``sim.instance`` because it is the one piece whose behaviour
 must match vLLM's block manager exactly (hit, allocate, evict order), and it is tested on its
 own terms.
 """

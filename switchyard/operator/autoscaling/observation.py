@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from switchyard.operator.conditions import Condition
+from switchyard.operator.crd.conditions import Condition
 from switchyard.operator.router_metrics import RouterSnapshot, attainment
 
 __all__ = ["METRICS_CONDITION", "PoolObservation", "ServiceObservation", "observe", "unavailable"]

@@ -1,6 +1,6 @@
 """The one table from vLLM's exceptions and finish reasons to Switchyard's (vLLM 0.32.0).
 
-Split out of ``vllm_engine.py`` so the adapter module stays about requests; the engine
+Split out of ``engine.py`` so the adapter module stays about requests; the engine
 adapter is still the only boundary where these vLLM types enter.
 """
 

@@ -9,8 +9,8 @@ Wire names are camelCase (``ttftMs``, ``serviceRef``) through an alias generator
 attributes snake_case; both spellings validate, dumps use the wire names. These names are an
 API: renaming one breaks every stored object, so add fields rather than rename them.
 
-The shared pieces (base class, quantities, ``EngineSpec``) are in ``crd_base.py`` and the
-status models in ``crd_status.py``; import everything from here.
+The shared pieces (base class, quantities, ``EngineSpec``) are in ``base.py`` and the status
+models in ``status.py``; the package (``switchyard.operator.crd``) exports the public names.
 
 Cross-field rules (exactly one model source, ``minReplicas <= maxReplicas``, ratio band order)
 live twice on purpose: as a pydantic validator here, and as a CEL rule
@@ -26,9 +26,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from switchyard.config import GatewayConfig, RebalancerConfig, RouterConfig
-from switchyard.operator.crd_base import (
-    API_GROUP,
-    API_VERSION,
+from switchyard.operator.crd.base import (
     CpuQuantity,
     CrdModel,
     EngineSpec,
@@ -41,44 +39,30 @@ from switchyard.operator.crd_base import (
     Toleration,
     cel,
 )
-from switchyard.operator.crd_status import (
-    Condition,
+from switchyard.operator.crd.status import (
     KVCachePoolStatus,
     LLMServiceStatus,
     ServingPoolStatus,
 )
 
 __all__ = [
-    "API_GROUP",
-    "API_VERSION",
     "CRD_SPECS",
     "PLURAL_BY_KIND",
     "AutoscalingSpec",
-    "Condition",
-    "CrdModel",
     "CrdSpec",
-    "EngineSpec",
     "GatewaySpec",
     "ImagesSpec",
     "KVCachePoolSpec",
-    "KVCachePoolStatus",
     "LLMServiceSpec",
-    "LLMServiceStatus",
     "MigrationSpec",
     "ModelSource",
-    "ObjectRef",
-    "PolicyName",
-    "PoolRole",
     "PvcSource",
     "RatioBand",
     "RaySpec",
-    "ResourcesSpec",
     "RouterSpec",
     "SecretKeyRef",
     "ServingPoolSpec",
-    "ServingPoolStatus",
     "SloSpec",
-    "Toleration",
 ]
 
 # ----------------------------------------------------------------------------- LLMService spec

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from switchyard.operator.models import API_GROUP, API_VERSION, LLMServiceSpec
+from switchyard.operator.crd import API_GROUP, API_VERSION, LLMServiceSpec
 
 __all__ = [
     "CONFIG_DIR",

@@ -43,19 +43,26 @@ from switchyard.errors import (
     MigrationError,
     SwitchyardError,
 )
-from switchyard.messages import EngineOutput, EngineRequest, KvSnapshot, LoadReport, SuspendedRequest
-from switchyard.workers.migration import continuation_request, migration_refusal
-from switchyard.workers.tiny_model import TINY_MODEL_NAME, default_cache_dir
-from switchyard.workers.vllm_env import apply_vllm_env, cpu_threads_while_spawning, vllm_env
-from switchyard.workers.vllm_errors import finish_reason, translate_vllm_error
-from switchyard.workers.vllm_kv import (
+from switchyard.messages import (
+    EngineOutput,
+    EngineRequest,
+    KvSnapshot,
+    LoadReport,
+    SuspendedRequest,
+    continuation_request,
+    migration_refusal,
+)
+from switchyard.testing.tiny_model import TINY_MODEL_NAME, default_cache_dir
+from switchyard.workers.vllm.env import apply_vllm_env, cpu_threads_while_spawning, vllm_env
+from switchyard.workers.vllm.errors import finish_reason, translate_vllm_error
+from switchyard.workers.vllm.kv_transfer import (
     KvEndpoint,
     KvMigrationOps,
     kv_bytes_per_block,
     kv_transfer_engine_config,
-    sampling_params,
 )
-from switchyard.workers.vllm_load import SchedulerLoad
+from switchyard.workers.vllm.load import SchedulerLoad
+from switchyard.workers.vllm.sampling import sampling_params
 
 __all__ = ["VLLMEngine", "translate_vllm_error"]
 
@@ -273,7 +280,7 @@ class VLLMEngine:
             del self._inflight[rid]
             await stream.aclose()
 
-    # -- migration (see vllm_kv.py) -----------------------------------------------------------
+    # -- migration (see kv_transfer.py) -----------------------------------------------------------
 
     @property
     def kv_endpoint(self) -> KvEndpoint | None:

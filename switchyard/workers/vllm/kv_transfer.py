@@ -1,6 +1,6 @@
 """The vLLM side of live migration: engine arguments for the connector, and the per-step operations.
 
-Why separate from ``vllm_engine.py``: the adapter's job is requests in, deltas out; migration
+Why separate from ``engine.py``: the adapter's job is requests in, deltas out; migration
 adds a second conversation with the engine (the connector's control channel) and a handful
 of vLLM request shapes (shadow pulls, admissions with ``kv_transfer_params``). Keeping them
 here leaves the adapter readable and puts every assumption about NIXL's ticket format and the
@@ -34,12 +34,12 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from switchyard.config import KvTransferConfig
 from switchyard.messages import FinishReason, KvSnapshot, SamplingOptions, SuspendedRequest
-from switchyard.workers.kv_connector import REQUEST_ID_ARG
-from switchyard.workers.kv_control import ConnectorControl, free_port
+from switchyard.workers.vllm.kv_connector import REQUEST_ID_ARG
+from switchyard.workers.vllm.kv_control import ConnectorControl, free_port
 
 __all__ = ["KvEndpoint", "KvMigrationOps", "kv_bytes_per_block", "kv_transfer_engine_config"]
 
-CONNECTOR_MODULE = "switchyard.workers.kv_connector"
+CONNECTOR_MODULE = "switchyard.workers.vllm.kv_connector"
 CONNECTOR_CLASS = "MigrationConnector"
 
 
@@ -96,31 +96,6 @@ def kv_bytes_per_block(vllm_config: Any) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     per_token = 2 * model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * model.get_head_size()
     return int(per_token * elem * cache.block_size)
-
-
-def sampling_params(
-    opts: SamplingOptions, request_id: str, kv_params: dict[str, Any] | None = None
-) -> SamplingParams:
-    """Our sampling options as vLLM's, tagged with our request id for the connector."""
-    extra: dict[str, Any] = {REQUEST_ID_ARG: request_id}
-    if kv_params:
-        extra["kv_transfer_params"] = kv_params
-    return SamplingParams(
-        max_tokens=opts.max_tokens,
-        temperature=opts.temperature,
-        top_p=opts.top_p,
-        top_k=opts.top_k,
-        seed=opts.seed,
-        ignore_eos=opts.ignore_eos,
-        stop_token_ids=list(opts.stop_token_ids),
-        min_tokens=opts.min_tokens,
-        presence_penalty=opts.presence_penalty,
-        frequency_penalty=opts.frequency_penalty,
-        repetition_penalty=opts.repetition_penalty,
-        detokenize=False,
-        output_kind=RequestOutputKind.DELTA,
-        extra_args=extra,
-    )
 
 
 class KvMigrationOps:

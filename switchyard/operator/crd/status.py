@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from switchyard.operator.crd_base import CrdModel
+from switchyard.operator.crd.base import CrdModel
 
 __all__ = ["Condition", "KVCachePoolStatus", "LLMServiceStatus", "ScaleDecisionRecord", "ServingPoolStatus"]
 

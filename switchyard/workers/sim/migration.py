@@ -3,7 +3,7 @@
 Routing benchmarks that rebalance by migration are only worth their numbers if a move costs
 in the simulator what it costs on a fleet: a pause of the request, a burst of bytes, blocks on
 the destination. So this module replays the steps ``MigrationCoordinator`` takes against real
-engines (``workers/migration.py``; research ``vllm-migration.md`` §6.2), with each step's
+engines (``router/migration.py``; research ``vllm-migration.md`` §6.2), with each step's
 effect applied to the ``SimInstance``s and its duration taken from ``KvTransferCost``:
 
 1. **Probe and admission**: the source's KV extent, then the destination's free blocks must
@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from switchyard.config import MigrationConfig
-from switchyard.workers.sim_cost import KvTransferCost
-from switchyard.workers.sim_instance import SimInstance
+from switchyard.workers.sim.cost import KvTransferCost
+from switchyard.workers.sim.instance import SimInstance
 
 __all__ = ["FirstOutput", "MigrationHost", "SimMigrationOutcome", "VirtualMigrator", "admission_blocks"]
 

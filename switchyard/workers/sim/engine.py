@@ -15,7 +15,7 @@ pull sleeps its modeled transfer time. The ticket is a small JSON dict (the sour
 extent); the source frees its blocks at the suspend, so ``release_suspended`` has nothing to
 free. Without a ``KvTransferCost`` every migration step refuses and requests stay put.
 
-The virtual-time driver of many instances, for benchmarks, is ``sim_fleet.SimFleet``
+The virtual-time driver of many instances, for benchmarks, is ``fleet.SimFleet``
 (re-exported here).
 """
 
@@ -43,12 +43,12 @@ from switchyard.messages import (
     KvSnapshot,
     LoadReport,
     SuspendedRequest,
+    migration_refusal,
 )
-from switchyard.workers.migration import migration_refusal
-from switchyard.workers.sim_cost import KvTransferCost, load_profile
-from switchyard.workers.sim_fleet import OutputCallback, SimFleet, VirtualClock
-from switchyard.workers.sim_instance import SimInstance
-from switchyard.workers.sim_request import SimSuspended
+from switchyard.workers.sim.cost import KvTransferCost, load_profile
+from switchyard.workers.sim.fleet import OutputCallback, SimFleet, VirtualClock
+from switchyard.workers.sim.instance import SimInstance
+from switchyard.workers.sim.request import SimSuspended
 
 __all__ = ["OutputCallback", "SimEngine", "SimFleet", "VirtualClock"]
 

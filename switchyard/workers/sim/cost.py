@@ -13,7 +13,7 @@ decode costs. The form and every constant come from ``shared/research/sim-profil
               + c_seq·B                                     # per-sequence bookkeeping
               + [tp > 1] calls·(latency + 2(tp-1)/tp · T·bytes_per_token / bus_bw)
 
-Profiles are JSON files in ``workers/profiles/``, one per (model, GPU, TP) pair, each with a
+Profiles are JSON files in ``workers/sim/profiles/``, one per (model, GPU, TP) pair, each with a
 ``sources`` list; they are data, validated by pydantic models on load. The model is a plain
 frozen dataclass holding the coefficients in milliseconds, because it sits on the simulator's
 hot path (one call per simulated step). Nothing here runs a model: it is a performance model.
@@ -49,7 +49,7 @@ __all__ = [
     "prefill_pairs",
 ]
 
-_PROFILE_DIR = "profiles"  # under switchyard/workers; data files, not a package
+_PROFILE_DIR = "profiles"  # under switchyard/workers/sim; data files, not a package
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "fp8": 1}  # KV cache dtype "auto" = model dtype
 
 
@@ -170,7 +170,7 @@ class ClosedFormFits(StrictModel):
 
 
 class GpuProfile(StrictModel):
-    """One (model, GPU, TP) calibration, as stored in ``workers/profiles/<name>.json``."""
+    """One (model, GPU, TP) calibration, as stored in ``workers/sim/profiles/<name>.json``."""
 
     name: str
     """File stem, the name ``SimConfig.profile`` uses."""
@@ -205,7 +205,7 @@ class GpuProfile(StrictModel):
 @functools.cache
 def available_profiles() -> tuple[str, ...]:
     """Names of the shipped profiles, sorted."""
-    root = resources.files("switchyard.workers").joinpath(_PROFILE_DIR)
+    root = resources.files("switchyard.workers.sim").joinpath(_PROFILE_DIR)
     return tuple(sorted(p.name.removesuffix(".json") for p in root.iterdir() if p.name.endswith(".json")))
 
 
@@ -215,7 +215,7 @@ def load_profile(name: str) -> GpuProfile:
     if name not in available_profiles():
         raise ConfigError(f"unknown simulator profile {name!r}; known: {', '.join(available_profiles())}")
     text = (
-        resources.files("switchyard.workers")
+        resources.files("switchyard.workers.sim")
         .joinpath(_PROFILE_DIR, f"{name}.json")
         .read_text(encoding="utf-8")
     )

@@ -1,51 +1,30 @@
-"""Pure renderers: parsed CR specs in, child manifests (plain dicts) out. No I/O, no clock.
+"""What an LLMService becomes, and the ``ServeConfig`` its router pods start from.
 
-Why pure: what the operator creates is the part most worth pinning down, and as functions of
-the spec it is tested without a cluster (``tests/operator/test_render.py``); the handlers only
-apply what these return. Every child carries a controller ownerReference (so a real cluster's
-garbage collector removes it with its owner), the standard ``app.kubernetes.io`` labels plus
-``switchyard.dev/{service,pool,role}``, images and pull policy from the spec, and restricted
-security contexts.
-
-What an LLMService becomes (names prefixed with the service name ``S``):
+Children (names prefixed with the service name ``S``):
   ``S-ray-head`` Deployment + Service: the Ray cluster's head (GCS 6379, client 10001, dashboard 8265).
   ``S-config`` ConfigMap: ``serve.json``, a ``ServeConfig`` naming every pool of the service.
   ``S-router`` Deployment: router core, router gRPC and the OpenAI gateway, joined to the Ray cluster
   as a driver that runs the pools' supervisors. ``S-router`` Service (HTTP) and ``S-router-grpc``.
-Model sources: ``pvc`` is mounted read-only at ``/models`` (``path`` is used as is); an ``hf://``
-URI is downloaded by a ``fetch-model`` init container into an emptyDir in every router and worker
-pod. Other URI schemes have no fetcher and are reported by the handler, never rendered.
-A ServingPool ``P`` becomes the ``P-worker`` StatefulSet (+ headless Service): pods that join the
-service's Ray cluster with one unit of the ``pool-P`` resource, on which the supervisor places that
-pool's instance actors. A KVCachePool ``K`` becomes the ``K-kvcache`` StatefulSet + headless Service
-(``render_kvcache.py``).
 
-Entry points. The router pods run ``switchyard serve --config /etc/switchyard/serve.json`` with
-``ray_address`` set in the file: the composition that exists today. Its limits are the renderers'
-too: the config is read once, so a pod-template hash of it rolls the router when pools change,
-and every router replica starts its own supervisors (run one router replica until the intended
-``switchyard router`` entry point, which attaches to per-pool named supervisors and follows pool
-changes, replaces it).
+The router pods run ``switchyard serve --config /etc/switchyard/serve.json`` with
+``ray_address`` set in the file. The config is read once, so a pod-template hash of it rolls
+the router when pools change; supervisors are detached named actors every router replica
+attaches to, so extra replicas do not start extra engines.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from switchyard.config import EngineConfig, GatewayConfig, KvTransferConfig, PoolConfig, ServeConfig
-from switchyard.operator.crd_base import EngineSpec
-from switchyard.operator.models import LLMServiceSpec, ServingPoolSpec
-from switchyard.operator.render_kvcache import kvcache_children
-from switchyard.operator.render_pods import (
+from switchyard.operator.crd import EngineSpec, LLMServiceSpec, ServingPoolSpec
+from switchyard.operator.render.objects import (
     CONFIG_DIR,
     CONFIG_KEY,
     DEFAULT_PORTS,
     ENV,
-    MODEL_MOUNT,
     RAY_CLIENT_PORT,
     RAY_DASHBOARD_PORT,
     RAY_GCS_PORT,
@@ -60,30 +39,11 @@ from switchyard.operator.render_pods import (
     model_path,
     model_volume,
     pod_spec,
-    pool_selector,
     scratch_volumes,
-    selector_string,
     service_manifest,
 )
 
-__all__ = [
-    "CONFIG_KEY",
-    "MODEL_MOUNT",
-    "RAY_GCS_PORT",
-    "ROUTER_SERVICE_ACCOUNT",
-    "WORKER_SERVICE_ACCOUNT",
-    "Owner",
-    "Ports",
-    "child_names",
-    "kvcache_children",
-    "labels",
-    "model_path",
-    "pool_children",
-    "pool_selector",
-    "selector_string",
-    "serve_config",
-    "service_children",
-]
+__all__ = ["serve_config", "served_name", "service_children"]
 
 
 def served_name(service: str, spec: LLMServiceSpec) -> str:
@@ -258,87 +218,3 @@ def service_children(
         ),
         service_manifest(owner, names["router_grpc"], router_lbls, router_sel, {"grpc": ports.router_grpc}),
     ]
-
-
-def _worker_resources(pool: ServingPoolSpec) -> dict[str, Any]:
-    res = pool.resources
-    requests: dict[str, Any] = {}
-    limits: dict[str, Any] = {}
-    if res.gpus:
-        requests[res.gpu_resource_name] = limits[res.gpu_resource_name] = res.gpus
-    if res.cpu is not None:
-        requests["cpu"] = res.cpu
-    if res.memory is not None:
-        requests["memory"] = limits["memory"] = res.memory
-    return {"requests": requests, "limits": limits}
-
-
-def _cpu_count(quantity: str) -> int:
-    cores = int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
-    return max(1, math.floor(cores))
-
-
-def pool_children(
-    owner: Owner, pool: ServingPoolSpec, service: LLMServiceSpec, *, replicas: int | None = None
-) -> list[dict[str, Any]]:
-    """Worker StatefulSet + its headless Service. ``replicas`` overrides the spec (held during a drain)."""
-    svc = pool.service_ref.name
-    name = f"{owner.name}-worker"
-    lbls = labels(svc, "worker", pool.role, owner.name)
-    selector = pool_selector(svc, owner.name)
-    head = f"{child_names(svc)['head']}.{owner.namespace}.svc:{RAY_GCS_PORT}"
-    command = [
-        "ray",
-        "start",
-        f"--address={head}",
-        f"--num-gpus={pool.resources.gpus}",
-        # Kubernetes expands $(POD_NAME): each pod also advertises its own name, the resource
-        # that pins instance <pool>-<i> to pod <pool>-worker-<i> (PoolConfig.instance_resource).
-        "--resources=" + json.dumps({f"pool-{owner.name}": 1, "$(POD_NAME)": 1}),
-        "--block",
-    ]
-    if pool.resources.cpu is not None:
-        command.insert(-1, f"--num-cpus={_cpu_count(pool.resources.cpu)}")
-    model_vols, model_mounts = model_volume(service)
-    tmp_vols, tmp_mounts = scratch_volumes(shm=True)
-    container = {
-        "name": "worker",
-        "command": command,
-        "env": [
-            *ENV,
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {"name": "SWITCHYARD_POOL", "value": owner.name},
-            {"name": "SWITCHYARD_ROLE", "value": pool.role},
-        ],
-        "resources": _worker_resources(pool),
-        "volumeMounts": [*model_mounts, *tmp_mounts],
-    }
-    extra: dict[str, Any] = {"automountServiceAccountToken": False, "terminationGracePeriodSeconds": 60}
-    if pool.node_selector:
-        extra["nodeSelector"] = dict(pool.node_selector)
-    if pool.tolerations:
-        extra["tolerations"] = [t.model_dump(exclude_none=True) for t in pool.tolerations]
-    sts = {
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": meta(owner, name, lbls),
-        "spec": {
-            "replicas": pool.replicas if replicas is None else replicas,
-            "serviceName": name,
-            "podManagementPolicy": "Parallel",  # engines start independently; ordering buys nothing
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": lbls},
-                "spec": pod_spec(
-                    service,
-                    image=service.images.worker,
-                    account=WORKER_SERVICE_ACCOUNT,
-                    container=container,
-                    volumes=[*model_vols, *tmp_vols],
-                    init_containers=model_fetchers(service),
-                    **extra,
-                ),
-            },
-        },
-    }
-    return [sts, service_manifest(owner, name, lbls, selector, {}, headless=True)]

@@ -18,7 +18,7 @@ calibrated ``StepCostModel``:
   running request gives up its blocks and goes back to the head of the waiting queue; it later
   recomputes prompt + output so far (possibly hitting its own still-cached blocks).
 * **Migration hooks** (``suspend``, ``precopy``, ``admit_migrated``): the engine-side effects of
-  the live-migration protocol; its stages and costs are ``sim_migration``'s.
+  the live-migration protocol; its stages and costs are ``sim.migration``'s.
 
 Time is not read here: ``step()`` returns the modeled duration and the caller advances its own
 clock (``SimEngine`` sleeps it, ``SimFleet`` adds it to a virtual clock). A step's effects are
@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from switchyard.config import EngineConfig
 from switchyard.errors import ConfigError, ContextLengthError, EngineRequestError, InvalidRequestError
 from switchyard.messages import EngineOutput, EngineRequest, FinishReason, LoadReport
-from switchyard.workers.sim_cost import StepCostModel, StepWork, load_profile, prefill_pairs
-from switchyard.workers.sim_kv_pool import KvBlockPool
-from switchyard.workers.sim_request import (
+from switchyard.workers.sim.cost import StepCostModel, StepWork, load_profile, prefill_pairs
+from switchyard.workers.sim.kv_pool import KvBlockPool
+from switchyard.workers.sim.request import (
     SimRequestState,
     SimSuspended,
     Status,
@@ -182,7 +182,7 @@ class SimInstance:
         sreq.status = Status.DONE
         return sreq
 
-    # -- migration hooks (the protocol and its costs live in ``sim_migration``) -----------------
+    # -- migration hooks (the protocol and its costs live in ``sim.migration``) -----------------
 
     def migration_view(self, request_id: str) -> tuple[int, Sequence[int]] | None:
         """(tokens with KV here, prompt + outputs: the live list, read-only) or None if not here."""

@@ -1,6 +1,6 @@
 """Per-request state of the simulated vLLM instance, and the tokens the simulator emits.
 
-Kept apart from the scheduler (``sim_instance``) because two things outlive one instance: the
+Kept apart from the scheduler (``sim.instance``) because two things outlive one instance: the
 emitted token IDs, a pure function of (request id, output index) so a request continues the
 same sequence wherever it runs, and ``SimSuspended``, the state a migration carries from one
 instance to another (the simulator's ``SuspendedRequest``).
