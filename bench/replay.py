@@ -1,18 +1,16 @@
 """One replay: a trace, one routing policy, one rate scale, a simulated fleet, in virtual time.
 
 The point of the routing benchmark is to compare the *real* policy objects under the
-conditions the real router gives them, so this module reproduces what ``RouterCore`` does
-around a policy and nothing more:
+conditions the real router gives them, so this module drives them through the router's own
+code and adds nothing to it:
 
 * membership is applied to a real ``InstanceRegistry`` and passed to ``on_membership``;
 * each instance pushes a ``LoadReport`` every ``load_report_interval_s`` (staggered across
   instances, as independent pushers are), so policies see load up to one interval stale,
   and the registry adds the router's own dispatches since the last report (``pending_*``);
-* at each arrival the policy chooses from ``registry.fleet(model)``, then the registry and the
-  policy hear ``on_dispatched``; the first output calls the registry's ``on_first_token``
-  and, for a policy with the ``TtftFeedback`` hook (``on_first_token``), that hook with the
-  measured TTFT; the last output calls ``on_finished`` with the engine-reported
-  ``num_cached_tokens``, in the core's order.
+* every request goes through ``router.dispatch.Dispatcher``, the hook sequence
+  ``RouterCore`` runs (choose, dispatched, first token with TTFT feedback, finished with the
+  engine-reported ``num_cached_tokens``): a change there changes this benchmark.
 
 The engines are the real ``SimInstance`` model driven by the real ``SimFleet`` event loop; the
 only addition is a subclass that sums step durations, for the busy-time imbalance metric.
@@ -40,9 +38,9 @@ from switchyard.messages import (
     RoutingRequest,
     SamplingOptions,
 )
+from switchyard.router.dispatch import Dispatch, Dispatcher
 from switchyard.router.policies import make_policy
-from switchyard.router.registry import InstanceRegistry, InstanceState
-from switchyard.router.ttft_estimator import TtftFeedback
+from switchyard.router.registry import InstanceRegistry
 from switchyard.workers.sim.cost import KvTransferCost, KvTransferProfile, load_profile
 from switchyard.workers.sim.fleet import SimFleet
 from switchyard.workers.sim.instance import SimInstance, StepResult
@@ -155,8 +153,7 @@ class _Replay:
         self.policy_name = policy
         self.policy = make_policy(policy, cfg.policy_params, clock=clock)
         self.policy.on_membership(sorted(infos, key=lambda i: i.instance_id))
-        # As in the core: a policy that estimates TTFT hears measured ones.
-        self.feedback = self.policy if isinstance(self.policy, TtftFeedback) else None
+        self.dispatcher = Dispatcher(self.policy, policy)
         self.synth = TokenSynth(vocab, seed=cfg.seed)
         self.trace, self.cfg = trace, cfg
         n = len(trace.requests)
@@ -166,9 +163,8 @@ class _Replay:
         self.last = [np.nan] * n
         self.generated = [0] * n
         self.cached = [0] * n
-        self.where: list[InstanceState | None] = [None] * n
-        self.epoch = [0] * n
-        self.estimate = [np.nan] * n  # the decision's score of the chosen instance (TTFT s for dualmap)
+        self.where: list[Dispatch | None] = [None] * n
+        self.estimate_error = [np.nan] * n  # measured minus the policy's estimated TTFT (TtftFeedback)
         self.done = 0
         self.outcomes: Counter[str] = Counter()
         self.per_instance: Counter[str] = Counter()
@@ -204,11 +200,7 @@ class _Replay:
             wall_s=time.perf_counter() - t0,
             cpu_s=time.process_time() - c0,
             decision_us_mean=1e6 * self.decision_s / max(1, n),
-            ttft_estimate_error_s=(
-                first - self.arrival - np.array(self.estimate)
-                if self.feedback is not None
-                else np.full(n, np.nan)
-            ),
+            ttft_estimate_error_s=np.array(self.estimate_error),
             decisions_sha256=self.decisions.hexdigest(),
         )
 
@@ -231,20 +223,10 @@ class _Replay:
             max_tokens=req.output_length, min_tokens=req.output_length, ignore_eos=True
         )
         rreq = RoutingRequest(f"r{idx}", MODEL, self.synth.tokens(req), sampling)
-        fleet_view = self.registry.fleet(MODEL)
         t = time.perf_counter()
-        decision = self.policy.choose(rreq, fleet_view)
+        state, decision = self.dispatcher.choose(rreq, self.registry.fleet(MODEL))
         self.decision_s += time.perf_counter() - t
-        state = fleet_view.get(decision.instance_id)
-        if state is None:
-            raise RuntimeError(f"{self.policy_name} chose {decision.instance_id!r}, not a live instance")
-        self.where[idx] = state
-        self.epoch[idx] = self.registry.on_dispatched(state, req.input_length)
-        for candidate, score in decision.estimates:
-            if candidate == decision.instance_id:
-                self.estimate[idx] = score
-                break
-        self.policy.on_dispatched(rreq, decision)
+        self.where[idx] = self.dispatcher.dispatched(rreq, state, decision, req.input_length)
         self.outcomes[decision.outcome.value] += 1
         self.decisions.update(f"{idx} {decision.instance_id} {decision.outcome.value}\n".encode())
         self.per_instance[decision.instance_id] += 1
@@ -254,23 +236,20 @@ class _Replay:
 
     def _on_output(self, now: float, instance_id: str, out: EngineOutput) -> None:
         idx = int(out.request_id[1:])
-        state = self.where[idx]
-        assert state is not None
-        n_in = self.trace.requests[idx].input_length
+        dispatch = self.where[idx]
+        assert dispatch is not None
         if self.generated[idx] == 0:
             self.first[idx] = now
             self.cached[idx] = out.num_cached_tokens
-            self.registry.on_first_token(state, self.epoch[idx], n_in)
-            if self.feedback is not None:
-                ttft = now - float(self.arrival[idx])  # dispatch happens at arrival
-                self.feedback.on_first_token(  # the dispatch's instance, as the core does after a move
-                    out.request_id, state.instance_id, ttft_s=ttft, num_cached_tokens=out.num_cached_tokens
-                )
+            error = dispatch.first_token(
+                now - float(self.arrival[idx]), out.num_cached_tokens
+            )  # sent at arrival
+            if error is not None:
+                self.estimate_error[idx] = error
         self.generated[idx] += len(out.token_ids)
         self.last[idx] = now
         if out.finished:
-            self.registry.on_finished(state, self.epoch[idx], n_in, prefilled=True)
-            self.policy.on_finished(out.request_id, state.instance_id, num_cached_tokens=self.cached[idx])
+            dispatch.finished()
             self.where[idx] = None
             self.done += 1
 

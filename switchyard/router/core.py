@@ -51,6 +51,7 @@ from switchyard.messages import (
     RoutingRequest,
     resubmission,
 )
+from switchyard.router.dispatch import Dispatcher
 from switchyard.router.drain import DrainResult, drain_instance
 from switchyard.router.instance_links import InstanceLinks
 from switchyard.router.migration import MigrationCoordinator, MigrationOutcome
@@ -58,7 +59,6 @@ from switchyard.router.movable_stream import MovableStream
 from switchyard.router.policies import RoutingDecision, RoutingOutcome, make_policy
 from switchyard.router.rebalancer import Rebalancer
 from switchyard.router.registry import InstanceRegistry, InstanceState
-from switchyard.router.ttft_estimator import TtftFeedback
 from switchyard.router.worker_client import WorkerClient
 
 __all__ = ["RouterCore"]
@@ -94,6 +94,7 @@ class RouterCore:
         self._registry = InstanceRegistry(clock=clock)
         self._policy = make_policy(config.policy, config.policy_params, clock=clock)
         self._policy_name = config.policy
+        self._dispatcher = Dispatcher(self._policy, config.policy)
         self._links = InstanceLinks(
             self._registry,
             connector=connector or WorkerClient.for_instance,
@@ -106,8 +107,8 @@ class RouterCore:
         self._decision_counts = {
             o: metrics.ROUTING_DECISIONS.labels(config.policy, o.value) for o in RoutingOutcome
         }
-        # Policies that estimate TTFT hear measured ones; their estimate error becomes a metric.
-        self._ttft_feedback = self._policy if isinstance(self._policy, TtftFeedback) else None
+        # Policies that estimate TTFT hear measured ones (``Dispatch.first_token``); their
+        # estimate error becomes a metric.
         self._ttft_error = metrics.ROUTER_TTFT_ESTIMATE_ERROR.labels(config.policy)
         self._migrator = MigrationCoordinator(migration, clock=clock)
         self._streams: dict[str, MovableStream] = {}  # request id -> its upstream, for migrate()
@@ -221,13 +222,8 @@ class RouterCore:
         if not fleet.instances:
             raise CapacityError(f"no live instance serves model {model!r} right now")
         t0 = time.perf_counter()
-        decision = self._policy.choose(req, fleet)
+        state, decision = self._dispatcher.choose(req, fleet)
         latency = time.perf_counter() - t0
-        state = fleet.get(decision.instance_id)
-        if state is None:
-            raise EngineRequestError(
-                f"policy {self._policy_name} chose {decision.instance_id!r}, not a live instance of {model!r}"
-            )
         self._decision_latency.observe(latency)
         self._decision_counts[decision.outcome].inc()
         self._decisions.append(
@@ -257,14 +253,11 @@ class RouterCore:
                     return
                 state, decision = self._choose(req, model, attempt)
                 iid = decision.instance_id
-                n_in = len(engine_req.prompt_token_ids)
-                epoch = self._registry.on_dispatched(state, n_in)
-                self._policy.on_dispatched(req, decision)
+                dispatch = self._dispatcher.dispatched(req, state, decision, len(engine_req.prompt_token_ids))
                 t_dispatch = clock()
                 stream = MovableStream(req.request_id, iid, self._links[iid].generate(engine_req))
                 self._streams[req.request_id] = stream
                 prefilled = False
-                cached = 0
                 try:
                     anext_ = stream.__anext__
                     while True:
@@ -275,10 +268,9 @@ class RouterCore:
                                 out = await anext_()
                         if not prefilled:
                             prefilled = True
-                            cached = out.num_cached_tokens
-                            self._registry.on_first_token(state, epoch, n_in)
-                            if self._ttft_feedback is not None:
-                                self._feed_back_ttft(req.request_id, decision, clock() - t_dispatch, cached)
+                            error = dispatch.first_token(clock() - t_dispatch, out.num_cached_tokens)
+                            if error is not None:
+                                self._ttft_error.observe(error)
                         if num_prompt < 0:
                             num_prompt, num_cached = out.num_prompt_tokens, out.num_cached_tokens
                         if out.token_ids:
@@ -310,8 +302,7 @@ class RouterCore:
                 finally:
                     # Accounting stays with the dispatch instance even after a migration moved
                     # the request; load reports correct the registry's counts soon after.
-                    self._registry.on_finished(state, epoch, n_in, prefilled=prefilled)
-                    self._policy.on_finished(req.request_id, iid, num_cached_tokens=cached)
+                    dispatch.finished()
                     if self._streams.get(req.request_id) is stream:
                         del self._streams[req.request_id]
                     await stream.aclose()  # cancels the RPC if still open: the worker aborts
@@ -372,20 +363,6 @@ class RouterCore:
     def undrain(self, instance_id: str) -> bool:
         """Route to a drained instance again; False if it is unknown."""
         return self._registry.set_draining(instance_id, False)
-
-    def _feed_back_ttft(
-        self, request_id: str, decision: RoutingDecision, ttft_s: float, num_cached_tokens: int
-    ) -> None:
-        """Give a TTFT-estimating policy the measured TTFT of its choice; record the estimate error."""
-        assert self._ttft_feedback is not None
-        iid = decision.instance_id
-        for candidate, estimate_s in decision.estimates:
-            if candidate == iid:
-                self._ttft_error.observe(ttft_s - estimate_s)
-                break
-        self._ttft_feedback.on_first_token(
-            request_id, iid, ttft_s=ttft_s, num_cached_tokens=num_cached_tokens
-        )
 
     # -- debug view ---------------------------------------------------------------------------
 
