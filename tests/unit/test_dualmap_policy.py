@@ -305,3 +305,30 @@ def test_memoised_ring_pairs_match_the_rings_stay_bounded_and_follow_liveness(
     c1, _ = ring_pair(policy.choose(reqs[-1], fleet))
     registry.mark_down(c1)
     assert c1 not in policy.choose(reqs[-1], registry.fleet("m")).candidates
+
+
+def test_choose_is_pure_and_the_decision_carries_what_dispatch_records() -> None:
+    """Decisions made back to back, dispatched later and out of order, each record their own
+    prompt on their own instance (nothing was stashed in the policy between the two calls)."""
+    registry = make_registry(8)
+    policy = dualmap()
+    fleet = registry.fleet("m")
+    a, b = request(tokens(8 * BLOCK), "a"), request(tokens(8 * BLOCK), "b")
+    da, db = policy.choose(a, fleet), policy.choose(b, fleet)
+    policy.explain(request(tokens(8 * BLOCK), "probe"), fleet)  # a debug view in between
+    policy.on_dispatched(b, db)
+    policy.on_dispatched(a, da)
+    for req, decision in ((a, da), (b, db)):
+        again = policy.choose(request(list(req.prompt_token_ids), "again"), fleet)
+        assert again.instance_id == decision.instance_id
+        assert again.memo.raw_cached == len(req.prompt_token_ids) - BLOCK  # the record matched it
+    assert da.as_dict().keys() == {"instance_id", "outcome", "candidates", "estimates", "reason"}
+
+
+def test_a_decision_that_is_not_the_policys_own_records_nothing() -> None:
+    registry = make_registry(2)
+    policy = dualmap()
+    req = request(tokens(4 * BLOCK))
+    policy.on_dispatched(req, RoutingDecision("w0"))  # a caller overriding the policy
+    again = policy.choose(request(list(req.prompt_token_ids), "again"), registry.fleet("m"))
+    assert again.memo.raw_cached == 0

@@ -60,6 +60,12 @@ class RoutingDecision(NamedTuple):
     """``(instance_id, score)`` pairs behind the choice (queue length, estimated TTFT in s, ...)."""
     reason: str = ""
     """One human-readable sentence; keep it a constant or cheap to format."""
+    memo: Any = None
+    """What the deciding policy needs again in ``on_dispatched`` (DualMap: the prompt's digest
+    and the load terms at the choice), opaque to everyone else and left out of ``as_dict``.
+    Carried by the decision, not stashed in the policy, so ``choose`` stays pure: a decision
+    that is never dispatched leaves nothing behind, and one made for another request cannot
+    be confused with it."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form for the debug view (built only when someone asks)."""
@@ -100,7 +106,7 @@ class Policy(Protocol):
         ...
 
     def on_dispatched(self, req: RoutingRequest, decision: RoutingDecision) -> None:
-        """``req`` was sent where ``decision`` says."""
+        """``req`` was sent where ``decision`` (this policy's own, from ``choose``) says."""
         ...
 
     def on_finished(self, request_id: str, instance_id: str, *, num_cached_tokens: int) -> None:

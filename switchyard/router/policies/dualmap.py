@@ -25,12 +25,14 @@ The decision carries both candidates, their estimated TTFTs (seconds) and a reas
 The router core feeds measured TTFTs back through ``on_first_token`` (the ``TtftFeedback``
 protocol), which trains the estimator and corrects ``trust``.
 
-Not here yet (DESIGN §3 items 4-5): hotspot rebalancing by migration and drain-by-migration
-on scale-in; they act outside the per-request decision.
+``choose`` is pure: what ``on_dispatched`` needs of the choice (the prompt's digest, the
+record's raw match, the load terms) travels in the decision's ``memo``. Hotspot rebalancing
+and drain by migration (DESIGN §3 items 4-5) act outside the per-request decision:
+``router/rebalancer.py`` and ``router/drain.py``.
 
 NOTE: hashing dominates the decision cost: ~3 µs per key block plus the chunk fingerprints
 of the whole prompt (``record_sample_stride`` trades their exactness for speed). The digest
-is computed once per request and reused by ``on_dispatched``.
+is computed once per request and reused by ``on_dispatched`` through the decision.
 """
 
 from __future__ import annotations
@@ -154,6 +156,16 @@ class _Dispatch:
     corrected: bool = False
 
 
+class _Memo(NamedTuple):
+    """What ``on_dispatched`` needs of one choice (``RoutingDecision.memo``)."""
+
+    digest: PromptDigest
+    raw_cached: int  # tokens the record matched on the chosen instance, before the trust correction
+    capacity: int  # the chosen instance's record size in tokens (0: not known yet)
+    queued_tokens: float  # the estimator's load terms at the choice
+    step_s: float
+
+
 class _Score(NamedTuple):
     """One instance scored for one request."""
 
@@ -194,9 +206,6 @@ class DualMapPolicy(PolicyBase):
         self._records: dict[str, PrefixRecord] = {}
         self._trust: dict[str, float] = {}
         self._inflight: dict[str, _Dispatch] = {}
-        # The last choice, for on_dispatched: request, digest, chosen instance, raw cached,
-        # capacity, queued tokens, step seconds.
-        self._chosen: tuple[RoutingRequest, PromptDigest, str, int, int, float, float] | None = None
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -276,7 +285,7 @@ class DualMapPolicy(PolicyBase):
         first = self._score(s1, d)
         if c2 == c1:
             only = ((c1, first.e),)
-            return self._decide(req, d, first, RoutingOutcome.AFFINITY, (c1,), only, _REASON_SINGLE)
+            return self._decide(d, first, RoutingOutcome.AFFINITY, (c1,), only, _REASON_SINGLE)
         s2 = get(c2)
         assert s2 is not None
         second = self._score(s2, d)
@@ -284,7 +293,7 @@ class DualMapPolicy(PolicyBase):
         cands = (best.iid, other.iid)
         pair = ((c1, first.e), (c2, second.e))
         if best.e <= self._slo_s:
-            return self._decide(req, d, best, RoutingOutcome.AFFINITY, cands, pair, _REASON_BETTER)
+            return self._decide(d, best, RoutingOutcome.AFFINITY, cands, pair, _REASON_BETTER)
         # Over the SLO on both: the lowest estimate fleet-wide (ties: lowest id, as sorted).
         low = best
         for s in fleet.instances:
@@ -293,9 +302,9 @@ class DualMapPolicy(PolicyBase):
                 if score.e < low.e or (score.e == low.e and score.iid < low.iid):
                     low = score
         if low is best:
-            return self._decide(req, d, best, RoutingOutcome.AFFINITY, cands, pair, _REASON_STAY)
+            return self._decide(d, best, RoutingOutcome.AFFINITY, cands, pair, _REASON_STAY)
         triple = (*pair, (low.iid, low.e))
-        return self._decide(req, d, low, RoutingOutcome.SLO_SWITCH, cands, triple, _REASON_SWITCH)
+        return self._decide(d, low, RoutingOutcome.SLO_SWITCH, cands, triple, _REASON_SWITCH)
 
     def _score(self, state: InstanceState, d: PromptDigest) -> _Score:
         uncached, raw = self._uncached(state, d)
@@ -303,7 +312,6 @@ class DualMapPolicy(PolicyBase):
 
     def _decide(
         self,
-        req: RoutingRequest,
         d: PromptDigest,
         chosen: _Score,
         outcome: RoutingOutcome,
@@ -318,18 +326,17 @@ class DualMapPolicy(PolicyBase):
         )
         # Load terms as of the choice: the core counts the request as pending before on_dispatched.
         queued, step = self.estimator.load_terms(state)
-        self._chosen = (req, d, chosen.iid, chosen.raw, capacity, queued, step)
-        return RoutingDecision(chosen.iid, outcome, candidates, estimates, reason)
+        memo = _Memo(d, chosen.raw, capacity, queued, step)
+        return RoutingDecision(chosen.iid, outcome, candidates, estimates, reason, memo)
 
     # -- feedback ---------------------------------------------------------------------------------
 
     def on_dispatched(self, req: RoutingRequest, decision: RoutingDecision) -> None:
-        iid = decision.instance_id
-        chosen = self._chosen
-        if chosen is None or chosen[0] is not req or chosen[2] != iid:
+        memo = decision.memo
+        if not isinstance(memo, _Memo):
             return  # not our choice (a caller overriding the policy): nothing sound to record
-        _, d, _, raw_cached, capacity, queued, step = chosen
-        self._chosen = None
+        iid = decision.instance_id
+        d, raw_cached, capacity, queued, step = memo
         self._hasher.release(req)
         rec = self._records.get(iid)
         if rec is None:
@@ -391,5 +398,4 @@ class DualMapPolicy(PolicyBase):
                     "miss_ratio": self.estimator.miss_ratio(iid),
                 }
             )
-        self._chosen = None
         return {**decision.as_dict(), "key": d.key.hex(), "slo_s": self._slo_s, "estimates_detail": parts}
