@@ -3,6 +3,14 @@
 The gateway, the router core, the worker clients and the engines speak these; the wire form
 (protobuf, in ``switchyard/api``) is converted to and from them in ``switchyard/api/wire.py`` only.
 They are frozen, slotted dataclasses: cheap to build on the hot path and safe to share.
+
+**The continuation rule** lives here, once: a request carries on elsewhere as its prompt plus
+the outputs so far, with ``max_tokens``/``min_tokens`` reduced by as many
+(:meth:`EngineRequest.continued`), and only when its options let a fresh sampler continue the
+same output (:meth:`SamplingOptions.migration_refusal`). Failover (the router core), live
+migration (the engines' ``admit_migrated``) and prefill/decode hand-off build their next leg
+with it; the router's ``MovableStream`` keeps the client's usage (prompt and cached tokens as
+first reported) across every leg.
 """
 
 from __future__ import annotations
@@ -24,9 +32,6 @@ __all__ = [
     "RoutingRequest",
     "SamplingOptions",
     "SuspendedRequest",
-    "continuation_request",
-    "migration_refusal",
-    "resubmission",
 ]
 
 
@@ -57,6 +62,29 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
 
+    def migration_refusal(self) -> str | None:
+        """Why moving a request with these options would change its output, or None if it would not.
+
+        The destination sees the outputs as prompt tokens and starts a fresh sampler, so:
+
+        * a seeded request would continue from a different generator state;
+        * presence/frequency penalties count *output* tokens only, and moved outputs are prompt;
+        * repetition penalties are refused too, to keep the rule simple (vLLM 0.32 applies them
+          to prompt and output tokens alike, so they may be safe; not tested yet).
+
+        Failover continues such requests anyway (the alternative is failing them): from the
+        same text, with fresh randomness. Structured output (a grammar whose state would
+        restart), logprobs, LoRA and multimodal inputs are not in ``SamplingOptions`` yet; they
+        must be refused here when they are added.
+        """
+        if self.seed is not None:
+            return "seeded sampling would continue from a different generator state"
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence/frequency penalties count output tokens, which would become prompt"
+        if self.repetition_penalty != 1.0:
+            return "repetition penalty is not supported across a migration"
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
@@ -65,6 +93,19 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: Sequence[int]
     sampling: SamplingOptions
+
+    def continued(self, outputs: Sequence[int]) -> EngineRequest | None:
+        """This request carried on after ``outputs`` (the continuation rule, module docstring):
+        ``prompt + outputs`` with ``max_tokens`` and ``min_tokens`` reduced by ``len(outputs)``;
+        itself when nothing was generated, None when the budget is spent."""
+        n = len(outputs)
+        if not n:
+            return self
+        s = self.sampling
+        if s.max_tokens <= n:
+            return None
+        sampling = dataclasses.replace(s, max_tokens=s.max_tokens - n, min_tokens=max(0, s.min_tokens - n))
+        return EngineRequest(self.request_id, [*self.prompt_token_ids, *outputs], sampling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +116,10 @@ class RoutingRequest:
     model: str
     prompt_token_ids: Sequence[int]
     sampling: SamplingOptions
+
+    def engine_request(self) -> EngineRequest:
+        """The request as an engine receives it, before any output."""
+        return EngineRequest(self.request_id, self.prompt_token_ids, self.sampling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,46 +233,11 @@ class SuspendedRequest:
         """Tokens whose KV the destination needs: prompt plus outputs."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    @property
+    def request(self) -> EngineRequest:
+        """The request as the source ran it (this leg's engine request, before its outputs)."""
+        return EngineRequest(self.request_id, self.prompt_token_ids, self.sampling)
 
-def migration_refusal(s: SamplingOptions) -> str | None:
-    """Why moving a request with these options would change its output, or None if it would not.
-
-    The destination sees the outputs as prompt tokens and starts a fresh sampler, so:
-
-    * a seeded request would continue from a different generator state;
-    * presence/frequency penalties count *output* tokens only, and moved outputs are prompt;
-    * repetition penalties are refused too, to keep the rule simple (vLLM 0.32 applies them
-      to prompt and output tokens alike, so they may be safe; not tested yet).
-
-    Structured output (a grammar whose state would restart), logprobs, LoRA and multimodal
-    inputs are not in ``SamplingOptions`` yet; they must be refused here when they are added.
-    """
-    if s.seed is not None:
-        return "seeded sampling would continue from a different generator state"
-    if s.presence_penalty or s.frequency_penalty:
-        return "presence/frequency penalties count output tokens, which would become prompt"
-    if s.repetition_penalty != 1.0:
-        return "repetition penalty is not supported across a migration"
-    return None
-
-
-def continuation_request(s: SuspendedRequest) -> EngineRequest:
-    """``prompt + outputs`` with the output-dependent limits reduced: what a destination runs."""
-    n = len(s.output_token_ids)
-    sampling = dataclasses.replace(
-        s.sampling, max_tokens=s.sampling.max_tokens - n, min_tokens=max(0, s.sampling.min_tokens - n)
-    )
-    return EngineRequest(s.request_id, [*s.prompt_token_ids, *s.output_token_ids], sampling)
-
-
-def resubmission(req: RoutingRequest, generated: list[int]) -> EngineRequest | None:
-    """The engine request for the next attempt: the original, or its continuation after
-    ``generated`` tokens (None when nothing is left to generate)."""
-    if not generated:
-        return EngineRequest(req.request_id, req.prompt_token_ids, req.sampling)
-    s = req.sampling
-    remaining = s.max_tokens - len(generated)
-    if remaining <= 0:
-        return None
-    sampling = dataclasses.replace(s, max_tokens=remaining, min_tokens=max(0, s.min_tokens - len(generated)))
-    return EngineRequest(req.request_id, [*req.prompt_token_ids, *generated], sampling)
+    def continuation(self) -> EngineRequest | None:
+        """What a destination admits: :meth:`EngineRequest.continued` after the outputs."""
+        return self.request.continued(self.output_token_ids)

@@ -6,12 +6,12 @@ core resolves the model, asks the policy for an instance, dispatches over that i
 I/O, metrics, and recovery.
 
 Recovery is failover by recompute: when the instance dies mid-request (``EngineDeadError``),
-the request is resubmitted elsewhere as its prompt plus the tokens already streamed, with
-``max_tokens``/``min_tokens`` reduced by as many, so the client's stream continues with no
-token lost or repeated. (Greedy decoding continues exactly; a sampled request continues
-from the same text with fresh randomness.) Load arrives by push: one subscription task per
-instance (``instance_links.py``) feeds the registry, which also counts what this router
-dispatched since.
+the request is resubmitted elsewhere by the continuation rule (``EngineRequest.continued``:
+its prompt plus the tokens already streamed, ``max_tokens``/``min_tokens`` reduced by as
+many), so the client's stream continues with no token lost or repeated. (Greedy decoding
+continues exactly; a sampled request continues from the same text with fresh randomness.)
+Load arrives by push: one subscription task per instance (``instance_links.py``) feeds the
+registry, which also counts what this router dispatched since.
 
 Live migration (``migrate``) moves a streaming request to another instance with its KV cache
 (``router/migration.py``); the per-request upstream is a ``MovableStream``, which switches
@@ -19,9 +19,9 @@ from the source's stream to the destination's without losing or repeating a toke
 loop below sees one continuous stream and needs no migration logic of its own.
 
 NOTE FOR DEVELOPERS: ``_stream`` is the per-chunk hot path. Per delta it extends one list,
-touches a few locals and forwards the worker's ``EngineOutput`` unchanged; it builds a new
-one only after a failover (to restate the original prompt length). Per request it makes one
-policy call (O(instances) at most), two registry updates (O(1)) and one bounded deque append.
+touches a few locals and forwards the ``MovableStream``'s output unchanged (the stream states
+every output in the client's terms, after a failover too). Per request it makes one policy
+call (O(instances) at most), two registry updates (O(1)) and one bounded deque append.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from switchyard.messages import (
     InstanceInfo,
     Membership,
     RoutingRequest,
-    resubmission,
 )
 from switchyard.router.dispatch import Dispatcher
 from switchyard.router.drain import DrainResult, drain_instance
@@ -242,9 +241,10 @@ class RouterCore:
         num_prompt = num_cached = -1  # as the client first saw them
         outcome = "error"
         attempt = 0
+        first_leg = req.engine_request()
         try:
             while True:
-                engine_req = resubmission(req, generated)
+                engine_req = first_leg.continued(generated)
                 if engine_req is None:  # the instance died after the last token, before "finished"
                     outcome = "finished"
                     yield EngineOutput(
@@ -255,7 +255,10 @@ class RouterCore:
                 iid = decision.instance_id
                 dispatch = self._dispatcher.dispatched(req, state, decision, len(engine_req.prompt_token_ids))
                 t_dispatch = clock()
-                stream = MovableStream(req.request_id, iid, self._links[iid].generate(engine_req))
+                usage = (num_prompt, num_cached) if num_prompt >= 0 else None  # as the client saw it
+                stream = MovableStream(
+                    req.request_id, iid, self._links[iid].generate(engine_req), usage=usage
+                )
                 self._streams[req.request_id] = stream
                 prefilled = False
                 try:
@@ -268,7 +271,7 @@ class RouterCore:
                                 out = await anext_()
                         if not prefilled:
                             prefilled = True
-                            error = dispatch.first_token(clock() - t_dispatch, out.num_cached_tokens)
+                            error = dispatch.first_token(clock() - t_dispatch, stream.engine_cached_tokens)
                             if error is not None:
                                 self._ttft_error.observe(error)
                         if num_prompt < 0:
@@ -279,11 +282,6 @@ class RouterCore:
                                 t_first = t_last
                                 mm.ttft.observe(t_first - t_start)
                             generated.extend(out.token_ids)
-                        if attempt:  # restate the original prompt (the stream does within one attempt)
-                            out = EngineOutput(
-                                req.request_id, out.token_ids, out.finished, out.finish_reason,
-                                num_prompt, num_cached, stream.instance_id,
-                            )  # fmt: skip
                         if out.finished:
                             outcome = "aborted" if out.finish_reason is FinishReason.ABORT else "finished"
                             if len(generated) > 1:

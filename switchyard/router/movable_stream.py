@@ -20,7 +20,10 @@ How a move looks from here (:meth:`move` runs the coordinator):
    router fails over by recompute from what the client has seen.
 
 Every output is restated with the prompt and cached-token counts of the first one, so usage
-counts the client's prompt, not the destination's (which includes the moved outputs).
+counts the client's prompt, not the destination's (which includes the moved outputs). After a
+failover the router core starts the next leg's stream with the counts the client already saw
+(``usage``): this wrapper is the one place outputs are restated, across moves and failovers
+alike (the request side of the continuation rule is ``EngineRequest.continued``).
 """
 
 from __future__ import annotations
@@ -41,13 +44,23 @@ __all__ = ["MovableStream"]
 class MovableStream:
     """An async iterator of one request's outputs whose source instance can be swapped."""
 
-    def __init__(self, request_id: str, instance_id: str, upstream: AsyncIterator[EngineOutput]) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        instance_id: str,
+        upstream: AsyncIterator[EngineOutput],
+        *,
+        usage: tuple[int, int] | None = None,
+    ) -> None:
+        """``usage`` is ``(prompt tokens, cached tokens)`` as the client first saw them, for a
+        stream that continues an earlier leg (failover); None takes this stream's first output's."""
         self.request_id = request_id
         self.instance_id = instance_id
         """The instance the request runs on now (changes after a move)."""
         self._upstream = upstream
         self._seen = 0  # tokens yielded so far: the suspended outputs are counted the same way
-        self._num_prompt = self._num_cached = -1
+        self._num_prompt, self._num_cached = usage if usage is not None else (-1, -1)
+        self._engine_cached = -1  # the prefix hit this leg's engine reported (its first output)
         self._moving: asyncio.Future[MigrationOutcome] | None = None
         self._closed = False
         self._gen = self._iterate()
@@ -66,6 +79,14 @@ class MovableStream:
     @property
     def moving(self) -> bool:
         return self._moving is not None
+
+    @property
+    def engine_cached_tokens(self) -> int:
+        """The prefix-cache hit the engine reported for this leg's prompt (0 before any output).
+
+        Not the client's ``num_cached_tokens`` after a failover (usage keeps the first leg's):
+        this is what routing feedback needs, the hit on the instance the leg was sent to."""
+        return max(self._engine_cached, 0)
 
     @property
     def num_tokens(self) -> int:
@@ -111,12 +132,10 @@ class MovableStream:
                 async for out in self._upstream:
                     if self._moving is not None and out.finished and out.finish_reason is FinishReason.ABORT:
                         if out.token_ids:
-                            yield self._restate(out, tokens=out.token_ids, finished=False, reason=None)
+                            yield self._out(out.token_ids, finished=False, reason=None, first=out)
                         ended = out
                         break
-                    yield self._restate(
-                        out, tokens=out.token_ids, finished=out.finished, reason=out.finish_reason
-                    )
+                    yield self._out(out.token_ids, finished=out.finished, reason=out.finish_reason, first=out)
                     if out.finished:
                         return
                 else:
@@ -127,58 +146,53 @@ class MovableStream:
                 if isinstance(ended, EngineDeadError):
                     raise ended
                 assert ended is not None
-                yield self._restate(ended, tokens=(), finished=True, reason=ended.finish_reason)
+                yield self._out((), finished=True, reason=ended.finish_reason, first=ended)
                 return
             outcome = await self._moving
             self._moving = None
             await _aclose(self._upstream)
             if outcome.status == "stayed":  # nothing was suspended: the end we saw is real
                 if isinstance(ended, EngineOutput):
-                    yield self._restate(ended, tokens=(), finished=True, reason=ended.finish_reason)
+                    yield self._out((), finished=True, reason=ended.finish_reason, first=ended)
                     return
                 raise ended or EngineDeadError(f"instance {self.instance_id} ended the stream early")
             suspended = outcome.suspended
             missed = tuple(suspended.output_token_ids[self._seen :]) if suspended is not None else ()
             if outcome.status == "finished" and suspended is not None:
-                yield self._emit(missed, finished=True, reason=suspended.finish_reason or FinishReason.LENGTH)
+                yield self._out(missed, finished=True, reason=suspended.finish_reason or FinishReason.LENGTH)
                 return
             if outcome.stream is None:  # lost: the router fails over from what was yielded
                 if missed:
-                    yield self._emit(missed, finished=False, reason=None)
+                    yield self._out(missed, finished=False, reason=None)
                 raise EngineDeadError(
                     f"request {self.request_id} was lost by its migration ({outcome.reason})"
                 )
             self.instance_id = outcome.instance_id
             self._upstream = outcome.stream
             if missed:
-                yield self._emit(missed, finished=False, reason=None)
+                yield self._out(missed, finished=False, reason=None)
 
-    def _restate(
+    def _out(
         self,
-        out: EngineOutput,
-        *,
         tokens: Sequence[int],
+        *,
         finished: bool,
         reason: FinishReason | None,
+        first: EngineOutput | None = None,
     ) -> EngineOutput:
-        if self._num_prompt < 0:
-            self._num_prompt, self._num_cached = out.num_prompt_tokens, out.num_cached_tokens
+        """An output of ``tokens`` in the client's terms: its usage as first seen, this instance.
+
+        ``first`` is an upstream output whose counts become the usage if none was seen yet;
+        outputs made from a suspended request's tokens pass None (it has no usage of its own).
+        """
+        if first is not None and self._engine_cached < 0:
+            self._engine_cached = first.num_cached_tokens
+            if self._num_prompt < 0:
+                self._num_prompt, self._num_cached = first.num_prompt_tokens, first.num_cached_tokens
         self._seen += len(tokens)
         return EngineOutput(
             self.request_id,
             tuple(tokens),
-            finished,
-            reason,
-            self._num_prompt,
-            self._num_cached,
-            self.instance_id,
-        )
-
-    def _emit(self, tokens: tuple[int, ...], *, finished: bool, reason: FinishReason | None) -> EngineOutput:
-        self._seen += len(tokens)
-        return EngineOutput(
-            self.request_id,
-            tokens,
             finished,
             reason,
             max(self._num_prompt, 0),

@@ -27,7 +27,6 @@ from switchyard.messages import (
     RoutingRequest,
     SamplingOptions,
     SuspendedRequest,
-    continuation_request,
 )
 from switchyard.router.core import RouterCore
 from switchyard.workers.worker_server import start_worker_server
@@ -87,8 +86,9 @@ class MigratableEngine(ScriptedEngine):
         if self.refuse:
             raise MigrationError("refused by the test")
         self.admitted.append(req)
-        base = EngineRequest(req.request_id, req.prompt_token_ids, req.sampling)
-        return self._run(continuation_request(req), base, tuple(req.output_token_ids))
+        continued = req.continuation()
+        assert continued is not None
+        return self._run(continued, req.request, tuple(req.output_token_ids))
 
     async def release_suspended(self, request_id: str) -> bool:
         return False

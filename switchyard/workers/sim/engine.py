@@ -43,7 +43,6 @@ from switchyard.messages import (
     KvSnapshot,
     LoadReport,
     SuspendedRequest,
-    migration_refusal,
 )
 from switchyard.workers.sim.cost import KvTransferCost, load_profile
 from switchyard.workers.sim.fleet import OutputCallback, SimFleet, VirtualClock
@@ -196,7 +195,7 @@ class SimEngine:
         req, stream = self._requests.get(request_id), self._streams.get(request_id)
         if req is None or stream is None or request_id not in self._instance:
             raise MigrationError(f"request {request_id!r} is not running on {self._instance.instance_id}")
-        if (why := migration_refusal(req.sampling)) is not None:
+        if (why := req.sampling.migration_refusal()) is not None:
             raise MigrationError(f"request {request_id!r} cannot migrate: {why}")
         state = self._instance.suspend(request_id)
         assert state is not None
@@ -208,7 +207,7 @@ class SimEngine:
 
     def admit_migrated(self, req: SuspendedRequest) -> AsyncGenerator[EngineOutput, None]:
         """Continue a suspended request here: pull the KV it lacks, then stream the next tokens."""
-        return self._serve(EngineRequest(req.request_id, req.prompt_token_ids, req.sampling), req)
+        return self._serve(req.request, req)
 
     async def release_suspended(self, request_id: str) -> bool:
         """Nothing to release: the source frees a suspended request's blocks at once."""

@@ -49,8 +49,6 @@ from switchyard.messages import (
     KvSnapshot,
     LoadReport,
     SuspendedRequest,
-    continuation_request,
-    migration_refusal,
 )
 from switchyard.testing.tiny_model import TINY_MODEL_NAME, default_cache_dir
 from switchyard.workers.vllm.env import apply_vllm_env, cpu_threads_while_spawning, vllm_env
@@ -316,7 +314,7 @@ class VLLMEngine:
         state = self._inflight.get(request_id)
         if state is None or state.finished:
             raise MigrationError(f"request {request_id!r} is not running on {self._instance_id}")
-        if (why := migration_refusal(state.request.sampling)) is not None:
+        if (why := state.request.sampling.migration_refusal()) is not None:
             raise MigrationError(f"request {request_id!r} cannot migrate: {why}")
         base = state.request
         return await kv.suspend(
@@ -333,11 +331,11 @@ class VLLMEngine:
         (``kv_transfer_params`` empty) the destination recomputes the prefix instead.
         """
         self._require_kv()
-        if len(req.output_token_ids) >= req.sampling.max_tokens:
+        engine_req = req.continuation()
+        if engine_req is None:
             raise MigrationError(f"request {req.request_id!r} has nothing left to generate")
-        engine_req = continuation_request(req)
-        base = EngineRequest(req.request_id, req.prompt_token_ids, req.sampling)
-        state = _InFlight(len(engine_req.prompt_token_ids), base, prior_outputs=tuple(req.output_token_ids))
+        prior = tuple(req.output_token_ids)
+        state = _InFlight(len(engine_req.prompt_token_ids), req.request, prior_outputs=prior)
         return self._run(engine_req, state, dict(req.kv_transfer_params) or None)
 
     async def release_suspended(self, request_id: str) -> bool:
