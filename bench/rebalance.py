@@ -4,11 +4,11 @@ Issue #4 asks whether live migration off hotspots improves P99 TTFT and P99 TPOT
 routing alone on a bursty trace. Routing can only place *new* requests; the rebalancer moves
 requests already queued or running. Each rate scale is replayed twice in virtual time on the
 same simulated fleet (``bench/replay.py``, the real policy and registry): once with routing
-alone, once with the real planner (``plan_rebalance`` over ``fleet_loads`` of the router's
-view) run every ``period_s`` as ``Rebalancer.run_once`` runs it, its moves applied one after
-another by ``SimFleet.migrate``, which stages and prices them like the real protocol
-(``sim_migration``). ``--policy`` swaps the router (a hotspot-prone one shows what the
-mechanism can do where there is a hotspot to relieve).
+alone, once with the router's own ``Rebalancer`` taking its step (``plan`` over the router's
+view, ``attempting`` for each move's cool-down) every ``period_s`` on the virtual clock, its
+moves applied one after another by ``SimFleet.migrate``, which stages and prices them like the
+real protocol (``workers/sim/migration.py``). ``--policy`` swaps the router (a hotspot-prone
+one shows what the mechanism can do where there is a hotspot to relieve).
 
     python -m bench.rebalance --trace ../shared/traces/azure_llm_2023_code.csv --format azure \
         --instances 8 --rates 20,22.5,25 --out bench/results/rebalance-azure-8 --jobs 2
@@ -32,9 +32,9 @@ import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from bench import metrics, plots
 from bench import provenance as bench_provenance
@@ -52,13 +52,10 @@ from bench.traces import Trace
 from switchyard.config import MigrationConfig, RebalancerConfig
 from switchyard.router import rebalancer as rebalancer_module
 from switchyard.router.policies import POLICIES
-from switchyard.router.rebalancer import InstanceLoad, Move, fleet_loads, plan_rebalance
+from switchyard.router.rebalancer import InstanceLoad, Move, Rebalancer, StreamView, pressure
 from switchyard.workers.sim.cost import KvTransferCost, KvTransferProfile, available_profiles, load_profile
 from switchyard.workers.sim.instance import SimInstance
 from switchyard.workers.sim.migration import SimMigrationOutcome
-
-if TYPE_CHECKING:
-    from switchyard.router.movable_stream import MovableStream
 
 __all__ = ["main", "parse_args"]
 
@@ -79,19 +76,19 @@ class _StreamView:
 
 
 class _RebalancingReplay(_Replay):
-    """``_Replay`` with the router's rebalancer loop on the same virtual timeline.
+    """``_Replay`` with the router's rebalancer on the same virtual timeline.
 
-    As in ``Rebalancer``: every ``period_s`` after the previous pass ended, drop cooled-down
-    entries, snapshot the registry (``fleet_loads``), plan, and migrate the planned moves one at
-    a time; a move's request is not picked again for ``request_cooldown_s``. Registry and policy
-    accounting stay with the dispatch instance, as ``RouterCore`` keeps them after a move.
+    As ``Rebalancer.run`` does: every ``period_s`` after the previous pass ended, the real
+    ``Rebalancer`` plans over this router view (the registry and one ``StreamView`` per running
+    request), and the planned moves migrate one at a time. Registry and policy accounting stay
+    with the dispatch instance, as ``RouterCore`` keeps them after a move.
     """
 
     def __init__(self, trace: Trace, policy: str, cfg: ReplayConfig, rebalancer: RebalancerConfig) -> None:
         super().__init__(trace, policy, cfg)
         self.rebalancer = rebalancer
+        self.step = Rebalancer(self, rebalancer, clock=self.fleet.clock)
         self.moved_to: dict[int, str] = {}  # request index -> where a migration put it
-        self.tried: dict[str, float] = {}
         self.diagnosis: Counter[str] = Counter()
         self.planned: list[Move] = []
         self.migrations: list[SimMigrationOutcome] = []
@@ -100,8 +97,10 @@ class _RebalancingReplay(_Replay):
         self.fleet.call_at(self.rebalancer.period_s, self._pass)
         return super().run()
 
-    def _streams(self) -> dict[str, _StreamView]:
-        views: dict[str, _StreamView] = {}
+    @property
+    def streams(self) -> dict[str, StreamView]:
+        """The router view's streams (``RouterView``): what ``MovableStream`` would report."""
+        views: dict[str, StreamView] = {}
         for idx, state in enumerate(self.where):
             if state is None:
                 continue
@@ -116,38 +115,23 @@ class _RebalancingReplay(_Replay):
     def _pass(self) -> None:
         if self.done >= len(self.trace.requests):
             return  # the run is over: stop, so the event loop drains
-        now, cfg = self.fleet.now, self.rebalancer
-        self.tried = {rid: t for rid, t in self.tried.items() if now - t < cfg.request_cooldown_s}
-        streams = cast("Mapping[str, MovableStream]", self._streams())  # duck-typed: three fields read
-        loads = fleet_loads(self.registry, streams)
-        plan = plan_rebalance(loads, cfg, skip=self.tried.keys())
+        plan = self.step.plan()
+        loads = self.step.last_loads
+        tokens = {r.request_id: r.num_tokens for ld in loads for r in ld.requests}
         self._diagnose(loads)
-        self.diagnosis["planned_before_first_token"] += sum(
-            1 for m in plan if streams[m.request_id].num_tokens == 0
-        )
+        self.diagnosis["planned_before_first_token"] += sum(1 for m in plan if tokens[m.request_id] == 0)
         self.planned.extend(plan)
         self._apply(plan, 0)
 
     def _diagnose(self, loads: Sequence[InstanceLoad]) -> None:
-        """Count passes with an overloaded instance, and those where no instance could take work.
-
-        Restates the planner's definitions (``switchyard.router.rebalancer`` docstring) for the
-        report only: overloaded = ``waiting >= max_waiting`` or far above the mean queue; a
-        destination must be neither and stay at or under the mean with one more request.
-        """
-        cfg = self.rebalancer
-        queues = [ld.num_running + ld.num_waiting for ld in loads]
-        mean = sum(queues) / max(1, len(queues))
-        hot = [
-            ld.num_waiting >= cfg.max_waiting
-            or (q >= cfg.imbalance_ratio * mean and q - mean >= cfg.min_load_gap)
-            for ld, q in zip(loads, queues, strict=True)
-        ]
+        """Count passes with an overloaded instance, and those where no instance could take work
+        (by the planner's own definitions, ``rebalancer.pressure``)."""
+        p = pressure(loads, self.rebalancer)
         self.diagnosis["passes"] += 1
         self.diagnosis["instances_waiting_sum"] += sum(ld.num_waiting > 0 for ld in loads)
-        if any(hot):
+        if p.overloaded:
             self.diagnosis["passes_with_overload"] += 1
-            if not any(not h and q + 1 <= mean for h, q in zip(hot, queues, strict=True)):
+            if not p.receivers:
                 self.diagnosis["passes_with_overload_but_no_destination"] += 1
 
     def _apply(self, plan: Sequence[Move], i: int) -> None:
@@ -155,7 +139,7 @@ class _RebalancingReplay(_Replay):
             self.fleet.call_at(self.fleet.now + self.rebalancer.period_s, self._pass)
             return
         move = plan[i]
-        self.tried[move.request_id] = self.fleet.now
+        self.step.attempting(move)
 
         def done(outcome: SimMigrationOutcome) -> None:
             self.migrations.append(outcome)

@@ -6,9 +6,13 @@ rebalancer fixes the ones already running (DESIGN §3.4, DualMap's hotspot-aware
 with Llumnix migration (``RouterCore.migrate``).
 
 The decision (:func:`plan_rebalance`) is a pure function of a load snapshot, so it is tested
-table-driven without any I/O; :class:`Rebalancer` is the asyncio loop that snapshots the
-router's view every ``period_s``, plans, and applies the moves one at a time (the migration
-coordinator allows one migration per instance at once anyway).
+table-driven without any I/O. :class:`Rebalancer` holds the one piece of state between
+periods (which requests were moved or tried recently) and takes one **step**: ``plan()``
+snapshots the router's view and plans, ``attempting(move)`` starts a move's cool-down. Its
+asyncio loop (``run``/``run_once``) takes a step every ``period_s`` and applies the moves one
+at a time through ``RouterCore.migrate`` (the migration coordinator allows one migration per
+instance at once anyway); the rebalancing benchmark takes the same steps on a simulated fleet
+in virtual time and applies the moves there.
 
 Definitions (per model; instances that are draining take no part at all: the drain owns
 their requests, and they never receive any):
@@ -41,25 +45,28 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from switchyard import metrics
 from switchyard.config import RebalancerConfig
 from switchyard.errors import MigrationError
 
 if TYPE_CHECKING:
-    from switchyard.router.core import RouterCore
-    from switchyard.router.movable_stream import MovableStream
+    from switchyard.router.migration import MigrationOutcome
     from switchyard.router.registry import InstanceRegistry, InstanceState
 
 __all__ = [
     "InstanceLoad",
     "Move",
+    "Pressure",
     "Rebalancer",
     "RequestLoad",
+    "RouterView",
+    "StreamView",
     "fleet_loads",
     "freeness",
     "plan_rebalance",
+    "pressure",
     "state_freeness",
 ]
 
@@ -134,11 +141,8 @@ def _overload(s: _Sim, mean: float, p: RebalancerConfig) -> str | None:
     return None
 
 
-def plan_rebalance(
-    fleet: Iterable[InstanceLoad], params: RebalancerConfig, *, skip: Collection[str] = ()
-) -> list[Move]:
-    """The moves that relieve overloaded instances (see the module docstring), at most
-    ``params.max_moves_per_period``. ``skip``: request ids that must not move now."""
+def _by_model(fleet: Iterable[InstanceLoad], skip: Collection[str] = ()) -> dict[str, list[_Sim]]:
+    """The non-draining instances per model, each with its movable requests, shortest first."""
     by_model: dict[str, list[_Sim]] = {}
     for inst in fleet:
         if inst.draining:
@@ -148,6 +152,38 @@ def plan_rebalance(
             (r for r in inst.requests if r.request_id not in skip), key=lambda r: (r.num_tokens, r.request_id)
         )
         by_model.setdefault(inst.model, []).append(_Sim(inst, q, inst.free_blocks, movable))
+    return by_model
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """Which instances the planner's definitions call overloaded, and which could take one more
+    request (not overloaded, at or under the mean queue with it); for reports and debugging."""
+
+    overloaded: tuple[str, ...]
+    receivers: tuple[str, ...]
+
+
+def pressure(fleet: Iterable[InstanceLoad], params: RebalancerConfig) -> Pressure:
+    """The snapshot's :class:`Pressure`, by the same rules :func:`plan_rebalance` applies."""
+    overloaded: list[str] = []
+    receivers: list[str] = []
+    for sims in _by_model(fleet).values():
+        mean = sum(s.q for s in sims) / len(sims)
+        for s in sims:
+            if _overload(s, mean, params):
+                overloaded.append(s.load.instance_id)
+            elif s.q + 1 <= mean:
+                receivers.append(s.load.instance_id)
+    return Pressure(tuple(overloaded), tuple(receivers))
+
+
+def plan_rebalance(
+    fleet: Iterable[InstanceLoad], params: RebalancerConfig, *, skip: Collection[str] = ()
+) -> list[Move]:
+    """The moves that relieve overloaded instances (see the module docstring), at most
+    ``params.max_moves_per_period``. ``skip``: request ids that must not move now."""
+    by_model = _by_model(fleet, skip)
     moves: list[Move] = []
     for model in sorted(by_model):
         sims = by_model[model]
@@ -193,7 +229,37 @@ def _next_move(sims: Sequence[_Sim], mean: float, p: RebalancerConfig) -> Move |
     return None
 
 
-def fleet_loads(registry: InstanceRegistry, streams: Mapping[str, MovableStream]) -> list[InstanceLoad]:
+class StreamView(Protocol):
+    """What the planner reads of one request's upstream (``MovableStream`` provides it)."""
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def moving(self) -> bool: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+
+class RouterView(Protocol):
+    """What a rebalancing step reads of a router (``RouterCore`` provides it)."""
+
+    @property
+    def registry(self) -> InstanceRegistry: ...
+
+    @property
+    def streams(self) -> Mapping[str, StreamView]: ...
+
+
+@runtime_checkable
+class Migrator(RouterView, Protocol):
+    """A router that can also apply a move (``RouterCore``)."""
+
+    async def migrate(self, request_id: str, dst_instance_id: str) -> MigrationOutcome: ...
+
+
+def fleet_loads(registry: InstanceRegistry, streams: Mapping[str, StreamView]) -> list[InstanceLoad]:
     """The planner's snapshot of the router's view: live reporting instances and their streams."""
     per_instance: dict[str, list[RequestLoad]] = {}
     for rid, stream in streams.items():
@@ -223,12 +289,26 @@ class Rebalancer:
     """Every ``period_s``: snapshot, plan, migrate (sequentially; failures only count)."""
 
     def __init__(
-        self, core: RouterCore, config: RebalancerConfig, *, clock: Callable[[], float] = time.monotonic
+        self, router: RouterView, config: RebalancerConfig, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._core = core
+        self._router = router
         self._config = config
         self._clock = clock
         self._tried: dict[str, float] = {}  # request id -> when it was last moved or tried
+        self.last_loads: list[InstanceLoad] = []
+        """The snapshot the latest plan was made from (reports and debugging)."""
+
+    def plan(self) -> list[Move]:
+        """One step's plan: forget cooled-down requests, snapshot the router's view, plan."""
+        now = self._clock()
+        cooldown = self._config.request_cooldown_s
+        self._tried = {rid: t for rid, t in self._tried.items() if now - t < cooldown}
+        self.last_loads = fleet_loads(self._router.registry, self._router.streams)
+        return plan_rebalance(self.last_loads, self._config, skip=self._tried.keys())
+
+    def attempting(self, move: Move) -> None:
+        """``move`` is being applied now: its request is not picked again for the cool-down."""
+        self._tried[move.request_id] = self._clock()
 
     async def run(self) -> None:
         """Run until cancelled; a failing period is logged and the next one runs."""
@@ -240,19 +320,15 @@ class Rebalancer:
                 logger.exception("rebalancer: a period failed")
 
     async def run_once(self) -> list[tuple[Move, str]]:
-        """Plan once and apply the moves; returns each move with its outcome."""
-        now = self._clock()
-        cooldown = self._config.request_cooldown_s
-        self._tried = {rid: t for rid, t in self._tried.items() if now - t < cooldown}
-        plan = plan_rebalance(
-            fleet_loads(self._core.registry, self._core.streams), self._config, skip=self._tried.keys()
-        )
+        """Plan once and apply the moves through the router; returns each move with its outcome."""
+        router = self._router
+        assert isinstance(router, Migrator), "applying moves needs a router that migrates"
         done: list[tuple[Move, str]] = []
-        for move in plan:
-            self._tried[move.request_id] = self._clock()
+        for move in self.plan():
+            self.attempting(move)
             outcome: str
             try:
-                moving = self._core.migrate(move.request_id, move.destination)
+                moving = router.migrate(move.request_id, move.destination)
                 outcome = (await asyncio.shield(moving)).status  # a cancelled loop never cuts a move
             except MigrationError as exc:  # it ended, or an instance left, since the snapshot
                 logger.info("rebalancer: %s not moved (%s)", move.request_id, exc)

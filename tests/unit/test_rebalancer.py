@@ -6,7 +6,15 @@ import pytest
 
 from switchyard.config import RebalancerConfig
 from switchyard.messages import InstanceInfo, LoadReport, Membership
-from switchyard.router.rebalancer import InstanceLoad, Move, RequestLoad, freeness, plan_rebalance
+from switchyard.router.rebalancer import (
+    InstanceLoad,
+    Move,
+    Rebalancer,
+    RequestLoad,
+    freeness,
+    plan_rebalance,
+    pressure,
+)
 from switchyard.router.registry import InstanceRegistry
 
 
@@ -145,3 +153,73 @@ def test_registry_draining_leaves_every_fleet_view() -> None:
     assert not reg.is_draining("a") and [s.instance_id for s in reg.fleet("m")] == ["a", "b"]
     assert reg.set_draining("b", True) and reg.set_draining("b", False)
     assert [s.instance_id for s in reg.fleet("m")] == ["a", "b"]
+
+
+def test_pressure_uses_the_planners_definitions() -> None:
+    """Overloaded by queue or imbalance, receivers at or under the mean with one more request;
+    draining instances are neither."""
+    loads = [inst("hot", 6), inst("queue", 1, waiting=4), inst("idle", 0), inst("gone", 9, draining=True)]
+    p = pressure(loads, P)
+    assert set(p.overloaded) == {"hot", "queue"} and p.receivers == ("idle",)
+
+
+class _View:
+    """A router view for a step: a registry with two reporting instances and one stream each."""
+
+    def __init__(self) -> None:
+        self.registry = InstanceRegistry()
+        infos = tuple(InstanceInfo(i, f"{i}:1", "m", engine="sim") for i in ("a", "b"))
+        self.registry.apply(Membership(1, infos))
+        self.registry.on_load_report("a", LoadReport("a", 0.0, num_running=6, kv_blocks_total=100))
+        self.registry.on_load_report("b", LoadReport("b", 0.0, num_running=0, kv_blocks_total=100))
+        self.streams = {"r-a": _Stream("a", 40)}
+
+
+class _Stream:
+    def __init__(self, instance_id: str, num_tokens: int) -> None:
+        self.instance_id, self.num_tokens, self.moving = instance_id, num_tokens, False
+
+
+def test_a_step_plans_over_the_router_view_and_cools_down_what_it_tried() -> None:
+    now = [0.0]
+    step = Rebalancer(_View(), P.model_copy(update={"request_cooldown_s": 5.0}), clock=lambda: now[0])
+    (move,) = step.plan()
+    assert (move.request_id, move.source, move.destination) == ("r-a", "a", "b")
+    assert {ld.instance_id for ld in step.last_loads} == {"a", "b"}
+    step.attempting(move)
+    now[0] = 4.0
+    assert step.plan() == []  # cooling down
+    now[0] = 5.5
+    assert [m.request_id for m in step.plan()] == ["r-a"]
+
+
+def test_the_rebalancing_benchmark_takes_the_routers_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark applies what ``Rebalancer.plan`` returns: change the router's step and the
+    benchmark's moves change with it."""
+    from bench.rebalance import _RebalancingReplay
+    from bench.replay import ReplayConfig
+    from bench.traces import Trace, TraceRequest
+
+    # A burst of long prompts on one prefix: the hash policy piles them on one instance.
+    requests = tuple(TraceRequest(i, 0.01 * i, 3000, 200, (1, 2, 3, 1000 + i)) for i in range(48))
+    trace = Trace("in-test", "mooncake", requests)
+    cfg = ReplayConfig(num_instances=4, scale=1.0)
+    eager = P.model_copy(update={"period_s": 0.1, "max_waiting": 2})
+    planned: list[Move] = []
+    real_plan = Rebalancer.plan
+
+    def recording(self: Rebalancer) -> list[Move]:
+        moves = real_plan(self)
+        planned.extend(moves)
+        return moves
+
+    monkeypatch.setattr(Rebalancer, "plan", recording)
+    run = _RebalancingReplay(trace, "consistent_hash", cfg, eager)
+    run.run()
+    assert planned and planned == run.planned
+    assert len(run.migrations) == len(planned)
+
+    monkeypatch.setattr(Rebalancer, "plan", lambda self: [])
+    idle = _RebalancingReplay(trace, "consistent_hash", cfg, eager)
+    idle.run()
+    assert idle.planned == [] and idle.migrations == []
