@@ -17,6 +17,7 @@ from typing import NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from switchyard import aio
 from switchyard.api import wire
 from switchyard.api.v1 import router_pb2, router_pb2_grpc
 from switchyard.messages import EngineOutput
@@ -55,10 +56,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):  # type: ignore[misc]
         except Exception as exc:
             await _abort(context, exc, "Generate %s", req.request_id)
         finally:
-            if stream is not None:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()  # a no-op when the stream ended; aborts it otherwise
+            await aio.aclose(stream)  # a no-op when the stream ended; aborts it otherwise
 
     async def ListInstances(
         self, request: router_pb2.ListInstancesRequest, context: grpc.aio.ServicerContext

@@ -22,6 +22,7 @@ from typing import NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from switchyard import aio
 from switchyard.api import wire
 from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
 from switchyard.messages import EngineOutput, InstanceInfo
@@ -202,9 +203,7 @@ async def _release(
 ) -> None:
     """Close an engine stream and, if it did not finish, abort its request; never raises."""
     try:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aio.aclose(stream)
         if aborted:
             await engine.abort(request_id)
     except Exception:

@@ -20,6 +20,7 @@ import anyio
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from switchyard import aio
 from switchyard.errors import (
     AuthenticationError,
     CapacityError,
@@ -96,12 +97,9 @@ async def close_stream(stream: object) -> None:
     """``aclose()`` a stream even while our task is being cancelled (client disconnect)."""
     if getattr(stream, "ag_frame", True) is None:
         return  # an async generator that has run to its end: closing it would do nothing
-    aclose = getattr(stream, "aclose", None)
-    if aclose is None:
-        return
     with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
         try:
-            await aclose()
+            await aio.aclose(stream)
         except Exception as exc:  # the request is over either way; log, don't mask
             logger.warning("closing a core stream failed: %r", exc)
 
