@@ -11,7 +11,8 @@ parser), with ``raise ... from exc``. Outgoing translation also happens once per
     ├── RequestError            the client's fault (HTTP 4xx)
     │   ├── InvalidRequestError     malformed or out-of-range input (400)
     │   ├── ContextLengthError      prompt + max_tokens does not fit the model (400)
-    │   ├── ModelNotFoundError      unknown model name (404)
+    │   ├── NotFoundError           the request names something that does not exist (404)
+    │   │   └── ModelNotFoundError      unknown model name
     │   ├── RequestTooLargeError    body over the configured limit (413)
     │   └── AuthenticationError     missing or wrong API key (401)
     ├── CapacityError           no instance can take the request now; retryable (503)
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidRequestError",
     "MigrationError",
     "ModelNotFoundError",
+    "NotFoundError",
     "RequestError",
     "RequestTooLargeError",
     "SwitchyardError",
@@ -68,10 +70,14 @@ class ContextLengthError(RequestError):
     """The prompt (plus the requested completion) exceeds the model's context."""
 
 
-class ModelNotFoundError(RequestError):
-    """The request names a model this deployment does not serve."""
+class NotFoundError(RequestError):
+    """The request names something this deployment does not have (an instance, a model)."""
 
     error_type = "not_found_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    """The request names a model this deployment does not serve."""
 
 
 class RequestTooLargeError(RequestError):
@@ -110,7 +116,7 @@ class ConfigError(SwitchyardError):
 
 # One table per outgoing boundary, most specific class first (checked in order).
 _HTTP_STATUS: tuple[tuple[type[SwitchyardError], int], ...] = (
-    (ModelNotFoundError, 404),
+    (NotFoundError, 404),
     (RequestTooLargeError, 413),
     (AuthenticationError, 401),
     (RequestError, 400),
@@ -120,7 +126,7 @@ _HTTP_STATUS: tuple[tuple[type[SwitchyardError], int], ...] = (
 )
 
 _GRPC_CODE: tuple[tuple[type[SwitchyardError], str], ...] = (
-    (ModelNotFoundError, "NOT_FOUND"),
+    (NotFoundError, "NOT_FOUND"),
     (RequestTooLargeError, "RESOURCE_EXHAUSTED"),
     (AuthenticationError, "UNAUTHENTICATED"),
     (RequestError, "INVALID_ARGUMENT"),

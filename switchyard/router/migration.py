@@ -34,7 +34,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
-from switchyard import metrics
+from switchyard import aio, metrics
 from switchyard.config import MigrationConfig
 from switchyard.errors import MigrationError
 from switchyard.messages import (
@@ -273,9 +273,7 @@ class MigrationCoordinator:
             async with asyncio.timeout(self._cfg.step_timeout_s):
                 first = await anext(stream)
         except BaseException:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await aio.aclose(stream)
             raise
         return _prepend(first, stream)
 
@@ -315,6 +313,4 @@ async def _prepend(
             async for out in rest:
                 yield out
     finally:
-        aclose = getattr(rest, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aio.aclose(rest)

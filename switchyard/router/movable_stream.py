@@ -32,6 +32,7 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
+from switchyard import aio
 from switchyard.errors import EngineDeadError, MigrationError
 from switchyard.messages import EngineOutput, FinishReason
 
@@ -74,7 +75,7 @@ class MovableStream:
     async def aclose(self) -> None:
         self._closed = True
         await self._gen.aclose()
-        await _aclose(self._upstream)
+        await aio.aclose(self._upstream)
 
     @property
     def moving(self) -> bool:
@@ -122,7 +123,7 @@ class MovableStream:
         if outcome.status == "stayed":
             self._moving = None  # nothing was aborted: a later ABORT is a real one
         if self._closed and outcome.stream is not None:
-            await _aclose(outcome.stream)  # the client went away meanwhile
+            await aio.aclose(outcome.stream)  # the client went away meanwhile
         return outcome
 
     async def _iterate(self) -> AsyncGenerator[EngineOutput, None]:
@@ -150,7 +151,7 @@ class MovableStream:
                 return
             outcome = await self._moving
             self._moving = None
-            await _aclose(self._upstream)
+            await aio.aclose(self._upstream)
             if outcome.status == "stayed":  # nothing was suspended: the end we saw is real
                 if isinstance(ended, EngineOutput):
                     yield self._out((), finished=True, reason=ended.finish_reason, first=ended)
@@ -199,9 +200,3 @@ class MovableStream:
             max(self._num_cached, 0),
             self.instance_id,
         )
-
-
-async def _aclose(stream: AsyncIterator[EngineOutput]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     # Ping idle connections every 10 s and give up after 5 s without an answer, so a worker
     # that vanished without closing its socket (node loss, partition) is noticed within ~15 s
-    # and its requests fail over. Workers permit this rate (worker_server.SERVER_OPTIONS).
+    # and its requests fail over. Workers permit this rate (api.server.SERVER_OPTIONS).
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),

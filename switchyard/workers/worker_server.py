@@ -2,7 +2,8 @@
 
 One server per engine instance. It converts protobuf to messages and back (``switchyard.api.wire``)
 and adds no logic of its own, so the vLLM engine, the simulator and test fakes all serve
-through the same code. Errors leave through the one table (``wire.status_for_error``).
+through the same code. Errors leave through the one table (``wire.status_for_error``), by way
+of the guard, server options and start-up shared with the router service (``switchyard.api.server``).
 
 Streaming handlers are coroutines that ``await context.write(...)`` rather than async
 generators that ``yield``: when a client cancels, gRPC cancels the handler task, and with a
@@ -17,19 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import NoReturn
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from switchyard import aio
 from switchyard.api import wire
+from switchyard.api.server import abort_on_error, bind_server, start_serving
 from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
 from switchyard.messages import EngineOutput, InstanceInfo
 from switchyard.workers.engine import Engine
 
 __all__ = [
     "DEFAULT_LOAD_INTERVAL_S",
-    "SERVER_OPTIONS",
     "WorkerServicer",
     "start_worker_server",
 ]
@@ -41,15 +41,6 @@ DEFAULT_LOAD_INTERVAL_S = 0.05
 
 MIN_LOAD_INTERVAL_S = 0.005
 """Floor on the load-report period, so a bad request cannot make the worker spin."""
-
-SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    # Routers ping every 10 s (router/worker_client.CHANNEL_OPTIONS); accept that, or gRPC's
-    # default 5-minute floor answers with GOAWAY "too_many_pings" and drops live streams.
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # One server per port: never share a port with a stale process (SO_REUSEPORT).
-    ("grpc.so_reuseport", 0),
-)
 
 SERVICE_NAME = "switchyard.v1.Worker"
 
@@ -85,15 +76,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         stream: AsyncIterator[EngineOutput] | None = None
         finished = False
         try:
-            stream = start()
-            # Hot path: one conversion and one write per delta, nothing else.
-            async for out in stream:
-                await context.write(wire.output_to_pb(out, instance_id=instance_id))
-                if out.finished:
-                    finished = True
-                    break
-        except Exception as exc:
-            await _abort(context, exc, "Generate %s", request_id)
+            async with abort_on_error(context, logger, "worker RPC Generate %s", request_id):
+                stream = start()
+                # Hot path: one conversion and one write per delta, nothing else.
+                async for out in stream:
+                    await context.write(wire.output_to_pb(out, instance_id=instance_id))
+                    if out.finished:
+                        finished = True
+                        break
         finally:
             # Close the engine's generator now rather than leaving it to the garbage collector.
             # Unfinished (client cancel, closed stream, error), that is the abort: GeneratorExit
@@ -106,10 +96,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.AbortReply:
         """Stop a request; ``found`` is False when it had already finished."""
-        try:
+        async with abort_on_error(context, logger, "worker RPC Abort %s", request.request_id):
             found = await self._engine.abort(request.request_id)
-        except Exception as exc:
-            await _abort(context, exc, "Abort %s", request.request_id)
         return worker_pb2.AbortReply(found=found)
 
     async def StreamLoad(
@@ -119,12 +107,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         interval = request.interval_ms / 1000 if request.interval_ms else self._load_interval_s
         interval = max(interval, MIN_LOAD_INTERVAL_S)
         instance_id = self._info.instance_id
-        try:
+        async with abort_on_error(context, logger, "worker RPC StreamLoad"):
             while True:
                 await context.write(wire.load_report_to_pb(self._engine.load(), instance_id=instance_id))
                 await asyncio.sleep(interval)
-        except Exception as exc:
-            await _abort(context, exc, "StreamLoad")
 
     # -- migration steps (router/migration.py drives them; the engine does the work) ---------
 
@@ -132,34 +118,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         self, request: worker_pb2.SnapshotRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.KvSnapshot:
         """The running request's full KV blocks as a pull ticket (it keeps decoding)."""
-        try:
+        async with abort_on_error(context, logger, "worker RPC Snapshot %s", request.request_id):
             snap = await self._engine.snapshot(
                 request.request_id,
                 after_tokens=request.after_tokens,
                 min_new_blocks=request.min_new_blocks or 1,
             )
-        except Exception as exc:
-            await _abort(context, exc, "Snapshot %s", request.request_id)
         return wire.kv_snapshot_to_pb(snap)
 
     async def ShadowPull(
         self, request: worker_pb2.KvSnapshot, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ShadowPullReply:
         """Pull a snapshot's blocks into this engine's prefix cache."""
-        try:
+        async with abort_on_error(context, logger, "worker RPC ShadowPull %s", request.request_id):
             cached = await self._engine.shadow_pull(wire.kv_snapshot_from_pb(request))
-        except Exception as exc:
-            await _abort(context, exc, "ShadowPull %s", request.request_id)
         return worker_pb2.ShadowPullReply(num_cached_tokens=cached)
 
     async def Suspend(
         self, request: worker_pb2.SuspendRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.SuspendedRequest:
         """Stop the request, hold its blocks for a pull, return its authoritative state."""
-        try:
+        async with abort_on_error(context, logger, "worker RPC Suspend %s", request.request_id):
             suspended = await self._engine.suspend(request.request_id)
-        except Exception as exc:
-            await _abort(context, exc, "Suspend %s", request.request_id)
         return wire.suspended_to_pb(suspended)
 
     async def AdmitMigrated(
@@ -173,10 +153,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         self, request: worker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReleaseReply:
         """Free blocks held for a destination that will not pull them."""
-        try:
+        async with abort_on_error(context, logger, "worker RPC ReleaseSuspended %s", request.request_id):
             released = await self._engine.release_suspended(request.request_id)
-        except Exception as exc:
-            await _abort(context, exc, "ReleaseSuspended %s", request.request_id)
         return worker_pb2.ReleaseReply(released=released)
 
     async def GetInstanceInfo(
@@ -186,25 +164,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         return self._info_pb
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception, what: str, *args: object) -> NoReturn:
-    """End the RPC with the status our one error table gives for ``exc``."""
-    code, details = wire.status_for_error(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        logger.exception("worker RPC " + what + " failed", *args)
-    else:
-        logger.info("worker RPC " + what + " failed: %s", *args, exc)
-    await context.abort(code, details)
-    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
-
-
 async def _release(
     engine: Engine, stream: AsyncIterator[EngineOutput], request_id: str, *, aborted: bool
 ) -> None:
     """Close an engine stream and, if it did not finish, abort its request; never raises."""
     try:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await aio.aclose(stream)
         if aborted:
             await engine.abort(request_id)
     except Exception:
@@ -227,18 +192,11 @@ async def start_worker_server(
     Stop it with ``await server.stop(grace)``; in-flight requests are then cancelled, which
     aborts them on the engine.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind the worker gRPC server to {host}:{port}")
+    server, bound = bind_server(host, port, role="worker")
     info = info_factory_or_info(bound) if callable(info_factory_or_info) else info_factory_or_info
     worker_pb2_grpc.add_WorkerServicer_to_server(
         WorkerServicer(engine, info, load_interval_s=load_interval_s), server
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    await start_serving(server, SERVICE_NAME)
     logger.info("worker %s serving on %s:%s", info.instance_id, host, bound)
     return server, bound

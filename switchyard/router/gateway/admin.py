@@ -18,7 +18,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, Response
 
-from switchyard.errors import InvalidRequestError
+from switchyard.errors import InvalidRequestError, NotFoundError
 from switchyard.router.drain import DrainResult
 
 __all__ = ["DrainableCore", "drain", "undrain"]
@@ -56,10 +56,8 @@ def _parse(model: type[_M], body: bytes) -> _M:
         raise InvalidRequestError(f"invalid body: {where}: {err['msg']}", param=where) from None
 
 
-def _not_found(instance: str) -> Response:
-    message = f"instance {instance!r} is not a member of this router"
-    body = {"error": {"message": message, "type": "not_found_error", "param": "instance", "code": None}}
-    return JSONResponse(body, status_code=404)
+def _not_found(instance: str) -> NotFoundError:
+    return NotFoundError(f"instance {instance!r} is not a member of this router", param="instance")
 
 
 def _core(core: object) -> DrainableCore:
@@ -74,7 +72,7 @@ async def drain(core: object, body: bytes) -> Response:
     try:
         result = await _core(core).drain(req.instance, timeout_s=req.timeout_s)
     except KeyError:
-        return _not_found(req.instance)
+        raise _not_found(req.instance) from None
     return Response(json.dumps(result.as_dict()), media_type="application/json")
 
 
@@ -82,5 +80,5 @@ async def undrain(core: object, body: bytes) -> Response:
     """``POST /admin/undrain {"instance": ...}``: route to the instance again."""
     req = _parse(_UndrainBody, body)
     if not _core(core).undrain(req.instance):
-        return _not_found(req.instance)
+        raise _not_found(req.instance)
     return JSONResponse({"instance": req.instance, "draining": False})

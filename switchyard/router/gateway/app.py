@@ -7,11 +7,11 @@ deltas back as text (incremental detokenization, stop strings, ``max_tokens``).
 
 Decisions a reader should know:
 
-* **One error translation point.** Every failure, from a bad body to an engine dying after
-  the stream began, goes through ``streaming.error_payload``, which maps our error tree to
-  OpenAI's ``{"error": {...}}`` with :func:`switchyard.errors.http_status`. Before the
-  response starts that is an HTTP error; after, an SSE ``data: {"error": ...}`` event that
-  ends the stream. Unknown exceptions become a logged 500; nothing escapes to uvicorn.
+* **One error translation point.** Every failure, from a bad body or an unknown route to an
+  engine dying after the stream began, goes through ``streaming.error_payload``, which maps
+  our error tree to OpenAI's ``{"error": {...}}`` with :func:`switchyard.errors.http_status`.
+  Before the response starts that is an HTTP error; after, an SSE ``data: {"error": ...}``
+  event that ends the stream. Unknown exceptions become a logged 500; nothing escapes to uvicorn.
 * **``max_tokens``.** Unset means "as much as fits": the context minus the prompt for chat,
   ``min(16, that)`` for completions (OpenAI's legacy default). An explicit value that does
   not fit is a 400 stating the context, the prompt tokens and the request, never a silent
@@ -278,11 +278,7 @@ def build_gateway_app(
     gw = _Gateway(core, tokenizers, config)
 
     async def http_error(request: Request, exc: Exception) -> Response:
-        # Starlette's own 404 (no such route) and 405 (wrong method), in OpenAI's shape.
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
-        message = exc.detail if isinstance(exc, HTTPException) else "internal server error"
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-        return JSONResponse(body, status_code=status)
+        return error_response(exc)  # Starlette's own 404 (no such route) and 405 (wrong method)
 
     hot = {"/v1/completions": gw.completions, "/v1/chat/completions": gw.chat_completions}
     routes = [gw.route(path, handler, "POST") for path, handler in hot.items()] + [

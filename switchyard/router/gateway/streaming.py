@@ -1,10 +1,11 @@
 """Streaming plumbing of the gateway: the one error translation point, SSE bodies, aborts.
 
 Every failure leaves the gateway through :func:`error_payload` (OpenAI's ``{"error": ...}``
-shape, status from :func:`switchyard.errors.http_status`). Streams from the router core are
-always closed through :func:`close_stream`, shielded from cancellation, because closing the
-core stream is what aborts the engine request: a client that disconnects, a stop string, or
-``max_tokens`` reached early all end up there.
+shape, status from :func:`switchyard.errors.http_status`), the only place that body is built:
+API and admin endpoints, SSE error events and Starlette's own 404/405 alike. Streams from the
+router core are always closed through :func:`close_stream`, shielded from cancellation,
+because closing the core stream is what aborts the engine request: a client that disconnects,
+a stop string, or ``max_tokens`` reached early all end up there.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import anyio
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from switchyard import aio
 from switchyard.errors import (
     AuthenticationError,
     CapacityError,
     ContextLengthError,
     EngineDeadError,
     EngineRequestError,
+    InvalidRequestError,
     ModelNotFoundError,
     RequestTooLargeError,
     SwitchyardError,
@@ -69,17 +73,27 @@ _ERROR_CODES: tuple[tuple[type[SwitchyardError], str], ...] = (
 
 
 def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
-    """HTTP status and OpenAI error body for any exception (unknown ones become a logged 500)."""
-    if isinstance(exc, SwitchyardError):
-        err = exc
-        if http_status(err) >= 500:
+    """HTTP status and OpenAI error body for any exception: the only place that body is built.
+
+    Our errors keep their message, ``param`` and ``error_type``, with the status of
+    ``http_status``. Starlette's own ``HTTPException`` (no such route, wrong method) keeps its
+    status as an ``invalid_request_error``, a status our tree has no class for. Anything else
+    is a bug: logged, and a 500 that does not leak its text.
+    """
+    err: SwitchyardError
+    if isinstance(exc, HTTPException):
+        err, status = InvalidRequestError(exc.detail), exc.status_code
+    elif isinstance(exc, SwitchyardError):
+        err, status = exc, http_status(exc)
+        if status >= 500:
             logger.warning("request failed: %s: %s", type(err).__name__, err.message)
     else:
         logger.error("unexpected error in the gateway", exc_info=exc)
         err = EngineRequestError("internal server error")
+        status = http_status(err)
     code = next((c for cls, c in _ERROR_CODES if isinstance(err, cls)), None)
     body = {"error": {"message": err.message, "type": err.error_type, "param": err.param, "code": code}}
-    return http_status(err), body
+    return status, body
 
 
 def error_response(exc: BaseException) -> Response:
@@ -96,12 +110,9 @@ async def close_stream(stream: object) -> None:
     """``aclose()`` a stream even while our task is being cancelled (client disconnect)."""
     if getattr(stream, "ag_frame", True) is None:
         return  # an async generator that has run to its end: closing it would do nothing
-    aclose = getattr(stream, "aclose", None)
-    if aclose is None:
-        return
     with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
         try:
-            await aclose()
+            await aio.aclose(stream)
         except Exception as exc:  # the request is over either way; log, don't mask
             logger.warning("closing a core stream failed: %r", exc)
 

@@ -1,0 +1,105 @@
+"""What the router's and the workers' gRPC servers share: options, start-up, errors leaving an RPC.
+
+Why one module: the two services must agree on the keepalive policy, on health reporting and
+on how an error becomes a status; written once per servicer, they could drift apart. It sits
+in ``api``, below ``workers`` and ``router``, so both servicers can import it; the status table
+itself stays in ``wire.status_for_error``.
+
+An RPC handler guards its body with ``async with abort_on_error(context, logger, "...")``
+rather than its own ``try``/``except``: the exception is logged (with its traceback only when
+it becomes ``INTERNAL``, an engine failure or a bug) and the RPC ends with the status of the
+one table. A context manager rather than a decorator, so a streaming handler's ``finally`` (which
+releases the engine request) still runs after the abort, as it always has.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+from typing import NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from switchyard.api import wire
+
+__all__ = ["SERVER_OPTIONS", "abort_on_error", "abort_rpc", "bind_server", "start_serving"]
+
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Accept keepalive pings from clients that send them every >= 5 s; routers ping workers
+    # every 10 s (router/worker_client.CHANNEL_OPTIONS). Otherwise gRPC's default 5-minute
+    # floor answers with GOAWAY "too_many_pings" and drops live streams.
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # One server per port: never share a port with a stale process (SO_REUSEPORT).
+    ("grpc.so_reuseport", 0),
+)
+
+
+async def abort_rpc(
+    context: grpc.aio.ServicerContext, exc: Exception, log: logging.Logger, what: str, *args: object
+) -> NoReturn:
+    """End the RPC with the status our one error table gives for ``exc``; log ``what`` failed.
+
+    ``what`` is a %-format naming the RPC (``"worker RPC Abort %s"``) and ``args`` its values.
+    """
+    code, details = wire.status_for_error(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error(what + " failed", *args, exc_info=exc)
+    else:
+        log.info(what + " failed: %s", *args, exc)
+    await context.abort(code, details)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+class abort_on_error:
+    """Async context manager: any ``Exception`` raised inside ends the RPC through :func:`abort_rpc`.
+
+    Named in lower case like ``contextlib.suppress``, since it reads as a function call at the
+    ``async with``. A plain class rather than ``contextlib.asynccontextmanager``: it is entered once per RPC,
+    ``Generate`` included, and a class costs no generator. ``__aexit__`` returns ``None``, so
+    nothing is swallowed: cancellation (a ``BaseException``) passes through untouched, and the
+    abort itself raises. Type checkers therefore know the code after the block runs only when
+    the body succeeded.
+    """
+
+    __slots__ = ("_args", "_context", "_log", "_what")
+
+    def __init__(self, context: grpc.aio.ServicerContext, log: logging.Logger, what: str, *args: object):
+        self._context, self._log, self._what, self._args = context, log, what, args
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if isinstance(exc, Exception):
+            await abort_rpc(self._context, exc, self._log, self._what, *self._args)
+
+
+def bind_server(host: str, port: int, *, role: str) -> tuple[grpc.aio.Server, int]:
+    """A new server with :data:`SERVER_OPTIONS`, bound to ``host:port``; returns it and the bound port.
+
+    Binding comes before the servicer is added because a worker's identity includes its
+    address, known only once ``port=0`` has been bound. A port that cannot be bound raises:
+    current grpcio raises ``RuntimeError`` itself; older ones return 0, turned into ``OSError``.
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    bound: int = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the {role} gRPC server to {host}:{port}")
+    return server, bound
+
+
+async def start_serving(server: grpc.aio.Server, service_name: str) -> None:
+    """Add ``grpc_health.v1``, start ``server``, and report SERVING for ``""`` and ``service_name``.
+
+    Call it after the servicer has been added: health says SERVING only once the server has
+    started with its service in place.
+    """
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await server.start()
+    for service in ("", service_name):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
