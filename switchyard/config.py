@@ -7,12 +7,14 @@ schema descriptions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 __all__ = [
+    "TTFT_SLO_PARAM",
     "EngineConfig",
     "GatewayConfig",
     "KvTransferConfig",
@@ -23,6 +25,7 @@ __all__ = [
     "ServeConfig",
     "SimConfig",
     "StrictModel",
+    "check_ttft_slo",
 ]
 
 
@@ -196,6 +199,25 @@ class RebalancerConfig(StrictModel):
     """A request moved (or tried) is not picked again for this long, so nothing ping-pongs."""
 
 
+TTFT_SLO_PARAM = "ttft_slo_ms"
+"""The policy parameter that carries the router's TTFT SLO (``RouterConfig.ttft_slo_ms``)."""
+
+
+def check_ttft_slo(policy_params: Mapping[str, Any], ttft_slo_ms: float) -> None:
+    """Raise ``ValueError`` if ``policy_params`` set a TTFT SLO other than the router's.
+
+    Why: the SLO is one setting of the service, which the autoscaler scales for too; a policy
+    that switches at another value would quietly steer by a second objective.
+    """
+    given = policy_params.get(TTFT_SLO_PARAM)
+    if given is not None and given != ttft_slo_ms:
+        raise ValueError(
+            f"policy_params sets {TTFT_SLO_PARAM}={given!r} ms, but the router's TTFT SLO "
+            f"(router.ttft_slo_ms, an LLMService's slo.ttftMs) is {ttft_slo_ms:g} ms; "
+            "a policy steers by the service's one SLO, so set only the router's"
+        )
+
+
 class RouterConfig(StrictModel):
     """The router core: which policy decides, and how it learns instance load."""
 
@@ -204,6 +226,12 @@ class RouterConfig(StrictModel):
 
     policy_params: dict[str, Any] = Field(default_factory=dict)
     """Parameters of the chosen policy, validated by the policy's own model."""
+
+    ttft_slo_ms: float = Field(default=2000.0, gt=0, le=600_000)
+    """Time-to-first-token objective in milliseconds, given to every policy that steers by one
+    (a ``ttft_slo_ms`` parameter: ``dualmap``'s SLO switch); ``policy_params`` may only repeat
+    it. 2 s, the default of an LLMService's ``slo.ttftMs``, so that the router switches at the
+    objective the autoscaler scales for."""
 
     load_report_interval_s: float = Field(default=0.05, gt=0, le=10)
     """How often instances push load reports (50 ms keeps routing fresh at little cost)."""
@@ -225,6 +253,11 @@ class RouterConfig(StrictModel):
 
     rebalancer: RebalancerConfig = Field(default_factory=RebalancerConfig)
     """Hotspot rebalancing by live migration (off by default)."""
+
+    @model_validator(mode="after")
+    def _one_ttft_slo(self) -> RouterConfig:
+        check_ttft_slo(self.policy_params, self.ttft_slo_ms)
+        return self
 
 
 class GatewayConfig(StrictModel):

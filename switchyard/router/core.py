@@ -55,7 +55,7 @@ from switchyard.router.drain import DrainResult, drain_instance
 from switchyard.router.instance_links import InstanceLinks
 from switchyard.router.migration import MigrationCoordinator, MigrationOutcome
 from switchyard.router.movable_stream import MovableStream
-from switchyard.router.policies import RoutingDecision, RoutingOutcome, make_policy
+from switchyard.router.policies import RoutingDecision, RoutingOutcome, make_policy, policy_params
 from switchyard.router.rebalancer import Rebalancer
 from switchyard.router.registry import InstanceRegistry, InstanceState
 from switchyard.router.ttft_estimator import TtftFeedback
@@ -92,7 +92,8 @@ class RouterCore:
         self._config = config
         self._clock = clock
         self._registry = InstanceRegistry(clock=clock)
-        self._policy = make_policy(config.policy, config.policy_params, clock=clock)
+        params = policy_params(config.policy, config.policy_params, ttft_slo_ms=config.ttft_slo_ms)
+        self._policy = make_policy(config.policy, params, clock=clock)
         self._policy_name = config.policy
         self._links = InstanceLinks(
             self._registry,

@@ -172,6 +172,7 @@ class RouterSpec(CrdModel):
             policy_params=self.policy_params,
             grpc_host="0.0.0.0",
             grpc_port=grpc_port,
+            ttft_slo_ms=self.slo.ttft_ms,
             max_failover_attempts=self.max_failover_attempts,
             rebalancer=RebalancerConfig(enabled=self.migration.rebalance),
         )
