@@ -170,7 +170,7 @@ class MigrationConfig(StrictModel):
     """Migrations an instance takes part in at once, as source or destination (Llumnix: 1)."""
 
     step_timeout_s: float = Field(default=10.0, gt=0)
-    """Deadline of each step (snapshot, pull, suspend, first token on the destination)."""
+    """Deadline of each step in seconds (snapshot, pull, suspend, first token on the destination)."""
 
 
 class RebalancerConfig(StrictModel):
@@ -253,6 +253,9 @@ class RouterConfig(StrictModel):
 
     rebalancer: RebalancerConfig = Field(default_factory=RebalancerConfig)
     """Hotspot rebalancing by live migration (off by default)."""
+
+    migration: MigrationConfig = Field(default_factory=MigrationConfig)
+    """How the router moves a running request (``migrate``, drains, the rebalancer)."""
 
     @model_validator(mode="after")
     def _one_ttft_slo(self) -> RouterConfig:

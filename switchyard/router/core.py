@@ -35,7 +35,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from switchyard import metrics
-from switchyard.config import MigrationConfig, RouterConfig
+from switchyard.config import RouterConfig
 from switchyard.errors import (
     CapacityError,
     EngineDeadError,
@@ -87,7 +87,6 @@ class RouterCore:
         *,
         connector: Callable[[InstanceInfo], WorkerClient] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        migration: MigrationConfig | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
@@ -110,7 +109,7 @@ class RouterCore:
         # Policies that estimate TTFT hear measured ones; their estimate error becomes a metric.
         self._ttft_feedback = self._policy if isinstance(self._policy, TtftFeedback) else None
         self._ttft_error = metrics.ROUTER_TTFT_ESTIMATE_ERROR.labels(config.policy)
-        self._migrator = MigrationCoordinator(migration, clock=clock)
+        self._migrator = MigrationCoordinator(config.migration, clock=clock)
         self._streams: dict[str, MovableStream] = {}  # request id -> its upstream, for migrate()
         self._rebalancer: asyncio.Task[None] | None = None
         self._closed = False

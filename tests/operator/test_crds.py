@@ -217,6 +217,12 @@ BAD_SPECS: list[tuple[str, str, dict[str, Any], str]] = [
         _with(SERVICE, router={"migration": {"enabled": False, "rebalance": True}}),
         "rebalance needs migration.enabled",
     ),
+    (
+        "too many pre-copy stages",
+        "LLMService",
+        _with(SERVICE, router={"migration": {"maxStages": 9}}),
+        "spec.router.migration.maxStages",
+    ),
     ("port out of range", "LLMService", _with(SERVICE, gateway={"port": 70000}), "spec.gateway.port"),
     ("block size not a power of two", "LLMService", _with(SERVICE, engine={"blockSize": 24}), "blockSize"),
     ("misspelt field", "LLMService", _with(SERVICE, routr={"policy": "dualmap"}), "'routr' was unexpected"),

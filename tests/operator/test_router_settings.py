@@ -8,13 +8,14 @@ effect on what the router does, not merely its value in a model.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from switchyard.config import ServeConfig
+from switchyard.config import MigrationConfig, ServeConfig
 from switchyard.messages import (
     EngineOutput,
     EngineRequest,
@@ -29,7 +30,12 @@ from switchyard.operator.crd import LLMServiceSpec
 from switchyard.operator.render.objects import Owner
 from switchyard.operator.render.service import service_children
 from switchyard.router.core import RouterCore
+from switchyard.router.migration import MigrationOutcome
+from switchyard.workers.sim.engine import SimEngine
+from switchyard.workers.worker_server import start_worker_server
 from tests.helpers.builders import make_info
+from tests.helpers.waiting import eventually
+from tests.unit.test_sim_migration import BS, KV, expected_tokens, make_instance
 
 OWNER = Owner(kind="LLMService", name="llm", namespace="ns", uid="uid-llm")
 
@@ -103,3 +109,77 @@ def test_a_second_slo_in_policy_params_fails_the_render() -> None:
     assert "ttft_slo_ms=1000 ms" in str(exc.value) and "is 1500 ms" in str(exc.value)
     same = rendered({"policy": "dualmap", "policyParams": {"ttft_slo_ms": 1500}, "slo": {"ttftMs": 1500}})
     assert same.router.ttft_slo_ms == 1500
+
+
+def test_every_coordinator_setting_is_rendered() -> None:
+    """``router.migration``'s coordinator fields (camelCase, MigrationConfig's own) arrive in the
+    router's ``serve.json`` unchanged; left out, they are MigrationConfig's defaults."""
+    tuned = {
+        "maxStages": 1,
+        "lastStageMaxBlocks": 4,
+        "admissionMarginBlocks": 0,
+        "maxConcurrentPerInstance": 2,
+        "stepTimeoutS": 2.5,
+    }
+    assert rendered({"migration": tuned}).router.migration == MigrationConfig(
+        max_stages=1,
+        last_stage_max_blocks=4,
+        admission_margin_blocks=0,
+        max_concurrent_per_instance=2,
+        step_timeout_s=2.5,
+    )
+    assert rendered({}).router.migration == MigrationConfig()
+
+
+@pytest.mark.parametrize("max_stages", [None, 0])
+async def test_max_stages_reaches_the_routers_coordinator(max_stages: int | None) -> None:
+    """``router.migration.maxStages: 0`` makes the router's migrations stop-and-copy: a request
+    moved between two simulated workers over gRPC reports no pre-copy stage, where the default
+    (3) pre-copies first; the client sees its tokens uninterrupted either way."""
+    migration = {} if max_stages is None else {"maxStages": max_stages}
+    config = rendered({"policy": "round_robin", "migration": migration})
+    engines = {iid: SimEngine(make_instance(iid), kv_transfer=KV) for iid in ("w0", "w1")}
+    servers, infos = [], {}
+    for iid, engine in engines.items():
+
+        def info(port: int, iid: str = iid) -> InstanceInfo:
+            bpb = KV.bytes_per_block
+            return InstanceInfo(
+                iid, f"127.0.0.1:{port}", "sim", engine="sim", block_size=BS, kv_bytes_per_block=bpb
+            )
+
+        server, port = await start_worker_server(engine, info, host="127.0.0.1", load_interval_s=0.02)
+        servers.append(server)
+        infos[iid] = info(port)
+    core = RouterCore(config.router)
+    try:
+        core.apply_membership(Membership(1, (infos["w0"],)))  # the request lands on w0
+        await core.start()
+        await eventually(lambda: core.ready)
+        started = asyncio.Event()
+
+        async def client() -> list[EngineOutput]:
+            sampling, outs = SamplingOptions(max_tokens=80, ignore_eos=True), []
+            async for out in core.generate(RoutingRequest("r", "sim", tuple(range(600)), sampling)):
+                outs.append(out)
+                if len(outs) == 5:
+                    started.set()
+            return outs
+
+        task = asyncio.create_task(client())
+        await started.wait()
+        core.apply_membership(Membership(2, tuple(infos.values())))
+        outcome: MigrationOutcome = await core.migrate("r", "w1")
+        outs = await task
+    finally:
+        await core.close()
+        for server in servers:
+            await server.stop(None)
+        await asyncio.gather(*(e.close() for e in engines.values()))
+    assert outcome.status == "moved", outcome
+    if max_stages == 0:
+        assert (outcome.stages, outcome.precopied_tokens) == (0, 0)
+    else:
+        assert outcome.stages >= 1 and outcome.precopied_tokens > 0
+    assert [t for o in outs for t in o.token_ids] == expected_tokens("r", 80)
+    assert outs[-1].instance_id == "w1"

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from switchyard.config import GatewayConfig, RebalancerConfig, RouterConfig
+from switchyard.config import GatewayConfig, MigrationConfig, RebalancerConfig, RouterConfig
 from switchyard.operator.crd.base import (
     CpuQuantity,
     CrdModel,
@@ -123,8 +123,10 @@ class SloSpec(CrdModel):
     """Time-per-output-token objective in milliseconds (100 ms ~ 10 tokens/s, faster than reading)."""
 
 
-class MigrationSpec(CrdModel):
-    """Live KV migration of running requests between instances."""
+class MigrationSpec(CrdModel, MigrationConfig):
+    """Live KV migration of running requests between instances: whether engines can and the
+    rebalancer does, and how the router's coordinator moves a request (the fields of
+    ``MigrationConfig``, inherited so that their bounds, defaults and descriptions exist once)."""
 
     model_config = ConfigDict(
         json_schema_extra=cel(("self.enabled || !self.rebalance", "rebalance needs migration.enabled"))
@@ -142,6 +144,12 @@ class MigrationSpec(CrdModel):
         if self.rebalance and not self.enabled:
             raise ValueError("router.migration.rebalance needs router.migration.enabled")
         return self
+
+    def migration_config(self) -> MigrationConfig:
+        """The coordinator's settings alone: a plain ``MigrationConfig``, without the switches."""
+        return MigrationConfig.model_validate(
+            self.model_dump(include=set(MigrationConfig.model_fields), by_alias=False)
+        )
 
 
 class RouterSpec(CrdModel):
@@ -175,6 +183,7 @@ class RouterSpec(CrdModel):
             ttft_slo_ms=self.slo.ttft_ms,
             max_failover_attempts=self.max_failover_attempts,
             rebalancer=RebalancerConfig(enabled=self.migration.rebalance),
+            migration=self.migration.migration_config(),
         )
 
 
