@@ -14,12 +14,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 __all__ = [
+    "MAX_POOL_INSTANCES",
     "TTFT_SLO_PARAM",
     "EngineConfig",
     "GatewayConfig",
     "KvTransferConfig",
     "MigrationConfig",
     "PoolConfig",
+    "PoolRole",
     "RebalancerConfig",
     "RouterConfig",
     "ServeConfig",
@@ -289,16 +291,30 @@ class GatewayConfig(StrictModel):
     (6 interleaved rounds each, lower in 5 of 6 pairs, equal in the sixth)."""
 
 
+PoolRole = Literal["prefill", "decode", "unified"]
+"""What a pool's instances do: one phase of disaggregated serving, or both (``unified``)."""
+
+MAX_POOL_INSTANCES = 1024
+"""Most instances one pool may have. One bound for ``PoolConfig``, ``ServeConfig.instances``
+and the ServingPool CRD (``replicas`` and its autoscaling bounds), so that every pool the API
+server admits renders into a ``serve.json`` that validates. 1024 is the CRD's bound since
+v1alpha1: lowering it would invalidate stored objects, and nothing here needs a smaller one."""
+
+
 class PoolConfig(StrictModel):
-    """One pool of engine instances that a supervisor keeps alive (a ServingPool, on Kubernetes)."""
+    """One pool of engine instances that a supervisor keeps alive (a ServingPool, on Kubernetes).
+
+    The one description of a pool: the supervisor's ``PoolSpec`` extends it with what the
+    serving process decides at start-up, and a ServingPool renders into one
+    (``ServingPoolSpec.pool_config``)."""
 
     name: str = Field(default="pool", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
     """Pool name: prefixes instance ids and Ray actor names (a DNS label, as Kubernetes names are)."""
 
-    role: Literal["unified", "prefill", "decode"] = "unified"
+    role: PoolRole = "unified"
     """What the pool's instances do; routers see it in membership."""
 
-    instances: int = Field(default=2, ge=0, le=256)
+    instances: int = Field(default=2, ge=0, le=MAX_POOL_INSTANCES)
     """Instances to keep alive."""
 
     engine: EngineConfig | None = None
@@ -317,8 +333,8 @@ class PoolConfig(StrictModel):
 class ServeConfig(StrictModel):
     """Everything ``switchyard serve`` starts on one machine."""
 
-    instances: int = Field(default=2, ge=1, le=256)
-    """Engine instances to start."""
+    instances: int = Field(default=2, ge=1, le=MAX_POOL_INSTANCES)
+    """Engine instances to start (the one pool's, when ``pools`` is empty)."""
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)

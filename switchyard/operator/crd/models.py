@@ -25,7 +25,15 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from switchyard.config import GatewayConfig, MigrationConfig, RebalancerConfig, RouterConfig
+from switchyard.config import (
+    MAX_POOL_INSTANCES,
+    EngineConfig,
+    GatewayConfig,
+    MigrationConfig,
+    PoolConfig,
+    RebalancerConfig,
+    RouterConfig,
+)
 from switchyard.operator.crd.base import (
     CpuQuantity,
     CrdModel,
@@ -297,10 +305,10 @@ class AutoscalingSpec(CrdModel):
     enabled: bool = False
     """Let the operator change ``replicas``; off keeps it where the user put it."""
 
-    min_replicas: int = Field(default=1, ge=0, le=1024)
+    min_replicas: int = Field(default=1, ge=0, le=MAX_POOL_INSTANCES)
     """Fewest replicas the autoscaler leaves (0 allows scale to zero)."""
 
-    max_replicas: int = Field(default=4, ge=1, le=1024)
+    max_replicas: int = Field(default=4, ge=1, le=MAX_POOL_INSTANCES)
     """Most replicas the autoscaler creates."""
 
     target_slo_attainment: float = Field(default=0.9, gt=0, le=1)
@@ -330,7 +338,7 @@ class ServingPoolSpec(CrdModel):
     role: PoolRole = "unified"
     """``prefill`` or ``decode`` for disaggregated serving; ``unified`` runs both phases."""
 
-    replicas: int = Field(default=1, ge=0, le=1024)
+    replicas: int = Field(default=1, ge=0, le=MAX_POOL_INSTANCES)
     """Engine instances; written by the autoscaler when autoscaling is enabled."""
 
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
@@ -347,6 +355,22 @@ class ServingPoolSpec(CrdModel):
 
     tolerations: list[Toleration] = Field(default_factory=list)
     """Tolerations of worker pods (GPU node taints)."""
+
+    def pool_config(self, name: str, *, engine: EngineConfig) -> PoolConfig:
+        """The ``PoolConfig`` of this pool (named ``name``) in its router's ``serve.json``.
+
+        ``engine`` is the merged engine configuration. Instances are placed by the Ray resources
+        the pool's worker pods advertise (``render/pool.py``): ``pool-<name>`` on every pod, and
+        each pod's own name ``<name>-worker-<i>``, which pins instance ``<name>-<i>`` to it.
+        """
+        return PoolConfig(
+            name=name,
+            role=self.role,
+            instances=self.replicas,
+            engine=engine,
+            ray_resource=f"pool-{name}",
+            instance_resource=f"{name}-worker-{{index}}",
+        )
 
 
 class KVCachePoolSpec(CrdModel):
