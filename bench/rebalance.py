@@ -47,11 +47,11 @@ from bench.rebalance_report import (
     tpot_quantiles,
 )
 from bench.replay import ReplayConfig, ReplayResult, _Replay, engine_config
-from bench.routing import _describe, _load, _params_for
+from bench.routing import _describe, _load
 from bench.traces import Trace
 from switchyard.config import MigrationConfig, RebalancerConfig
 from switchyard.router import rebalancer as rebalancer_module
-from switchyard.router.policies import POLICIES
+from switchyard.router.policies import POLICIES, policy_params
 from switchyard.router.rebalancer import InstanceLoad, Move, Rebalancer, StreamView, pressure
 from switchyard.workers.sim.cost import KvTransferCost, KvTransferProfile, available_profiles, load_profile
 from switchyard.workers.sim.instance import SimInstance
@@ -215,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     link = KvTransferProfile.model_validate(link.model_dump())  # validate the overrides
     trace, dropped = _load(args, probe.max_model_len)
     _TRACE = trace
-    params = _params_for(policy, {}, args.slo_ttft_ms)
+    params = policy_params(policy, {}, ttft_slo_ms=args.slo_ttft_ms)
     base_cfg = ReplayConfig(
         num_instances=args.instances,
         scale=1.0,

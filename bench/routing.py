@@ -36,7 +36,7 @@ from bench import provenance as bench_provenance
 from bench.replay import ReplayConfig, ReplayResult, engine_config, replay
 from bench.report import render_summary
 from bench.traces import Trace, load_trace, lru_hit_rate, prefix_hit_bound
-from switchyard.router.policies import POLICIES
+from switchyard.router.policies import POLICIES, policy_params
 from switchyard.workers.sim.cost import available_profiles, load_profile
 from switchyard.workers.sim.instance import SimInstance
 
@@ -87,18 +87,6 @@ def _policies(spec: str) -> list[str]:
     return names
 
 
-def _params_for(policy: str, given: dict[str, Any], slo_ms: float) -> dict[str, Any]:
-    """``given``, plus the benchmark's SLO for a policy that takes one (``ttft_slo_ms``) unless set.
-
-    An SLO-aware policy is deployed with the service's SLO; benchmarking it against another
-    SLO than the one it is told about would measure a misconfiguration.
-    """
-    params = dict(given)
-    if "ttft_slo_ms" in POLICIES[policy].Params.model_fields and "ttft_slo_ms" not in params:
-        params["ttft_slo_ms"] = slo_ms
-    return params
-
-
 def _run_task(task: tuple[str, ReplayConfig]) -> ReplayResult:
     assert _TRACE is not None
     return replay(_TRACE, task[0], task[1])
@@ -135,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     policies = _policies(args.policies)
     provenance = bench_provenance.provenance(policies)  # now: the code the forked workers will run
     given: dict[str, dict[str, Any]] = json.loads(args.policy_params)
-    params = {p: _params_for(p, given.get(p, {}), args.slo_ttft_ms) for p in policies}
+    # An SLO-aware policy is deployed with the service's SLO (as RouterCore gives it): measuring
+    # it against another SLO than the one it is told about would measure a misconfiguration.
+    params = {p: policy_params(p, given.get(p), ttft_slo_ms=args.slo_ttft_ms) for p in policies}
     probe_instance = SimInstance.from_config(engine_config(args.profile, args.compute_derate))
     trace, dropped = _load(args, probe_instance.max_model_len)
     _TRACE = trace

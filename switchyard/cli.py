@@ -58,6 +58,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="gateway port (default 8000)")
     serve.add_argument("--router-port", type=int, help="router gRPC port (default: any free)")
     serve.add_argument("--policy", help="routing policy (default least_load)")
+    serve.add_argument(
+        "--slo-ttft-ms", type=float, help="TTFT objective in ms the routing policy steers by (default 2000)"
+    )
     serve.add_argument("--max-model-len", type=int, help="context length per instance")
     serve.add_argument(
         "--migration",
@@ -171,7 +174,10 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     if os.environ.get("SWITCHYARD_API_KEY"):
         keys.append(os.environ["SWITCHYARD_API_KEY"])
     gateway["api_keys"] = tuple(keys)
-    router = section("router", {"policy": "policy", "router_port": "grpc_port", "host": "grpc_host"})
+    router = section(
+        "router",
+        {"policy": "policy", "slo_ttft_ms": "ttft_slo_ms", "router_port": "grpc_port", "host": "grpc_host"},
+    )
     if given.get("rebalance"):
         router["rebalancer"] = {**router.get("rebalancer", {}), "enabled": True}
     top = {flag: given[flag] for flag in ("instances", "ray_address") if flag in given}

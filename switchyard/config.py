@@ -7,22 +7,27 @@ schema descriptions.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 __all__ = [
+    "MAX_POOL_INSTANCES",
+    "TTFT_SLO_PARAM",
     "EngineConfig",
     "GatewayConfig",
     "KvTransferConfig",
     "MigrationConfig",
     "PoolConfig",
+    "PoolRole",
     "RebalancerConfig",
     "RouterConfig",
     "ServeConfig",
     "SimConfig",
     "StrictModel",
+    "check_ttft_slo",
 ]
 
 
@@ -167,7 +172,7 @@ class MigrationConfig(StrictModel):
     """Migrations an instance takes part in at once, as source or destination (Llumnix: 1)."""
 
     step_timeout_s: float = Field(default=10.0, gt=0)
-    """Deadline of each step (snapshot, pull, suspend, first token on the destination)."""
+    """Deadline of each step in seconds (snapshot, pull, suspend, first token on the destination)."""
 
 
 class RebalancerConfig(StrictModel):
@@ -196,6 +201,25 @@ class RebalancerConfig(StrictModel):
     """A request moved (or tried) is not picked again for this long, so nothing ping-pongs."""
 
 
+TTFT_SLO_PARAM = "ttft_slo_ms"
+"""The policy parameter that carries the router's TTFT SLO (``RouterConfig.ttft_slo_ms``)."""
+
+
+def check_ttft_slo(policy_params: Mapping[str, Any], ttft_slo_ms: float) -> None:
+    """Raise ``ValueError`` if ``policy_params`` set a TTFT SLO other than the router's.
+
+    Why: the SLO is one setting of the service, which the autoscaler scales for too; a policy
+    that switches at another value would quietly steer by a second objective.
+    """
+    given = policy_params.get(TTFT_SLO_PARAM)
+    if given is not None and given != ttft_slo_ms:
+        raise ValueError(
+            f"policy_params sets {TTFT_SLO_PARAM}={given!r} ms, but the router's TTFT SLO "
+            f"(router.ttft_slo_ms, an LLMService's slo.ttftMs) is {ttft_slo_ms:g} ms; "
+            "a policy steers by the service's one SLO, so set only the router's"
+        )
+
+
 class RouterConfig(StrictModel):
     """The router core: which policy decides, and how it learns instance load."""
 
@@ -204,6 +228,12 @@ class RouterConfig(StrictModel):
 
     policy_params: dict[str, Any] = Field(default_factory=dict)
     """Parameters of the chosen policy, validated by the policy's own model."""
+
+    ttft_slo_ms: float = Field(default=2000.0, gt=0, le=600_000)
+    """Time-to-first-token objective in milliseconds, given to every policy that steers by one
+    (a ``ttft_slo_ms`` parameter: ``dualmap``'s SLO switch); ``policy_params`` may only repeat
+    it. 2 s, the default of an LLMService's ``slo.ttftMs``, so that the router switches at the
+    objective the autoscaler scales for."""
 
     load_report_interval_s: float = Field(default=0.05, gt=0, le=10)
     """How often instances push load reports (50 ms keeps routing fresh at little cost)."""
@@ -225,6 +255,14 @@ class RouterConfig(StrictModel):
 
     rebalancer: RebalancerConfig = Field(default_factory=RebalancerConfig)
     """Hotspot rebalancing by live migration (off by default)."""
+
+    migration: MigrationConfig = Field(default_factory=MigrationConfig)
+    """How the router moves a running request (``migrate``, drains, the rebalancer)."""
+
+    @model_validator(mode="after")
+    def _one_ttft_slo(self) -> RouterConfig:
+        check_ttft_slo(self.policy_params, self.ttft_slo_ms)
+        return self
 
 
 class GatewayConfig(StrictModel):
@@ -253,16 +291,30 @@ class GatewayConfig(StrictModel):
     (6 interleaved rounds each, lower in 5 of 6 pairs, equal in the sixth)."""
 
 
+PoolRole = Literal["prefill", "decode", "unified"]
+"""What a pool's instances do: one phase of disaggregated serving, or both (``unified``)."""
+
+MAX_POOL_INSTANCES = 1024
+"""Most instances one pool may have. One bound for ``PoolConfig``, ``ServeConfig.instances``
+and the ServingPool CRD (``replicas`` and its autoscaling bounds), so that every pool the API
+server admits renders into a ``serve.json`` that validates. 1024 is the CRD's bound since
+v1alpha1: lowering it would invalidate stored objects, and nothing here needs a smaller one."""
+
+
 class PoolConfig(StrictModel):
-    """One pool of engine instances that a supervisor keeps alive (a ServingPool, on Kubernetes)."""
+    """One pool of engine instances that a supervisor keeps alive (a ServingPool, on Kubernetes).
+
+    The one description of a pool: the supervisor's ``PoolSpec`` extends it with what the
+    serving process decides at start-up, and a ServingPool renders into one
+    (``ServingPoolSpec.pool_config``)."""
 
     name: str = Field(default="pool", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
     """Pool name: prefixes instance ids and Ray actor names (a DNS label, as Kubernetes names are)."""
 
-    role: Literal["unified", "prefill", "decode"] = "unified"
+    role: PoolRole = "unified"
     """What the pool's instances do; routers see it in membership."""
 
-    instances: int = Field(default=2, ge=0, le=256)
+    instances: int = Field(default=2, ge=0, le=MAX_POOL_INSTANCES)
     """Instances to keep alive."""
 
     engine: EngineConfig | None = None
@@ -281,8 +333,8 @@ class PoolConfig(StrictModel):
 class ServeConfig(StrictModel):
     """Everything ``switchyard serve`` starts on one machine."""
 
-    instances: int = Field(default=2, ge=1, le=256)
-    """Engine instances to start."""
+    instances: int = Field(default=2, ge=1, le=MAX_POOL_INSTANCES)
+    """Engine instances to start (the one pool's, when ``pools`` is empty)."""
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)

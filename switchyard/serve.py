@@ -100,23 +100,11 @@ async def start_stack(config: ServeConfig) -> RunningStack:
             "--engine sim: serving the SIMULATOR (a performance model, no inference); token IDs are synthetic"
         )
     tokenizer = await asyncio.to_thread(TokenizerAdapter.from_model_dir, model_dir)
-    specs = [
-        PoolSpec(
-            name=pool.name,
-            role=pool.role,
-            instances=pool.instances,
-            engine=_engine_for(pool.engine or config.engine, vocab_size=tokenizer.vocab_size),
-            model_dir=str(model_dir) if (pool.engine or config.engine).kind == "vllm" else None,
-            served_model_name=model_name,
-            restart_backoff_s=config.restart_backoff_s,
-            start_timeout_s=config.instance_start_timeout_s,
-            ray_resource=pool.ray_resource,
-            instance_resource=pool.instance_resource,
-            # Joined cluster: instances run on other machines and must be reachable from here.
-            host=None if config.ray_address else "127.0.0.1",
-        )
-        for pool in config.effective_pools()
-    ]
+    vocab_size = tokenizer.vocab_size
+    specs = []
+    for pool_config in config.effective_pools():
+        spec = PoolSpec.from_config(pool_config, config, model_dir=model_dir, served_model_name=model_name)
+        specs.append(spec.model_copy(update={"engine": _engine_for(spec.engine, vocab_size=vocab_size)}))
     pool = await start_local_pools(specs, ray_address=config.ray_address, num_cpus=config.ray_num_cpus)
     core = RouterCore(config.router)
     try:

@@ -15,6 +15,7 @@ from switchyard.router.policies import (
     RoutingDecision,
     RoutingOutcome,
     make_policy,
+    policy_params,
     register_policy,
 )
 from switchyard.router.rebalancer import Move, Rebalancer, plan_rebalance
@@ -40,6 +41,7 @@ __all__ = [
     "WorkerClient",
     "make_policy",
     "plan_rebalance",
+    "policy_params",
     "register_policy",
     "start_router_server",
 ]

@@ -35,7 +35,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from switchyard import metrics
-from switchyard.config import MigrationConfig, RouterConfig
+from switchyard.config import RouterConfig
 from switchyard.errors import (
     CapacityError,
     EngineDeadError,
@@ -55,7 +55,7 @@ from switchyard.router.drain import DrainResult, drain_instance
 from switchyard.router.instance_links import InstanceLinks
 from switchyard.router.migration import MigrationCoordinator, MigrationOutcome
 from switchyard.router.movable_stream import MovableStream
-from switchyard.router.policies import RoutingDecision, RoutingOutcome, make_policy
+from switchyard.router.policies import RoutingDecision, RoutingOutcome, make_policy, policy_params
 from switchyard.router.rebalancer import Rebalancer
 from switchyard.router.registry import InstanceRegistry, InstanceState
 from switchyard.router.worker_client import WorkerClient
@@ -86,12 +86,12 @@ class RouterCore:
         *,
         connector: Callable[[InstanceInfo], WorkerClient] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        migration: MigrationConfig | None = None,
     ) -> None:
         self._config = config
         self._clock = clock
         self._registry = InstanceRegistry(clock=clock)
-        self._policy = make_policy(config.policy, config.policy_params, clock=clock)
+        params = policy_params(config.policy, config.policy_params, ttft_slo_ms=config.ttft_slo_ms)
+        self._policy = make_policy(config.policy, params, clock=clock)
         self._policy_name = config.policy
         self._dispatcher = Dispatcher(self._policy, config.policy)
         self._links = InstanceLinks(
@@ -109,7 +109,7 @@ class RouterCore:
         # Policies that estimate TTFT hear measured ones (``Dispatch.first_token``); their
         # estimate error becomes a metric.
         self._ttft_error = metrics.ROUTER_TTFT_ESTIMATE_ERROR.labels(config.policy)
-        self._migrator = MigrationCoordinator(migration, clock=clock)
+        self._migrator = MigrationCoordinator(config.migration, clock=clock)
         self._streams: dict[str, MovableStream] = {}  # request id -> its upstream, for migrate()
         self._rebalancer: asyncio.Task[None] | None = None
         self._closed = False

@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
 from pydantic import Field
 from ray.exceptions import RayActorError
 
-from switchyard.config import EngineConfig, StrictModel
+from switchyard.config import EngineConfig, PoolConfig, ServeConfig
 from switchyard.errors import EngineDeadError
 from switchyard.messages import InstanceInfo, Membership
 from switchyard.workers.instance_actor import InstanceActor
@@ -33,20 +34,13 @@ __all__ = ["PoolSpec", "Supervisor", "follow_membership"]
 _MAX_RESTART_BACKOFF_S = 60.0
 
 
-class PoolSpec(StrictModel):
-    """What one supervisor keeps running."""
-
-    name: str = "default"
-    """Pool name; prefixes instance ids and Ray actor names."""
-
-    role: str = "unified"
-    """Role the pool's instances advertise to routers."""
-
-    instances: int = Field(default=2, ge=0)
-    """Instances to keep alive."""
+class PoolSpec(PoolConfig):
+    """What one supervisor keeps running: a ``PoolConfig`` (name, role, instances, placement)
+    with its engine resolved, plus what the serving process decides at start-up (model
+    directory, served name, address, timeouts). Build it with ``from_config``."""
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    """How each instance's engine is built."""
+    """How each instance's engine is built (resolved: never None, unlike the pool's)."""
 
     model_dir: str | None = None
     """Model directory every instance loads (vLLM); None for the simulator."""
@@ -67,11 +61,25 @@ class PoolSpec(StrictModel):
     start_timeout_s: float = Field(default=600.0, gt=0)
     """Give up on an instance whose engine has not started in this long."""
 
-    ray_resource: str | None = None
-    """Custom Ray resource each instance takes one unit of (pins instances to the pool's nodes)."""
-
-    instance_resource: str | None = None
-    """Template (with ``{index}``) of a resource only instance ``<name>-<index>`` takes."""
+    @classmethod
+    def from_config(
+        cls, pool: PoolConfig, config: ServeConfig, *, model_dir: Path | None, served_model_name: str
+    ) -> PoolSpec:
+        """The spec of ``pool`` as ``config`` serves it: the pool's engine or else the
+        service-wide one, ``model_dir`` for vLLM engines only (the simulator loads none), and
+        instances reachable from other machines when joining a Ray cluster."""
+        engine = pool.engine or config.engine
+        shared = {name: getattr(pool, name) for name in PoolConfig.model_fields if name != "engine"}
+        return cls(
+            **shared,
+            engine=engine,
+            model_dir=str(model_dir) if model_dir is not None and engine.kind == "vllm" else None,
+            served_model_name=served_model_name,
+            restart_backoff_s=config.restart_backoff_s,
+            start_timeout_s=config.instance_start_timeout_s,
+            # Joined cluster: instances run on other machines and must be reachable from here.
+            host=None if config.ray_address else "127.0.0.1",
+        )
 
 
 class _SupervisorImpl:

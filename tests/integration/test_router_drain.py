@@ -92,8 +92,12 @@ class Hotspot:
 
 async def hotspot(fleet: Fleet, n: int = 4, max_tokens: int = 80, **router: object) -> Hotspot:
     core = RouterCore(
-        RouterConfig(policy="round_robin", load_report_interval_s=0.02, **router),
-        migration=MigrationConfig(admission_margin_blocks=0),
+        RouterConfig(
+            policy="round_robin",
+            load_report_interval_s=0.02,
+            migration=MigrationConfig(admission_margin_blocks=0),
+            **router,
+        )
     )
     core.apply_membership(Membership(1, (fleet["w0"][1],)))
     await core.start()

@@ -114,8 +114,11 @@ async def start_core(
     fleet: dict[str, tuple[MigratableEngine, InstanceInfo, grpc.aio.Server]], first: str
 ) -> RouterCore:
     core = RouterCore(
-        RouterConfig(policy="round_robin", load_report_interval_s=0.02),
-        migration=MigrationConfig(admission_margin_blocks=0),
+        RouterConfig(
+            policy="round_robin",
+            load_report_interval_s=0.02,
+            migration=MigrationConfig(admission_margin_blocks=0),
+        )
     )
     core.apply_membership(Membership(1, (fleet[first][1],)))  # the request lands on `first`
     await core.start()

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from switchyard.config import MAX_POOL_INSTANCES, PoolConfig
 from switchyard.operator.crd import (
     API_GROUP,
     CRD_SPECS,
@@ -217,11 +218,29 @@ BAD_SPECS: list[tuple[str, str, dict[str, Any], str]] = [
         _with(SERVICE, router={"migration": {"enabled": False, "rebalance": True}}),
         "rebalance needs migration.enabled",
     ),
+    (
+        "too many pre-copy stages",
+        "LLMService",
+        _with(SERVICE, router={"migration": {"maxStages": 9}}),
+        "spec.router.migration.maxStages",
+    ),
     ("port out of range", "LLMService", _with(SERVICE, gateway={"port": 70000}), "spec.gateway.port"),
     ("block size not a power of two", "LLMService", _with(SERVICE, engine={"blockSize": 24}), "blockSize"),
     ("misspelt field", "LLMService", _with(SERVICE, routr={"policy": "dualmap"}), "'routr' was unexpected"),
     ("bad ray head memory", "LLMService", _with(SERVICE, ray={"headMemory": "8 GB"}), "headMemory"),
     ("negative replicas", "ServingPool", _with(PD_POOL, replicas=-1), "spec.replicas"),
+    (
+        "replicas above the pool bound",
+        "ServingPool",
+        _with(PD_POOL, replicas=MAX_POOL_INSTANCES + 1),
+        "spec.replicas",
+    ),
+    (
+        "autoscaling above the pool bound",
+        "ServingPool",
+        _with(PD_POOL, autoscaling={"maxReplicas": MAX_POOL_INSTANCES + 1}),
+        "spec.autoscaling.maxReplicas",
+    ),
     ("unknown role", "ServingPool", _with(PD_POOL, role="encode"), "spec.role"),
     ("missing serviceRef", "ServingPool", {"role": "decode"}, "'serviceRef' is a required"),
     (
@@ -284,6 +303,19 @@ def test_bad_spec_is_rejected_by_crd_schema_and_model(
     assert any(reason in e for e in errors), f"{case}: expected {reason!r} among {errors}"
     with pytest.raises(ValidationError):
         SPECS[kind].spec_model.model_validate(spec)
+
+
+def test_servingpool_replicas_share_the_pool_instance_bound() -> None:
+    """``replicas`` and the autoscaler's bounds have the maximum a ``PoolConfig`` accepts, in the
+    model and in the generated schema, so an admitted pool always renders a valid serve.json."""
+    spec = _schema("ServingPool")["properties"]["spec"]["properties"]
+    autoscaling = spec["autoscaling"]["properties"]
+    maxima = [spec["replicas"], autoscaling["minReplicas"], autoscaling["maxReplicas"]]
+    assert [node["maximum"] for node in maxima] == [MAX_POOL_INSTANCES] * 3
+    assert PoolConfig.model_json_schema()["properties"]["instances"]["maximum"] == MAX_POOL_INSTANCES
+    assert PoolConfig(instances=MAX_POOL_INSTANCES).instances == MAX_POOL_INSTANCES
+    with pytest.raises(ValidationError):
+        PoolConfig(instances=MAX_POOL_INSTANCES + 1)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from switchyard import cli
-from switchyard.config import ServeConfig
+from switchyard.config import MAX_POOL_INSTANCES, ServeConfig
 from switchyard.kvcache import KVCacheServerConfig
 from switchyard.kvcache.server import KVCacheServer
 from switchyard.operator.crd import KVCachePoolSpec, LLMServiceSpec, ServingPoolSpec
@@ -194,6 +194,21 @@ def test_migration_spec_loads_the_kv_connector_and_the_rebalancer(
     engines = [config.engine, *(p.engine for p in config.pools)]
     assert [e is not None and e.kv_transfer is not None for e in engines] == [kv_transfer] * len(engines)
     assert config.router.rebalancer.enabled is rebalancer
+
+
+def test_a_pool_at_the_instance_bound_renders_a_valid_serve_config() -> None:
+    """The largest ServingPool the CRD admits becomes a PoolConfig the router's ServeConfig accepts
+    (the two once had different bounds: 1024 replicas passed the CRD and broke serve.json)."""
+    svc = service_spec()
+    children = by_key(
+        service_children(
+            owner("LLMService", "llama-pd"), svc, {"big": pool_spec(replicas=MAX_POOL_INSTANCES)}
+        )
+    )
+    config = ServeConfig.model_validate_json(children["ConfigMap", "llama-pd-config"]["data"]["serve.json"])
+    (pool,) = config.pools
+    assert (pool.name, pool.role, pool.instances) == ("big", "prefill", MAX_POOL_INSTANCES)
+    assert (pool.ray_resource, pool.instance_resource) == ("pool-big", "big-worker-{index}")
 
 
 def test_router_pods_roll_when_the_config_changes() -> None:

@@ -105,6 +105,22 @@ def test_migration_and_rebalance_flags() -> None:
     assert _config().engine.kv_transfer is None
 
 
+def test_slo_flag_sets_the_router_ttft_slo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--slo-ttft-ms is the router's TTFT SLO (2 s by default); a policy_params SLO that differs
+    from it is refused before anything starts, with both values in the message."""
+    assert _config().router.ttft_slo_ms == 2000
+    assert _config("--slo-ttft-ms", "1500").router.ttft_slo_ms == 1500
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"router": {"policy": "dualmap", "policy_params": {"ttft_slo_ms": 1000}}}))
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--config", str(path), "--slo-ttft-ms", "1500"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "router: " in err and "ttft_slo_ms=1000 ms" in err and "is 1500 ms" in err
+    same = _config("--config", str(path), "--slo-ttft-ms", "1000").router
+    assert (same.ttft_slo_ms, same.policy_params) == (1000, {"ttft_slo_ms": 1000})
+
+
 def test_rebalance_without_migration_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     """A rebalancer over vLLM engines without KV transfer could never move anything: say so."""
     with pytest.raises(SystemExit) as exc:

@@ -16,6 +16,7 @@ from switchyard.router.policies import (
     RoutingDecision,
     RoutingOutcome,
     make_policy,
+    policy_params,
     register_policy,
 )
 from switchyard.router.registry import FleetView
@@ -92,6 +93,22 @@ def test_unknown_policy_lists_the_known_ones() -> None:
         make_policy("dualmapp")
     for name in ALL_POLICIES:
         assert name in str(info.value)
+
+
+def test_policy_params_give_an_slo_policy_the_router_slo() -> None:
+    """A policy with a ``ttft_slo_ms`` parameter is built with the router's SLO; repeating that
+    SLO in its parameters is fine, another value is a ConfigError naming both; a policy without
+    one gets its parameters unchanged."""
+    assert policy_params("dualmap", {"prefix_blocks": 2}, ttft_slo_ms=1500) == {
+        "prefix_blocks": 2,
+        "ttft_slo_ms": 1500,
+    }
+    assert policy_params("dualmap", {"ttft_slo_ms": 1500.0}, ttft_slo_ms=1500) == {"ttft_slo_ms": 1500}
+    assert policy_params("least_load", None, ttft_slo_ms=1500) == {}
+    with pytest.raises(ConfigError, match=r"ttft_slo_ms=1000 ms.* is 1500 ms"):
+        policy_params("dualmap", {"ttft_slo_ms": 1000}, ttft_slo_ms=1500)
+    with pytest.raises(ConfigError, match="unknown routing policy 'nope'"):
+        policy_params("nope", {}, ttft_slo_ms=1500)
 
 
 def test_register_policy_rejects_taken_names_and_unknown_load_fields() -> None:

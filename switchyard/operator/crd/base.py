@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from switchyard.config import EngineConfig, StrictModel
+from switchyard.config import EngineConfig, PoolRole, StrictModel
 
 __all__ = [
     "API_GROUP",
@@ -37,8 +37,6 @@ API_VERSION = "v1alpha1"
 
 PolicyName = Literal["consistent_hash", "dualmap", "least_load", "power_of_two", "prefix_tree", "round_robin"]
 """Routing policies a CRD may name; a test keeps this equal to the router's ``POLICIES`` registry."""
-
-PoolRole = Literal["prefill", "decode", "unified"]
 
 _QUANTITY_SUFFIX = r"(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?"
 MEMORY_PATTERN = r"^[0-9]+(\.[0-9]+)?" + _QUANTITY_SUFFIX + "$"

@@ -25,7 +25,15 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from switchyard.config import GatewayConfig, RebalancerConfig, RouterConfig
+from switchyard.config import (
+    MAX_POOL_INSTANCES,
+    EngineConfig,
+    GatewayConfig,
+    MigrationConfig,
+    PoolConfig,
+    RebalancerConfig,
+    RouterConfig,
+)
 from switchyard.operator.crd.base import (
     CpuQuantity,
     CrdModel,
@@ -123,8 +131,10 @@ class SloSpec(CrdModel):
     """Time-per-output-token objective in milliseconds (100 ms ~ 10 tokens/s, faster than reading)."""
 
 
-class MigrationSpec(CrdModel):
-    """Live KV migration of running requests between instances."""
+class MigrationSpec(CrdModel, MigrationConfig):
+    """Live KV migration of running requests between instances: whether engines can and the
+    rebalancer does, and how the router's coordinator moves a request (the fields of
+    ``MigrationConfig``, inherited so that their bounds, defaults and descriptions exist once)."""
 
     model_config = ConfigDict(
         json_schema_extra=cel(("self.enabled || !self.rebalance", "rebalance needs migration.enabled"))
@@ -142,6 +152,12 @@ class MigrationSpec(CrdModel):
         if self.rebalance and not self.enabled:
             raise ValueError("router.migration.rebalance needs router.migration.enabled")
         return self
+
+    def migration_config(self) -> MigrationConfig:
+        """The coordinator's settings alone: a plain ``MigrationConfig``, without the switches."""
+        return MigrationConfig.model_validate(
+            self.model_dump(include=set(MigrationConfig.model_fields), by_alias=False)
+        )
 
 
 class RouterSpec(CrdModel):
@@ -172,8 +188,10 @@ class RouterSpec(CrdModel):
             policy_params=self.policy_params,
             grpc_host="0.0.0.0",
             grpc_port=grpc_port,
+            ttft_slo_ms=self.slo.ttft_ms,
             max_failover_attempts=self.max_failover_attempts,
             rebalancer=RebalancerConfig(enabled=self.migration.rebalance),
+            migration=self.migration.migration_config(),
         )
 
 
@@ -287,10 +305,10 @@ class AutoscalingSpec(CrdModel):
     enabled: bool = False
     """Let the operator change ``replicas``; off keeps it where the user put it."""
 
-    min_replicas: int = Field(default=1, ge=0, le=1024)
+    min_replicas: int = Field(default=1, ge=0, le=MAX_POOL_INSTANCES)
     """Fewest replicas the autoscaler leaves (0 allows scale to zero)."""
 
-    max_replicas: int = Field(default=4, ge=1, le=1024)
+    max_replicas: int = Field(default=4, ge=1, le=MAX_POOL_INSTANCES)
     """Most replicas the autoscaler creates."""
 
     target_slo_attainment: float = Field(default=0.9, gt=0, le=1)
@@ -320,7 +338,7 @@ class ServingPoolSpec(CrdModel):
     role: PoolRole = "unified"
     """``prefill`` or ``decode`` for disaggregated serving; ``unified`` runs both phases."""
 
-    replicas: int = Field(default=1, ge=0, le=1024)
+    replicas: int = Field(default=1, ge=0, le=MAX_POOL_INSTANCES)
     """Engine instances; written by the autoscaler when autoscaling is enabled."""
 
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
@@ -337,6 +355,22 @@ class ServingPoolSpec(CrdModel):
 
     tolerations: list[Toleration] = Field(default_factory=list)
     """Tolerations of worker pods (GPU node taints)."""
+
+    def pool_config(self, name: str, *, engine: EngineConfig) -> PoolConfig:
+        """The ``PoolConfig`` of this pool (named ``name``) in its router's ``serve.json``.
+
+        ``engine`` is the merged engine configuration. Instances are placed by the Ray resources
+        the pool's worker pods advertise (``render/pool.py``): ``pool-<name>`` on every pod, and
+        each pod's own name ``<name>-worker-<i>``, which pins instance ``<name>-<i>`` to it.
+        """
+        return PoolConfig(
+            name=name,
+            role=self.role,
+            instances=self.replicas,
+            engine=engine,
+            ray_resource=f"pool-{name}",
+            instance_resource=f"{name}-worker-{{index}}",
+        )
 
 
 class KVCachePoolSpec(CrdModel):

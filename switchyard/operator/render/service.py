@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from switchyard.config import EngineConfig, GatewayConfig, KvTransferConfig, PoolConfig, ServeConfig
+from switchyard.config import EngineConfig, GatewayConfig, KvTransferConfig, ServeConfig
 from switchyard.operator.crd import EngineSpec, LLMServiceSpec, ServingPoolSpec
 from switchyard.operator.render.objects import (
     CONFIG_DIR,
@@ -68,14 +68,7 @@ def serve_config(
         return cfg.model_copy(update=kv) if cfg.kind == "vllm" else cfg
 
     pool_configs = tuple(
-        PoolConfig(
-            name=pool_name,
-            role=pool.role,
-            instances=pool.replicas,
-            engine=engine(pool.engine.over(spec.engine)),
-            ray_resource=f"pool-{pool_name}",
-            instance_resource=f"{pool_name}-worker-{{index}}",
-        )
+        pool.pool_config(pool_name, engine=engine(pool.engine.over(spec.engine)))
         for pool_name, pool in sorted(pools.items())
     )
     return ServeConfig(

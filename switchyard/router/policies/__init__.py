@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from switchyard.config import TTFT_SLO_PARAM, check_ttft_slo
 from switchyard.errors import ConfigError
 from switchyard.messages import LoadReport
 from switchyard.router.policies.base import (
@@ -39,6 +40,7 @@ __all__ = [
     "RoutingDecision",
     "RoutingOutcome",
     "make_policy",
+    "policy_params",
     "register_policy",
 ]
 
@@ -66,6 +68,32 @@ def register_policy(name: str) -> Callable[[_P], _P]:
     return decorate
 
 
+def _policy_class(name: str) -> type[PolicyBase]:
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ConfigError(f"unknown routing policy {name!r}; known policies: {', '.join(sorted(POLICIES))}")
+    return cls
+
+
+def policy_params(name: str, params: Mapping[str, Any] | None, *, ttft_slo_ms: float) -> dict[str, Any]:
+    """``params`` of policy ``name`` with the router's TTFT SLO filled in, if the policy takes one.
+
+    A policy takes it through a ``ttft_slo_ms`` parameter (``dualmap``'s SLO switch). The SLO
+    belongs to the service (``RouterConfig.ttft_slo_ms``, an LLMService's ``slo.ttftMs``, a
+    benchmark's ``--slo-ttft-ms``), so ``params`` may repeat it but not differ from it: a
+    policy switching at another value would steer by an objective nothing else measures.
+    Raises ``ConfigError`` for an unknown policy or a differing SLO.
+    """
+    merged = dict(params or {})
+    if TTFT_SLO_PARAM in _policy_class(name).Params.model_fields:
+        try:
+            check_ttft_slo(merged, ttft_slo_ms)
+        except ValueError as exc:
+            raise ConfigError(f"routing policy {name!r}: {exc}") from None
+        merged[TTFT_SLO_PARAM] = ttft_slo_ms
+    return merged
+
+
 def make_policy(
     name: str, params: Mapping[str, Any] | None = None, *, clock: Clock = time.monotonic
 ) -> Policy:
@@ -74,9 +102,7 @@ def make_policy(
     Raises ``ConfigError`` naming the known policies for an unknown name, and carrying
     pydantic's field-level message for bad parameters.
     """
-    cls = POLICIES.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown routing policy {name!r}; known policies: {', '.join(sorted(POLICIES))}")
+    cls = _policy_class(name)
     try:
         validated = cls.Params.model_validate(dict(params or {}))
     except ValidationError as exc:
