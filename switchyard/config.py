@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 __all__ = [
+    "DEFAULT_TTFT_SLO_MS",
     "MAX_POOL_INSTANCES",
     "TTFT_SLO_PARAM",
     "EngineConfig",
@@ -202,6 +203,9 @@ class RebalancerConfig(StrictModel):
 
 
 TTFT_SLO_PARAM = "ttft_slo_ms"
+DEFAULT_TTFT_SLO_MS = 2000.0
+"""The TTFT objective when none is given: the router's, a DualMap policy built on its own, and an
+LLMService's ``slo.ttftMs`` (2 s: interactive chat with long prompts)."""
 """The policy parameter that carries the router's TTFT SLO (``RouterConfig.ttft_slo_ms``)."""
 
 
@@ -229,7 +233,7 @@ class RouterConfig(StrictModel):
     policy_params: dict[str, Any] = Field(default_factory=dict)
     """Parameters of the chosen policy, validated by the policy's own model."""
 
-    ttft_slo_ms: float = Field(default=2000.0, gt=0, le=600_000)
+    ttft_slo_ms: float = Field(default=DEFAULT_TTFT_SLO_MS, gt=0, le=600_000)
     """Time-to-first-token objective in milliseconds, given to every policy that steers by one
     (a ``ttft_slo_ms`` parameter: ``dualmap``'s SLO switch); ``policy_params`` may only repeat
     it. 2 s, the default of an LLMService's ``slo.ttftMs``, so that the router switches at the

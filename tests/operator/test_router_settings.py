@@ -102,8 +102,8 @@ async def test_slo_ttft_ms_is_where_dualmap_switches(ttft_ms: int, outcome: str)
 
 
 def test_a_second_slo_in_policy_params_fails_the_render() -> None:
-    """``policyParams.ttft_slo_ms`` that differs from ``slo.ttftMs`` cannot be rendered: the router
-    config refuses it naming both values (the operator reports it as InvalidConfig)."""
+    """``policyParams.ttft_slo_ms`` that differs from ``slo.ttftMs`` is refused by the spec itself,
+    naming both values (the operator reports it as InvalidConfig), so nothing is rendered."""
     with pytest.raises(ValidationError) as exc:
         rendered({"policy": "dualmap", "policyParams": {"ttft_slo_ms": 1000}, "slo": {"ttftMs": 1500}})
     assert "ttft_slo_ms=1000 ms" in str(exc.value) and "is 1500 ms" in str(exc.value)

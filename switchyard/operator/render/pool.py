@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from switchyard.operator.crd import LLMServiceSpec, ServingPoolSpec
+from switchyard.operator.crd.models import pool_ray_resource, worker_set_name
 from switchyard.operator.render.objects import (
     ENV,
     RAY_GCS_PORT,
@@ -55,7 +56,7 @@ def pool_children(
 ) -> list[dict[str, Any]]:
     """Worker StatefulSet + its headless Service. ``replicas`` overrides the spec (held during a drain)."""
     svc = pool.service_ref.name
-    name = f"{owner.name}-worker"
+    name = worker_set_name(owner.name)
     lbls = labels(svc, "worker", pool.role, owner.name)
     selector = pool_selector(svc, owner.name)
     head = f"{child_names(svc)['head']}.{owner.namespace}.svc:{RAY_GCS_PORT}"
@@ -66,7 +67,7 @@ def pool_children(
         f"--num-gpus={pool.resources.gpus}",
         # Kubernetes expands $(POD_NAME): each pod also advertises its own name, the resource
         # that pins instance <pool>-<i> to pod <pool>-worker-<i> (PoolConfig.instance_resource).
-        "--resources=" + json.dumps({f"pool-{owner.name}": 1, "$(POD_NAME)": 1}),
+        "--resources=" + json.dumps({pool_ray_resource(owner.name): 1, "$(POD_NAME)": 1}),
         "--block",
     ]
     if pool.resources.cpu is not None:

@@ -44,7 +44,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
-from switchyard.config import StrictModel
+from switchyard.config import DEFAULT_TTFT_SLO_MS, StrictModel
 from switchyard.messages import InstanceInfo, RoutingRequest
 from switchyard.router.dual_ring import DEFAULT_VIRTUAL_NODES, DualRing
 from switchyard.router.policies import register_policy
@@ -110,8 +110,10 @@ class EstimatorParams(StrictModel):
 class DualMapParams(PolicyParams):
     """Parameters of ``dualmap``."""
 
-    ttft_slo_ms: float = Field(default=1000.0, gt=0)
-    """TTFT objective, ms: above it on both candidates, routing switches to fleet-wide load."""
+    ttft_slo_ms: float = Field(default=DEFAULT_TTFT_SLO_MS, gt=0)
+    """TTFT objective, ms: above it on both candidates, routing switches to fleet-wide load. The
+    router core sets it from its own ``ttft_slo_ms`` (an LLMService's ``slo.ttftMs``), so this
+    default only applies to a policy built on its own (tools, tests) and equals the router's."""
     prefix_blocks: int = Field(default=4, ge=1, le=1024)
     """Blocks hashed into the routing key (128 tokens at block size 32): long enough to tell
     system prompts apart, short enough that requests sharing one co-locate."""
