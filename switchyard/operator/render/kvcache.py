@@ -26,11 +26,10 @@ from switchyard.operator.render.objects import (
     Owner,
     Ports,
     labels,
-    meta,
     pod_spec,
     pool_selector,
     scratch_volumes,
-    service_manifest,
+    stateful_set,
 )
 
 __all__ = ["HEADROOM_FRACTION", "HEADROOM_MIN_BYTES", "kvcache_children", "kvcache_pod_memory"]
@@ -79,28 +78,16 @@ def kvcache_children(
         },
         "volumeMounts": tmp_mounts,
     }
-    sts = {
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": meta(owner, name, lbls),
-        "spec": {
-            "replicas": spec.replicas,
-            "serviceName": name,
-            "podManagementPolicy": "Parallel",
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": lbls},
-                "spec": pod_spec(
-                    service,
-                    image=service.images.worker,
-                    account=WORKER_SERVICE_ACCOUNT,
-                    container=container,
-                    volumes=tmp_vols,
-                    automountServiceAccountToken=False,
-                    # the server's own grace (5 s) plus margin for the SIGTERM to arrive
-                    terminationGracePeriodSeconds=15,
-                ),
-            },
-        },
-    }
-    return [sts, service_manifest(owner, name, lbls, selector, {"kvcache": ports.kvcache}, headless=True)]
+    pod = pod_spec(
+        service,
+        image=service.images.worker,
+        account=WORKER_SERVICE_ACCOUNT,
+        container=container,
+        volumes=tmp_vols,
+        automountServiceAccountToken=False,
+        # the server's own grace (5 s) plus margin for the SIGTERM to arrive
+        terminationGracePeriodSeconds=15,
+    )
+    return stateful_set(
+        owner, name, lbls, selector, replicas=spec.replicas, pod=pod, ports={"kvcache": ports.kvcache}
+    )

@@ -40,6 +40,7 @@ __all__ = [
     "security",
     "selector_string",
     "service_manifest",
+    "stateful_set",
 ]
 
 ROUTER_SERVICE_ACCOUNT = "switchyard-router"
@@ -258,3 +259,33 @@ def service_manifest(
     if headless:
         spec["clusterIP"] = "None"
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta(owner, name, lbls), "spec": spec}
+
+
+def stateful_set(
+    owner: Owner,
+    name: str,
+    lbls: Mapping[str, str],
+    selector: Mapping[str, str],
+    *,
+    replicas: int,
+    pod: dict[str, Any],
+    ports: Mapping[str, int],
+) -> list[dict[str, Any]]:
+    """A StatefulSet of ``pod`` replicas and the headless Service that names each pod.
+
+    Pods start in parallel (each one's server or engine starts on its own; ordering buys
+    nothing) and are addressed one by one (``<name>-<i>.<name>``), hence headless.
+    """
+    sts = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": meta(owner, name, lbls),
+        "spec": {
+            "replicas": replicas,
+            "serviceName": name,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": dict(selector)},
+            "template": {"metadata": {"labels": dict(lbls)}, "spec": pod},
+        },
+    }
+    return [sts, service_manifest(owner, name, lbls, selector, ports, headless=True)]

@@ -21,13 +21,12 @@ from switchyard.operator.render.objects import (
     Owner,
     child_names,
     labels,
-    meta,
     model_fetchers,
     model_volume,
     pod_spec,
     pool_selector,
     scratch_volumes,
-    service_manifest,
+    stateful_set,
 )
 
 __all__ = ["pool_children"]
@@ -91,27 +90,14 @@ def pool_children(
         extra["nodeSelector"] = dict(pool.node_selector)
     if pool.tolerations:
         extra["tolerations"] = [t.model_dump(exclude_none=True) for t in pool.tolerations]
-    sts = {
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": meta(owner, name, lbls),
-        "spec": {
-            "replicas": pool.replicas if replicas is None else replicas,
-            "serviceName": name,
-            "podManagementPolicy": "Parallel",  # engines start independently; ordering buys nothing
-            "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": lbls},
-                "spec": pod_spec(
-                    service,
-                    image=service.images.worker,
-                    account=WORKER_SERVICE_ACCOUNT,
-                    container=container,
-                    volumes=[*model_vols, *tmp_vols],
-                    init_containers=model_fetchers(service),
-                    **extra,
-                ),
-            },
-        },
-    }
-    return [sts, service_manifest(owner, name, lbls, selector, {}, headless=True)]
+    pod = pod_spec(
+        service,
+        image=service.images.worker,
+        account=WORKER_SERVICE_ACCOUNT,
+        container=container,
+        volumes=[*model_vols, *tmp_vols],
+        init_containers=model_fetchers(service),
+        **extra,
+    )
+    count = pool.replicas if replicas is None else replicas
+    return stateful_set(owner, name, lbls, selector, replicas=count, pod=pod, ports={})
