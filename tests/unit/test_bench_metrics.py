@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -84,3 +87,20 @@ def test_tiny_replay_finishes_every_request_deterministically(policy: str) -> No
     assert sum(a.requests_per_instance.values()) == 12
     assert a.prompt_tokens == sum(700 + 100 * (i % 3) for i in range(12))
     assert 0 <= a.cached_tokens < a.prompt_tokens
+
+
+def test_compare_decisions_flags_a_changed_or_missing_run(tmp_path: Path) -> None:
+    from bench import compare_decisions
+
+    def doc(digests: dict[float, str]) -> dict[str, Any]:
+        runs = [{"scale": s, "decisions_sha256": d} for s, d in digests.items()]
+        return {"policies": {"dualmap": {"runs": runs}}}
+
+    same = compare_decisions.compare(doc({1.0: "aa", 2.0: "bb"}), doc({1.0: "aa", 2.0: "bb"}))
+    assert [(s, x == y) for _, s, x, y in same] == [(1.0, True), (2.0, True)]
+    (tmp_path / "a.json").write_text(json.dumps(doc({1.0: "aa", 2.0: "bb"})))
+    (tmp_path / "b.json").write_text(json.dumps(doc({1.0: "aa", 2.0: "cc"})))
+    (tmp_path / "c.json").write_text(json.dumps(doc({1.0: "aa"})))
+    assert compare_decisions.main([str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
+    assert compare_decisions.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
+    assert compare_decisions.main([str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 1
