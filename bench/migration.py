@@ -38,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.provenance import run_header
+from switchyard.cache import cache_dir
 from switchyard.config import EngineConfig, KvTransferConfig, MigrationConfig
 from switchyard.messages import EngineRequest, SamplingOptions
 from switchyard.router.migration import EnginePeer, MigrationCoordinator, MigrationOutcome
 from switchyard.router.movable_stream import MovableStream
-from switchyard.testing.tiny_model import MODEL_SHAPES, build_tiny_model, default_cache_dir
+from switchyard.testing.tiny_model import MODEL_SHAPES, build_tiny_model
 from switchyard.workers.vllm.engine import VLLMEngine
 from switchyard.workers.vllm.env import apply_vllm_env, vllm_env
 from switchyard.workers.vllm.kv_transfer import kv_bytes_per_block
@@ -109,7 +110,7 @@ def _median(values: Sequence[float]) -> float | None:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    cache = default_cache_dir()
+    cache = cache_dir()
     apply_vllm_env(vllm_env(EngineConfig(), cache_dir=cache), override=False)
     model_dir = build_tiny_model(cache, shape=args.shape)
     cfg = EngineConfig(

@@ -21,9 +21,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from switchyard.cache import cache_dir as switchyard_cache_dir
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_SHAPES", "TINY_MODEL_NAME", "build_tiny_model", "default_cache_dir"]
+__all__ = ["MODEL_SHAPES", "TINY_MODEL_NAME", "build_tiny_model"]
 
 TINY_MODEL_NAME = "switchyard-tiny"
 
@@ -63,12 +65,6 @@ _CHAT_TEMPLATE = (
 )
 
 _SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-
-
-def default_cache_dir() -> Path:
-    """Where built models live: ``$SWITCHYARD_CACHE_DIR`` or ``~/.cache/switchyard``."""
-    root = os.environ.get("SWITCHYARD_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "switchyard"
 
 
 def _corpus() -> list[str]:
@@ -146,7 +142,7 @@ def build_tiny_model(cache_dir: Path | None = None, *, shape: str = "tiny") -> P
     if shape not in MODEL_SHAPES:
         raise ValueError(f"unknown model shape {shape!r}; known: {sorted(MODEL_SHAPES)}")
     recipe = {**_RECIPE, **MODEL_SHAPES[shape]}
-    root = (cache_dir or default_cache_dir()) / "models"
+    root = (cache_dir or switchyard_cache_dir()) / "models"
     target = root / f"{TINY_MODEL_NAME}-{_recipe_key(recipe)}"
     if (target / "config.json").exists():
         return target

@@ -12,14 +12,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
 
+from switchyard.cache import CACHE_DIR_VAR, cache_dir
 from switchyard.messages import Membership
 from switchyard.workers.membership import MembershipMerger
 from switchyard.workers.supervisor import PoolSpec, Supervisor, follow_membership
@@ -36,15 +35,14 @@ def engine_environment(specs: Sequence[PoolSpec]) -> dict[str, str]:
     travel in the job's ``runtime_env``.
     """
     env: dict[str, str] = {}
-    cache_root = Path(os.environ.get("SWITCHYARD_CACHE_DIR") or Path(tempfile.gettempdir()) / "switchyard")
     for spec in specs:
         if spec.engine.kind == "vllm":
             from switchyard.workers.vllm.env import vllm_env
 
-            env.update(vllm_env(spec.engine, cache_dir=cache_root))
-    # Pass through the cache location so restarted instances find the same models.
-    if os.environ.get("SWITCHYARD_CACHE_DIR"):
-        env["SWITCHYARD_CACHE_DIR"] = os.environ["SWITCHYARD_CACHE_DIR"]
+            env.update(vllm_env(spec.engine, cache_dir=cache_dir()))
+    # Pass through an explicit cache location so restarted instances find the same models.
+    if os.environ.get(CACHE_DIR_VAR):
+        env[CACHE_DIR_VAR] = os.environ[CACHE_DIR_VAR]
     return env
 
 

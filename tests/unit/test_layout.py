@@ -3,8 +3,8 @@
 Layers, lowest first. A module may import its own layer and those below, never one above,
 so a reader can follow any import down and never back up:
 
-0. ``messages``, ``errors``, ``config``, ``metrics``, ``event_loop``, ``aio``, ``testing`` (no
-   Switchyard imports above them);
+0. ``messages``, ``errors``, ``config``, ``metrics``, ``event_loop``, ``aio``, ``cache``,
+   ``testing`` (no Switchyard imports above them);
 1. ``api`` (generated stubs and ``wire``, the protobuf <-> messages conversion);
 2. ``workers`` (engines and the Ray runtime) and ``kvcache`` (the cache server);
 3. ``router`` (core, policies, migration coordination, gateway);
@@ -29,6 +29,7 @@ LAYER = {
     "event_loop": 0,
     "aio": 0,
     "testing": 0,
+    "cache": 0,
     "api": 1,
     "workers": 2,
     "kvcache": 2,

@@ -35,6 +35,7 @@ from vllm.inputs.engine import tokens_input
 from vllm.platforms import current_platform
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from switchyard.cache import cache_dir
 from switchyard.config import EngineConfig, KvTransferConfig
 from switchyard.errors import (
     ConfigError,
@@ -50,7 +51,7 @@ from switchyard.messages import (
     LoadReport,
     SuspendedRequest,
 )
-from switchyard.testing.tiny_model import TINY_MODEL_NAME, default_cache_dir
+from switchyard.testing.tiny_model import TINY_MODEL_NAME
 from switchyard.workers.vllm.env import apply_vllm_env, cpu_threads_while_spawning, vllm_env
 from switchyard.workers.vllm.errors import finish_reason, translate_vllm_error
 from switchyard.workers.vllm.kv_transfer import (
@@ -128,7 +129,7 @@ class VLLMEngine:
         ``kv_transfer`` (default: ``cfg.kv_transfer``) loads the migration connector (NIXL): the
         engine can then be a migration source and destination (``snapshot``, ``suspend``, ...).
         """
-        apply_vllm_env(vllm_env(cfg, cache_dir=default_cache_dir()), override=False)
+        apply_vllm_env(vllm_env(cfg, cache_dir=cache_dir()), override=False)
         kv_transfer = kv_transfer or cfg.kv_transfer
         kv_args: dict[str, Any] = {}
         endpoint: KvEndpoint | None = None
