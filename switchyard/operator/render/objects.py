@@ -1,7 +1,7 @@
 """Building blocks of the child manifests: names, labels, owner references, pod and Service parts.
 
-Split from ``render.py`` so that module reads as "what each CR becomes"; everything here is a
-small pure helper shared by the three kinds. Pods run as the images' non-root user with a
+The renderers of the three kinds (``service``, ``pool``, ``kvcache``) say what each CR
+becomes; everything here is a small pure helper they share. Pods run as the images' non-root user with a
 read-only root filesystem (writable ``/tmp`` and, for Ray, a memory-backed ``/dev/shm``), no
 privilege escalation and no capabilities.
 """

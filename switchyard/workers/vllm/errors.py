@@ -1,7 +1,7 @@
 """The one table from vLLM's exceptions and finish reasons to Switchyard's (vLLM 0.32.0).
 
-Split out of ``engine.py`` so the adapter module stays about requests; the engine
-adapter is still the only boundary where these vLLM types enter.
+The engine adapter (``engine.py``) is the only boundary where these vLLM types enter, and it
+translates through this table only.
 """
 
 from __future__ import annotations

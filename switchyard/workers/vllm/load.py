@@ -3,7 +3,7 @@
 Why a stat logger: vLLM hands per-step ``SchedulerStats`` only to ``StatLoggerBase`` objects
 passed to ``AsyncLLM``; polling the engine core for them would cost a round trip per report.
 ``SchedulerStats`` is not a stable vLLM interface, hence the version pin in ``pyproject.toml``.
-Split out of ``engine.py`` to keep that module about requests.
+Load is its own concept: the engine adapter (``engine.py``) stays about requests.
 """
 
 from __future__ import annotations
