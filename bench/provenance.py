@@ -84,7 +84,15 @@ def _digest(paths: dict[str, Path]) -> str:
 
 
 def policy_digest(name: str) -> dict[str, Any]:
-    """The digest of a registered policy's code and the router modules it depends on."""
+    """The digest of a registered policy's code and the router modules it depends on (the
+    benchmark's ``oracle``: its own module, ``bench.oracle``, with the router modules it uses)."""
+    if name == "oracle":
+        module = "bench.oracle"
+        closure = {
+            module: Path(__file__).with_name("oracle.py"),
+            **_closure("switchyard.router.policies.base"),
+        }
+        return {"module": module, "closure_sha256_16": _digest(closure), "closure": sorted(closure)}
     module = POLICIES[name].__module__
     closure = _closure(module)
     return {"module": module, "closure_sha256_16": _digest(closure), "closure": sorted(closure)}

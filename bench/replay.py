@@ -10,7 +10,14 @@ code and adds nothing to it:
   and the registry adds the router's own dispatches since the last report (``pending_*``);
 * every request goes through ``router.dispatch.Dispatcher``, the hook sequence
   ``RouterCore`` runs (choose, dispatched, first token with TTFT feedback, finished with the
-  engine-reported ``num_cached_tokens``): a change there changes this benchmark.
+  engine-reported ``num_cached_tokens``): a change there changes this benchmark;
+* with ``routers`` > 1, that many router replicas each get a random share of the requests and
+  keep only their own view, as replicas behind a load balancer do: their own policy state and
+  their own count of what they dispatched since the last report (every replica receives every
+  load report). Every ``agreement_every``-th request, every replica is also asked where *it*
+  would send the request (``choose`` is pure), and the run counts how often they all agree;
+* policy ``oracle`` is ``bench.oracle.OraclePolicy``: perfect information from the simulated
+  engines, the yardstick every capacity is reported against.
 
 The engines are the real ``SimInstance`` model driven by the real ``SimFleet`` event loop; the
 only addition is a subclass that sums step durations, for the busy-time imbalance metric.
@@ -20,6 +27,7 @@ There is no network delay and no frontend overhead: TTFT is arrival to first tok
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -28,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.oracle import ORACLE, OraclePolicy
 from bench.traces import TokenSynth, Trace
 from switchyard.config import EngineConfig, MigrationConfig, SimConfig
 from switchyard.messages import (
@@ -39,7 +48,7 @@ from switchyard.messages import (
     SamplingOptions,
 )
 from switchyard.router.dispatch import Dispatch, Dispatcher
-from switchyard.router.policies import make_policy
+from switchyard.router.policies import Policy, make_policy
 from switchyard.router.registry import InstanceRegistry
 from switchyard.workers.sim.cost import KvTransferCost, KvTransferProfile, load_profile
 from switchyard.workers.sim.fleet import SimFleet
@@ -67,6 +76,10 @@ class ReplayConfig:
     """How ``SimFleet.migrate`` stages a move (only used when something migrates: ``bench.rebalance``)."""
     kv_transfer: KvTransferProfile | None = None
     """The link migrations are priced on; None takes the profile's."""
+    routers: int = 1
+    """Router replicas, each with its own view and a random share of the requests."""
+    agreement_every: int = 10
+    """With several routers: ask every replica about every n-th request (0: never)."""
 
 
 @dataclass(slots=True)
@@ -94,6 +107,10 @@ class ReplayResult:
     """Per request, measured TTFT minus the policy's estimate for the chosen instance (the core's
     ``ttft_estimate_error`` metric); NaN when the policy gives no estimate for its choice."""
     decisions_sha256: str = ""
+    routers: int = 1
+    agreement: dict[str, float] = field(default_factory=dict)
+    """With several routers: the share of sampled requests on which every replica would choose
+    the same ``instance`` and (for two-candidate policies) the same ``candidates``."""
     """SHA-256 over every decision in arrival order (request, instance, outcome): two runs with
     equal digests routed every request alike, so a refactoring can be shown not to change routing."""
 
@@ -137,7 +154,6 @@ class _Replay:
             self.instances, on_output=self._on_output, kv_transfer=kv, migration=cfg.migration
         )
         clock = self.fleet.clock
-        self.registry = InstanceRegistry(clock=clock)
         infos = tuple(
             InstanceInfo(
                 inst.instance_id,
@@ -149,11 +165,25 @@ class _Replay:
             )
             for inst in self.instances
         )
-        self.registry.apply(Membership(1, infos))
         self.policy_name = policy
-        self.policy = make_policy(policy, cfg.policy_params, clock=clock)
-        self.policy.on_membership(sorted(infos, key=lambda i: i.instance_id))
-        self.dispatcher = Dispatcher(self.policy, policy)
+        self.registries: list[InstanceRegistry] = []
+        self.dispatchers: list[Dispatcher] = []
+        for _ in range(cfg.routers):
+            registry = InstanceRegistry(clock=clock)
+            registry.apply(Membership(1, infos))
+            pol: Policy
+            if policy == ORACLE:
+                pol = OraclePolicy({i.instance_id: i for i in self.instances})
+            else:
+                pol = make_policy(policy, cfg.policy_params, clock=clock)
+            pol.on_membership(sorted(infos, key=lambda i: i.instance_id))
+            self.registries.append(registry)
+            self.dispatchers.append(Dispatcher(pol, policy))
+        # The first replica under the single-router names (the rebalancing replay reads them).
+        self.registry, self.dispatcher = self.registries[0], self.dispatchers[0]
+        self.policy = self.dispatcher.policy
+        self.share = random.Random(cfg.seed * 7919 + cfg.routers)  # which replica gets a request
+        self.agreed: Counter[str] = Counter()
         self.synth = TokenSynth(vocab, seed=cfg.seed)
         self.trace, self.cfg = trace, cfg
         n = len(trace.requests)
@@ -202,14 +232,22 @@ class _Replay:
             decision_us_mean=1e6 * self.decision_s / max(1, n),
             ttft_estimate_error_s=np.array(self.estimate_error),
             decisions_sha256=self.decisions.hexdigest(),
+            routers=len(self.dispatchers),
+            agreement={
+                k: self.agreed[k] / self.agreed["asked"]
+                for k in ("instance", "candidates")
+                if self.agreed["asked"]
+            },
         )
 
     def _reporter(self, instance_id: str) -> Any:
-        fleet, registry, interval = self.fleet, self.registry, self.cfg.load_report_interval_s
+        fleet, registries, interval = self.fleet, self.registries, self.cfg.load_report_interval_s
         total = len(self.trace.requests)
 
         def report() -> None:
-            registry.on_load_report(instance_id, fleet.load(instance_id))
+            load = fleet.load(instance_id)
+            for registry in registries:
+                registry.on_load_report(instance_id, load)
             if self.done < total:  # stop pushing once the run is over, so the event loop drains
                 fleet.call_at(fleet.now + interval, report)
 
@@ -223,16 +261,30 @@ class _Replay:
             max_tokens=req.output_length, min_tokens=req.output_length, ignore_eos=True
         )
         rreq = RoutingRequest(f"r{idx}", MODEL, self.synth.tokens(req), sampling)
+        r = self.share.randrange(len(self.dispatchers)) if len(self.dispatchers) > 1 else 0
+        dispatcher, registry = self.dispatchers[r], self.registries[r]
+        if len(self.dispatchers) > 1 and self.cfg.agreement_every and idx % self.cfg.agreement_every == 0:
+            self._ask_every_replica(rreq)
         t = time.perf_counter()
-        state, decision = self.dispatcher.choose(rreq, self.registry.fleet(MODEL))
+        state, decision = dispatcher.choose(rreq, registry.fleet(MODEL))
         self.decision_s += time.perf_counter() - t
-        self.where[idx] = self.dispatcher.dispatched(rreq, state, decision, req.input_length)
+        self.where[idx] = dispatcher.dispatched(rreq, state, decision, req.input_length)
         self.outcomes[decision.outcome.value] += 1
         self.decisions.update(f"{idx} {decision.instance_id} {decision.outcome.value}\n".encode())
         self.per_instance[decision.instance_id] += 1
         self.fleet.submit(
             decision.instance_id, EngineRequest(rreq.request_id, rreq.prompt_token_ids, sampling)
         )
+
+    def _ask_every_replica(self, rreq: RoutingRequest) -> None:
+        """Where would each replica send ``rreq`` now? (``choose`` is pure: nothing is recorded.)"""
+        decisions = [
+            d.policy.choose(rreq, reg.fleet(MODEL))
+            for d, reg in zip(self.dispatchers, self.registries, strict=True)
+        ]
+        self.agreed["asked"] += 1
+        self.agreed["instance"] += len({d.instance_id for d in decisions}) == 1
+        self.agreed["candidates"] += len({frozenset(d.candidates) for d in decisions}) == 1
 
     def _on_output(self, now: float, instance_id: str, out: EngineOutput) -> None:
         idx = int(out.request_id[1:])

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from bench import metrics, plots
+from bench import metrics, plots, workloads
 from bench import provenance as bench_provenance
+from bench.oracle import ORACLE
 from bench.replay import ReplayConfig, ReplayResult, engine_config, replay
 from bench.report import render_summary
 from bench.traces import Trace, load_trace, lru_hit_rate, prefix_hit_bound
@@ -48,7 +49,10 @@ _TRACE: Trace | None = None  # the run's trace, inherited by forked workers inst
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__.split("\n\n")[0])
     p.add_argument("--trace", required=True, help="trace file")
-    p.add_argument("--format", required=True, choices=["mooncake", "azure"])
+    p.add_argument("--format", required=True, choices=["mooncake", "azure", "servegen"])
+    p.add_argument(
+        "--servegen-dataset", default=None, help="ServeGen *-dataset.json (with --format servegen)"
+    )
     p.add_argument("--instances", type=int, default=8, help="simulated instances in the fleet")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="TTFT SLO in milliseconds")
     p.add_argument("--target", type=float, default=0.9, help="fraction of requests that must meet the SLO")
@@ -65,6 +69,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="at most this many requests")
     p.add_argument("--azure-prefix-groups", type=int, default=0, help="synthetic prefix groups (off: 0)")
     p.add_argument("--azure-prefix-tokens", type=int, default=0, help="shared prefix per group, tokens")
+    w = p.add_argument_group("workload transformations (bench/workloads.py), applied in this order")
+    w.add_argument("--sessions", action="store_true", help="string requests into multi-turn conversations")
+    w.add_argument("--session-turns", type=float, default=3.0, help="mean turns per conversation")
+    w.add_argument("--session-think-s", type=float, default=60.0, help="mean think time between turns")
+    w.add_argument("--heads", type=int, default=0, help="prepend one of this many heads (Zipf popularity)")
+    w.add_argument("--head-tokens", type=int, default=2048, help="tokens of each of --heads heads")
+    w.add_argument("--head-zipf", type=float, default=1.0, help="Zipf exponent of --heads popularity")
+    w.add_argument("--shared-head-tokens", type=int, default=0, help="prepend one head of N tokens to all")
+    p.add_argument(
+        "--routers", type=int, default=1, help="router replicas, each with its own view and a random share"
+    )
     p.add_argument(
         "--cdf-scale", type=float, default=None, help="scale of ttft_cdf.png (default: see README)"
     )
@@ -78,12 +93,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _policies(spec: str) -> list[str]:
+    known = sorted([*POLICIES, ORACLE])
     if spec == "all":
-        return sorted(POLICIES)
+        return known
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in POLICIES]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"unknown policies {unknown}; registered: {', '.join(sorted(POLICIES))}")
+        raise SystemExit(f"unknown policies {unknown}; known: {', '.join(known)}")
     return names
 
 
@@ -101,13 +117,60 @@ def _load(args: argparse.Namespace, max_model_len: int) -> tuple[Trace, int]:
             "prefix_tokens": args.azure_prefix_tokens,
             "seed": args.seed,
         }
-    trace = load_trace(args.trace, args.format, **kwargs)
+    if args.format == "servegen":
+        if not args.servegen_dataset:
+            raise SystemExit("--format servegen needs --servegen-dataset (the client's *-dataset.json)")
+        trace = workloads.load_servegen(args.trace, args.servegen_dataset, seed=args.seed, **kwargs)
+    else:
+        trace = load_trace(args.trace, args.format, **kwargs)
+    trace = _transformed(args, trace)
     kept = tuple(r for r in trace.requests if r.input_length + r.output_length <= max_model_len)
     kept = tuple(dataclasses.replace(r, index=i) for i, r in enumerate(kept))
     return dataclasses.replace(trace, requests=kept), len(trace.requests) - len(kept)
 
 
-_COMPAT_KEYS = ("trace", "profile", "instances", "slo", "load_report_interval_s", "seed")
+def _transformed(args: argparse.Namespace, trace: Trace) -> Trace:
+    """The workload transformations the command line asks for, in a fixed order: sessions
+    first (they string the base requests together), then per-application heads, then the
+    service-wide head in front of everything."""
+    if args.sessions:
+        params = workloads.SessionParams(
+            mean_turns=args.session_turns, think_s=args.session_think_s, seed=args.seed
+        )
+        trace = workloads.as_sessions(trace, params)
+    if args.heads:
+        trace = workloads.with_zipf_heads(
+            trace, count=args.heads, tokens=args.head_tokens, exponent=args.head_zipf, seed=args.seed
+        )
+    if args.shared_head_tokens:
+        trace = workloads.with_shared_head(trace, args.shared_head_tokens)
+    return trace
+
+
+def _workload(args: argparse.Namespace) -> dict[str, Any]:
+    """The transformations as recorded in results.json (part of what ``--merge`` compares)."""
+    return {
+        "sessions": {"mean_turns": args.session_turns, "think_s": args.session_think_s}
+        if args.sessions
+        else None,
+        "heads": {"count": args.heads, "tokens": args.head_tokens, "zipf": args.head_zipf}
+        if args.heads
+        else None,
+        "shared_head_tokens": args.shared_head_tokens,
+        "servegen_dataset": args.servegen_dataset,
+    }
+
+
+_COMPAT_KEYS = (
+    "trace",
+    "profile",
+    "instances",
+    "slo",
+    "load_report_interval_s",
+    "seed",
+    "workload",
+    "routers",
+)
 """What must agree for ``--merge`` to put runs of two invocations into one document."""
 
 
@@ -125,7 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     given: dict[str, dict[str, Any]] = json.loads(args.policy_params)
     # An SLO-aware policy is deployed with the service's SLO (as RouterCore gives it): measuring
     # it against another SLO than the one it is told about would measure a misconfiguration.
-    params = {p: policy_params(p, given.get(p), ttft_slo_ms=args.slo_ttft_ms) for p in policies}
+    params = {
+        p: {} if p == ORACLE else policy_params(p, given.get(p), ttft_slo_ms=args.slo_ttft_ms)
+        for p in policies
+    }
     probe_instance = SimInstance.from_config(engine_config(args.profile, args.compute_derate))
     trace, dropped = _load(args, probe_instance.max_model_len)
     _TRACE = trace
@@ -148,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 load_report_interval_s=args.load_report_interval_ms / 1000.0,
                 policy_params=params[policy],
                 seed=args.seed,
+                routers=args.routers,
             ),
         )
         for scale in reversed(scales)  # the slowest (overloaded) runs first, for a better packing
@@ -293,6 +360,8 @@ def _describe(args: argparse.Namespace, trace: Trace, dropped: int, probe: SimIn
             "max_model_len": probe.max_model_len,
         },
         "instances": args.instances,
+        "routers": args.routers,
+        "workload": _workload(args),
         "slo": {"ttft_s": slo_s, "target_attainment": args.target},
         "load_report_interval_s": args.load_report_interval_ms / 1000.0,
         "seed": args.seed,

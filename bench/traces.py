@@ -47,7 +47,7 @@ __all__ = [
     "prefix_hit_bound",
 ]
 
-TraceFormat = Literal["mooncake", "azure"]
+TraceFormat = Literal["mooncake", "azure", "servegen"]
 
 BLOCK_TOKENS = 512
 """Tokens per prefix block: Mooncake's ``hash_ids`` granularity, reused for synthetic ids."""

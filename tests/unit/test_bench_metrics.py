@@ -104,3 +104,20 @@ def test_compare_decisions_flags_a_changed_or_missing_run(tmp_path: Path) -> Non
     assert compare_decisions.main([str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 0
     assert compare_decisions.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
     assert compare_decisions.main([str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 1
+
+
+def test_several_routers_share_the_traffic_and_report_their_agreement() -> None:
+    reqs = tuple(TraceRequest(i, 0.02 * i, 900, 4, (i % 4, 500 + i)) for i in range(120))
+    trace = Trace("in-test", "mooncake", reqs)
+    one = replay(trace, "dualmap", ReplayConfig(num_instances=4, scale=1.0))
+    three = replay(trace, "dualmap", ReplayConfig(num_instances=4, scale=1.0, routers=3, agreement_every=5))
+    assert one.routers == 1 and one.agreement == {}
+    assert three.routers == 3 and set(three.agreement) == {"instance", "candidates"}
+    assert all(0.0 <= v <= 1.0 for v in three.agreement.values())
+    assert sum(three.requests_per_instance.values()) == 120
+
+
+def test_the_oracle_replays_like_any_policy() -> None:
+    reqs = tuple(TraceRequest(i, 0.05 * i, 900, 4, (i % 3, 500 + i)) for i in range(60))
+    result = replay(Trace("in-test", "mooncake", reqs), "oracle", ReplayConfig(num_instances=3, scale=1.0))
+    assert sum(result.requests_per_instance.values()) == 60 and result.cached_tokens > 0

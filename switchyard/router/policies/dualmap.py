@@ -8,8 +8,14 @@ on at most two instances, while distinct prefixes spread evenly over the fleet.
 
 Per request, on the hot path:
 
-1. **Key.** The vLLM-equal chain hash of the prompt's first ``prefix_blocks`` blocks
-   (``prefix_hash.BlockHasher``): the same value the engine names that prefix by.
+1. **Key.** The prompt's prefix one chunk past the deepest *shared branch point* on its path
+   (``shared_prefixes.SharedPrefixes``: a prefix that much of the recent traffic passed
+   through and continued from in several ways, such as a system prompt), and at least
+   ``prefix_blocks`` blocks deep. So the key names the conversation or document behind a
+   popular head, never the head itself, and every replica derives it by the same rule from
+   its own share of the traffic. A request with nothing of its own past a shared head is
+   keyed by its id (it spreads; the head is cached everywhere). ``key: head`` keeps the
+   previous key, the vLLM-equal chain hash of the first ``prefix_blocks`` blocks.
 2. **Candidates.** ``DualRing.candidates(key)``, skipping instances that are not live.
 3. **Better of two.** For each candidate, the uncached part of the prompt comes from this
    router's record of what it routed there (``PrefixRecord`` over chunk fingerprints,
@@ -37,6 +43,8 @@ is computed once per request and reused by ``on_dispatched`` through the decisio
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,12 +59,14 @@ from switchyard.router.policies import register_policy
 from switchyard.router.policies.base import Clock, PolicyBase, PolicyParams, RoutingDecision, RoutingOutcome
 from switchyard.router.prefix_hash import PrefixRecord, PromptDigest, PromptHasher
 from switchyard.router.registry import FleetView, InstanceState
+from switchyard.router.shared_prefixes import SharedPrefixes
 from switchyard.router.ttft_estimator import PrefillCost, TtftEstimator
 
 __all__ = ["DualMapParams", "DualMapPolicy", "EstimatorParams"]
 
 _DEFAULT_CAPACITY_TOKENS = 1 << 20  # record size before an instance reports its KV capacity
 _MAX_INFLIGHT = 1 << 16  # dispatch records kept for feedback; older ones are dropped
+_U64 = (1 << 64) - 1
 _PAIR_MEMO_SIZE = 1 << 14  # ring pairs memoised per model (~2 MB at most)
 _REASON_BETTER = "lower estimated TTFT of the two ring candidates"
 _REASON_SINGLE = "the only live instance on the rings"
@@ -115,8 +125,23 @@ class DualMapParams(PolicyParams):
     router core sets it from its own ``ttft_slo_ms`` (an LLMService's ``slo.ttftMs``), so this
     default only applies to a policy built on its own (tools, tests) and equals the router's."""
     prefix_blocks: int = Field(default=4, ge=1, le=1024)
-    """Blocks hashed into the routing key (128 tokens at block size 32): long enough to tell
-    system prompts apart, short enough that requests sharing one co-locate."""
+    """Least depth of the routing key, in blocks (128 tokens at block size 32): long enough to
+    tell system prompts apart; with ``key: head``, the whole key."""
+    key: Literal["adaptive", "head"] = "adaptive"
+    """``adaptive``: the key starts past the shared heads the router learned (see the module
+    docstring); ``head``: the vLLM-equal hash of the first ``prefix_blocks`` blocks, which puts
+    every request behind one system prompt on the same two instances."""
+    shared_min_share: float | None = Field(default=None, gt=0, le=1)
+    """Share of the recent traffic above which a branching prefix counts as shared (its
+    requests are keyed past it); None is one instance's fair share, 1 / live instances: a
+    prefix that two candidates can carry stays on them."""
+    shared_fanout: int = Field(default=4, ge=2, le=64)
+    """Distinct continuations that make a popular prefix a branch point (a conversation
+    continues one way, a system prompt as many as there are conversations behind it)."""
+    shared_half_life: int = Field(default=4096, ge=16)
+    """Requests after which an observation of prefix popularity weighs half."""
+    shared_max_tokens: int = Field(default=32_768, ge=1)
+    """Deepest prefix considered as a shared head; deeper content is the request's own."""
     virtual_nodes: int = Field(default=DEFAULT_VIRTUAL_NODES, ge=1, le=10_000)
     """Points per instance on each ring."""
     ring_seeds: tuple[int, int] = (0x6475_616C_3031, 0x6475_616C_3032)
@@ -194,8 +219,10 @@ class DualMapPolicy(PolicyBase):
         self._p = p
         self._slo_s = p.ttft_slo_ms * 1e-3
         self.estimator = estimator or p.estimator.build()
+        self._adaptive = p.key == "adaptive"
+        self._shared = SharedPrefixes(half_life=p.shared_half_life, fanout=p.shared_fanout)
         self._hasher = PromptHasher(
-            prefix_blocks=p.prefix_blocks,
+            prefix_blocks=0 if self._adaptive else p.prefix_blocks,
             chunk_blocks=p.record_chunk_blocks,
             sample_stride=p.record_sample_stride,
             algo=p.hash_algo,
@@ -279,9 +306,11 @@ class DualMapPolicy(PolicyBase):
         return d.num_tokens - int(raw * self._trust.get(state.info.instance_id, 1.0)), raw
 
     def choose(self, req: RoutingRequest, fleet: FleetView) -> RoutingDecision:
-        d = self._hasher.digest(req, fleet.instances[0].info.block_size)
+        block_size = fleet.instances[0].info.block_size
+        d = self._hasher.digest(req, block_size)
+        key = self._key(req, d, block_size, len(fleet.instances)) if self._adaptive else d.key
         get = fleet.get
-        c1, c2 = self._candidates(d.key, fleet)
+        c1, c2 = self._candidates(key, fleet)
         s1 = get(c1)
         assert s1 is not None
         first = self._score(s1, d)
@@ -307,6 +336,24 @@ class DualMapPolicy(PolicyBase):
             return self._decide(d, best, RoutingOutcome.AFFINITY, cands, pair, _REASON_STAY)
         triple = (*pair, (low.iid, low.e))
         return self._decide(d, low, RoutingOutcome.SLO_SWITCH, cands, triple, _REASON_SWITCH)
+
+    def _key_level(self, d: PromptDigest, block_size: int, live: int) -> int:
+        """The chunk the routing key ends at (``len(d.ends)``: none of the request's own)."""
+        p = self._p
+        share = p.shared_min_share if p.shared_min_share is not None else 1.0 / max(live, 1)
+        depth = bisect.bisect_right(d.ends, p.shared_max_tokens)
+        level = self._shared.key_level(d.fingerprints, share, depth=depth)
+        least = bisect.bisect_left(d.ends, p.prefix_blocks * block_size)
+        if level < least:  # never shallower than prefix_blocks, if the prompt reaches that deep
+            level = min(least, len(d.ends) - 1) if d.ends else 0
+        return level
+
+    def _key(self, req: RoutingRequest, d: PromptDigest, block_size: int, live: int) -> bytes:
+        level = self._key_level(d, block_size, live)
+        if level < len(d.fingerprints):
+            return (d.fingerprints[level] & _U64).to_bytes(8, "little")
+        # Nothing of its own past a shared head: spread by the request id (stable across replicas).
+        return hashlib.blake2b(req.request_id.encode(), digest_size=8).digest()
 
     def _score(self, state: InstanceState, d: PromptDigest) -> _Score:
         uncached, raw = self._uncached(state, d)
@@ -340,6 +387,8 @@ class DualMapPolicy(PolicyBase):
         iid = decision.instance_id
         d, raw_cached, capacity, queued, step = memo
         self._hasher.release(req)
+        if self._adaptive:
+            self._shared.observe(d.fingerprints, depth=bisect.bisect_right(d.ends, self._p.shared_max_tokens))
         rec = self._records.get(iid)
         if rec is None:
             rec = self._records[iid] = PrefixRecord(capacity or _DEFAULT_CAPACITY_TOKENS)
@@ -386,7 +435,8 @@ class DualMapPolicy(PolicyBase):
     def explain(self, req: RoutingRequest, fleet: FleetView) -> dict[str, Any]:
         """Why ``req`` would go where it goes now: candidates, record matches and estimate parts."""
         decision = self.choose(req, fleet)
-        d = self._hasher.digest(req, fleet.instances[0].info.block_size)
+        block_size = fleet.instances[0].info.block_size
+        d = self._hasher.digest(req, block_size)
         parts = []
         for iid, _ in decision.estimates:
             state = fleet.get(iid)
@@ -400,4 +450,16 @@ class DualMapPolicy(PolicyBase):
                     "miss_ratio": self.estimator.miss_ratio(iid),
                 }
             )
-        return {**decision.as_dict(), "key": d.key.hex(), "slo_s": self._slo_s, "estimates_detail": parts}
+        if self._adaptive:
+            level = self._key_level(d, block_size, len(fleet.instances))
+            key = self._key(req, d, block_size, len(fleet.instances)).hex()
+            key_tokens = d.ends[level] if level < len(d.ends) else None  # None: keyed by request id
+        else:
+            key, key_tokens = d.key.hex(), self._p.prefix_blocks * block_size
+        return {
+            **decision.as_dict(),
+            "key": key,
+            "key_prefix_tokens": key_tokens,
+            "slo_s": self._slo_s,
+            "estimates_detail": parts,
+        }

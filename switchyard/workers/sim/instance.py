@@ -146,6 +146,19 @@ class SimInstance:
     def num_cached_blocks(self) -> int:
         return self._pool.num_cached
 
+    @property
+    def max_num_batched_tokens(self) -> int:
+        """Token budget of one step (prefill chunks plus one token per decoding sequence)."""
+        return self._max_num_batched_tokens
+
+    def running_requests(self) -> Sequence[SimRequestState]:
+        """The batch, read-only: for perfect-information references (the benchmark's oracle)."""
+        return self._running
+
+    def waiting_requests(self) -> Sequence[SimRequestState]:
+        """The queue, head first, read-only (entries no longer ``WAITING`` are dropped lazily)."""
+        return self._waiting
+
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
 
@@ -199,9 +212,13 @@ class SimInstance:
 
     def cached_prefix_blocks(self, tokens: Sequence[int], num_blocks: int) -> int:
         """How many of the first ``num_blocks`` full blocks of ``tokens`` this prefix cache holds."""
+        return self.cached_prefix_blocks_of(chain_hashes(tokens, num_blocks, self.block_size), num_blocks)
+
+    def cached_prefix_blocks_of(self, hashes: list[int], num_blocks: int) -> int:
+        """:meth:`cached_prefix_blocks` for block hashes already computed (``chain_hashes``)."""
         if not self._prefix_caching:
             return 0
-        return len(self._pool.lookup(chain_hashes(tokens, num_blocks, self.block_size), num_blocks))
+        return len(self._pool.lookup(hashes, num_blocks))
 
     def precopy(self, tokens: Sequence[int], num_blocks: int) -> int | None:
         """Land the first ``num_blocks`` full blocks of ``tokens`` in the prefix cache, as vLLM does
