@@ -71,12 +71,13 @@ async def route(core: RouterCore, request_id: str) -> dict[str, Any]:
     return decision
 
 
-@pytest.mark.parametrize(("ttft_ms", "outcome"), [(1500, "affinity"), (1000, "slo_switch")])
+@pytest.mark.parametrize(("ttft_ms", "outcome"), [(3000, "affinity"), (2000, "slo_switch")])
 async def test_slo_ttft_ms_is_where_dualmap_switches(ttft_ms: int, outcome: str) -> None:
-    """``slo.ttftMs`` is the SLO of the router's ``dualmap`` switch: with both ring candidates
-    estimated at ~1.2 s and the rest of the fleet idle, a 1.5 s SLO keeps the request on a
-    candidate (``affinity``) and a 1 s SLO sends it to an idle instance (``slo_switch``).
-    Before the SLO reached the router, dualmap switched at its own 1 s default either way."""
+    """``slo.ttftMs`` is the SLO of the router's ``dualmap`` switch, which fires at half of it
+    (``switch_at``): with both ring candidates estimated at ~1.2 s and the rest of the fleet
+    idle, a 3 s SLO keeps the request on a candidate (``affinity``) and a 2 s SLO sends it to an
+    idle instance (``slo_switch``). Before the SLO reached the router, dualmap switched at its
+    own 1 s default whatever the service's SLO."""
     config = rendered({"policy": "dualmap", "slo": {"ttftMs": ttft_ms}})
     assert config.router.ttft_slo_ms == ttft_ms
     core = RouterCore(config.router, connector=AnsweringWorker)  # type: ignore[arg-type]

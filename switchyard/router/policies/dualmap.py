@@ -22,9 +22,10 @@ Per request, on the hot path:
    bounded by the instance's KV capacity), scaled by how far the engine-reported hits have
    confirmed that record (``trust``); ``TtftEstimator`` turns queue and uncached tokens into
    seconds. The lower estimate wins: outcome ``affinity``.
-4. **SLO switch.** If even the better candidate's estimate exceeds ``ttft_slo_ms``, the
-   request goes to the lowest estimate across the whole fleet: outcome ``slo_switch``, or
-   still ``affinity`` when that is one of the candidates anyway.
+4. **SLO switch.** If even the better candidate's estimate exceeds ``switch_at`` of the TTFT
+   SLO (``ttft_slo_ms``, the service's one objective), the request goes to the lowest estimate
+   across the whole fleet: outcome ``slo_switch``, or still ``affinity`` when that is one of
+   the candidates anyway.
 
 The decision carries both candidates, their estimated TTFTs (seconds) and a reason;
 :meth:`DualMapPolicy.explain` breaks the estimates into components for the debug view.
@@ -131,6 +132,14 @@ class DualMapParams(PolicyParams):
     """``adaptive``: the key starts past the shared heads the router learned (see the module
     docstring); ``head``: the vLLM-equal hash of the first ``prefix_blocks`` blocks, which puts
     every request behind one system prompt on the same two instances."""
+    switch_at: float = Field(default=0.5, gt=0, le=1)
+    """Fraction of the TTFT SLO above which the better candidate's estimate sends the request to
+    the fleet-wide lowest estimate. Why not 1: an estimate is made before the request queues,
+    and the queue ahead of it grows while it waits; switching only once the estimate already
+    misses the SLO leaves it to miss. On the routing benchmark (8 instances, 2 s SLO) 0.5 met
+    the SLO for 84 % of requests where 1.0 met it for 75 % (8k shared head, 3.5x) and 82 % vs
+    77 % (Mooncake arXiv slice, 5x), on par with the perfect-information oracle; 0.35 and
+    0.65 were within a point of 0.5."""
     shared_min_share: float | None = Field(default=None, gt=0, le=1)
     """Share of the recent traffic above which a branching prefix counts as shared (its
     requests are keyed past it); None is one instance's fair share, 1 / live instances: a
@@ -218,6 +227,7 @@ class DualMapPolicy(PolicyBase):
         p = params if isinstance(params, DualMapParams) else DualMapParams()
         self._p = p
         self._slo_s = p.ttft_slo_ms * 1e-3
+        self._switch_s = p.switch_at * self._slo_s
         self.estimator = estimator or p.estimator.build()
         self._adaptive = p.key == "adaptive"
         self._shared = SharedPrefixes(half_life=p.shared_half_life, fanout=p.shared_fanout)
@@ -323,7 +333,7 @@ class DualMapPolicy(PolicyBase):
         best, other = (first, second) if first.e <= second.e else (second, first)
         cands = (best.iid, other.iid)
         pair = ((c1, first.e), (c2, second.e))
-        if best.e <= self._slo_s:
+        if best.e <= self._switch_s:
             return self._decide(d, best, RoutingOutcome.AFFINITY, cands, pair, _REASON_BETTER)
         # Over the SLO on both: the lowest estimate fleet-wide (ties: lowest id, as sorted).
         low = best
@@ -461,5 +471,6 @@ class DualMapPolicy(PolicyBase):
             "key": key,
             "key_prefix_tokens": key_tokens,
             "slo_s": self._slo_s,
+            "switch_s": self._switch_s,
             "estimates_detail": parts,
         }
