@@ -258,9 +258,10 @@ class DispatchStream:
             inbox._end = self._dead()  # one exception each: they are raised in different tasks
             inbox._wake()
         self._writer.cancel()
-        if inboxes:
-            logger.warning("instance %s: dispatch stream lost with %d requests (%s)", self.instance_id,
-                           len(inboxes), reason)  # fmt: skip
+        if inboxes:  # the core logs each failover; this says they had one cause
+            level = logging.INFO if self._closing else logging.WARNING
+            logger.log(level, "instance %s: dispatch stream ended with %d requests on it (%s)",
+                       self.instance_id, len(inboxes), reason)  # fmt: skip
 
     # -- writing ----------------------------------------------------------------------------
 
