@@ -10,9 +10,10 @@ streamed delta on the hot path; they copy only the delta's token IDs (a handful 
 and build one object, nothing else.
 
 The ``Worker.Dispatch`` stream (many requests on one call) adds its messages here too: a
-start or an abort going to the worker, and a request's error riding on its last chunk
-(``error_chunk``/``chunk_status``), so a per-request failure crosses that stream with the same
-status code and details a ``Generate`` call would have ended with.
+start or an abort going to the worker (``DispatchAction``s, batched in a ``DispatchRequest``;
+chunks come back batched in a ``DispatchReply``), and a request's error riding on its last
+chunk (``error_chunk``/``chunk_status``), so a per-request failure crosses that stream with the
+same status code and details a ``Generate`` call would have ended with.
 """
 
 from __future__ import annotations
@@ -187,19 +188,19 @@ def output_from_pb(pb: worker_pb2.GenerateChunk) -> EngineOutput:
 _STATUS_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
 
-def dispatch_start_to_pb(req: EngineRequest) -> worker_pb2.DispatchMessage:
+def dispatch_start_to_pb(req: EngineRequest) -> worker_pb2.DispatchAction:
     """Start ``req`` on a Dispatch stream."""
-    return worker_pb2.DispatchMessage(start=engine_request_to_pb(req))
+    return worker_pb2.DispatchAction(start=engine_request_to_pb(req))
 
 
-def dispatch_abort_to_pb(request_id: str) -> worker_pb2.DispatchMessage:
+def dispatch_abort_to_pb(request_id: str) -> worker_pb2.DispatchAction:
     """Abort a request started on the same Dispatch stream."""
-    return worker_pb2.DispatchMessage(abort=worker_pb2.AbortRequest(request_id=request_id))
+    return worker_pb2.DispatchAction(abort=worker_pb2.AbortRequest(request_id=request_id))
 
 
-def dispatch_from_pb(pb: worker_pb2.DispatchMessage) -> EngineRequest | str | None:
-    """A Dispatch message as the worker acts on it: the request to start, the id of the request
-    to abort (a ``str``), or None for a message with neither (a newer client's kind)."""
+def dispatch_from_pb(pb: worker_pb2.DispatchAction) -> EngineRequest | str | None:
+    """A Dispatch action as the worker acts on it: the request to start, the id of the request
+    to abort (a ``str``), or None for an action with neither (a newer client's kind)."""
     kind = pb.WhichOneof("kind")
     if kind == "start":
         return engine_request_from_pb(pb.start)

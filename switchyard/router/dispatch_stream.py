@@ -9,15 +9,17 @@ router core and ``MovableStream`` always had, so nothing above it changes.
 
 How it keeps the per-request semantics of one call per request:
 
-* **Demultiplexing never waits for a consumer.** One reader task takes each chunk and hands it
-  to its request's inbox, which holds at most one pending chunk: a chunk arriving while one is
+* **Demultiplexing never waits for a consumer.** One reader task takes each message (the
+  worker packs the chunks that are ready together into one) and hands each chunk to its
+  request's inbox, which holds at most one pending chunk: a chunk arriving while one is
   pending is merged into it (``MergeFrom``: token ids appended, the latest finish state and
   error). A consumer that reads slowly costs memory for its own tokens only and never stalls
   the reader or the other requests on the stream.
 * **One writer.** gRPC allows one write in flight per call, and a task cancelled inside
   ``write`` cancels the whole call, so only this stream's own writer task writes; starts and
   aborts are queued synchronously (an abort can therefore be sent from a ``finally`` that runs
-  under cancellation or garbage collection).
+  under cancellation or garbage collection), and whatever queued up during a write goes out
+  in the next message, in order (a burst of requests costs a few messages, not one each).
 * **Closing a request's iterator aborts it** on the worker (an abort message) unless its last
   chunk already arrived. The worker answers every abort of a running request with a terminal
   chunk, so the chunks still in flight for an aborted request are recognised and dropped, and
@@ -32,9 +34,10 @@ How it keeps the per-request semantics of one call per request:
 * **A request id already streaming here is refused** (``InvalidRequestError``) before anything
   is sent: two requests under one id could not be told apart.
 
-Cost (hot path). Per chunk the reader does one dict lookup, reads two fields and either
-completes the consumer's future or merges; per consumed output the consumer does one status
-check and one conversion (``wire.output_from_pb``). Per request: one start message, one inbox.
+Cost (hot path). Per message the reader wakes once; per chunk in it, one dict lookup, two
+field reads, and either completing the consumer's future or a merge; per consumed output the
+consumer does one status check and one conversion (``wire.output_from_pb``). Per request: one
+start action (sharing a message with those queued beside it), one inbox, one future per wait.
 """
 
 from __future__ import annotations
@@ -56,13 +59,16 @@ __all__ = ["DispatchCall", "DispatchStream", "RequestInbox"]
 
 logger = logging.getLogger(__name__)
 
+MAX_ACTIONS_PER_REQUEST = 512
+"""Actions packed into one message at most (a burst of starts goes out in a few messages)."""
+
 
 class DispatchCall(Protocol):
     """The parts of a ``grpc.aio.StreamStreamCall`` that a dispatch stream uses (tests fake it)."""
 
     async def read(self) -> object: ...
 
-    async def write(self, request: worker_pb2.DispatchMessage) -> None: ...
+    async def write(self, request: worker_pb2.DispatchRequest) -> None: ...
 
     def cancel(self) -> bool: ...
 
@@ -134,7 +140,7 @@ class DispatchStream:
         self._call = call
         self._inboxes: dict[str, RequestInbox] = {}
         self._aborted: dict[str, int] = {}  # request id -> aborts whose terminal chunk is still due
-        self._outbox: deque[worker_pb2.DispatchMessage] = deque()
+        self._outbox: deque[worker_pb2.DispatchAction] = deque()
         self._wake: asyncio.Future[None] | None = None
         self._closing = False
         self._ended: str | None = None  # why the stream is over; None while it is usable
@@ -225,10 +231,11 @@ class DispatchStream:
         cancelled = False
         try:
             while True:
-                chunk = await read()
-                if chunk is grpc.aio.EOF:
+                reply = await read()
+                if reply is grpc.aio.EOF:
                     break
-                deliver(cast(worker_pb2.GenerateChunk, chunk))
+                for chunk in cast(worker_pb2.DispatchReply, reply).chunks:
+                    deliver(chunk)
         except grpc.aio.AioRpcError as exc:
             reason = f"Dispatch: {exc.details() or exc.code().name}"
         except asyncio.CancelledError:
@@ -265,18 +272,22 @@ class DispatchStream:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def _send(self, msg: worker_pb2.DispatchMessage) -> None:
+    def _send(self, msg: worker_pb2.DispatchAction) -> None:
         self._outbox.append(msg)
         wake = self._wake
         if wake is not None and not wake.done():
             wake.set_result(None)
 
     async def _write_loop(self) -> None:
-        outbox, write = self._outbox, self._call.write
+        outbox, write, request_cls = self._outbox, self._call.write, worker_pb2.DispatchRequest
         try:
             while True:
                 while outbox:
-                    await write(outbox.popleft())
+                    msg = request_cls()
+                    msg.actions.extend(
+                        outbox.popleft() for _ in range(min(len(outbox), MAX_ACTIONS_PER_REQUEST))
+                    )
+                    await write(msg)
                 self._wake = self.loop.create_future()
                 await self._wake
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):

@@ -7,11 +7,16 @@ never needed, and the servicer stays a thin converter. The contract is the proto
 
 * **One task per request** runs the engine's stream exactly as a ``Generate`` handler does,
   and releases it the same way (``engine.release_stream``: unfinished means aborted).
-* **One writer.** gRPC allows one write in flight per call, so request tasks never write: an
-  output becomes a chunk that is either queued (the request had nothing pending) or merged
-  into the chunk still waiting (``MergeFrom``: token ids appended, the latest finish state).
-  A router that reads slowly therefore costs at most one pending chunk per request, never a
-  growing queue, and the engine is never held up by the network.
+* **One writer, many chunks per message.** gRPC allows one write in flight per call, so request
+  tasks never write: an output becomes a chunk that is either queued (the request had nothing
+  pending) or merged into the chunk still waiting (``MergeFrom``: token ids appended, the
+  latest finish state). The writer sends every waiting chunk in one ``DispatchReply``, after
+  yielding to the loop once so that the outputs of one engine step (every running request's
+  token, delivered in the same loop iteration) share a message: on one call, each message
+  costs the router a wake-up of its own (measured: ~140-180 µs of CPU per message received on
+  one stream against ~110 µs on separate calls), so packing is what makes the stream pay off
+  per token too. A router that reads slowly costs at most one pending chunk per request,
+  never a growing queue, and the engine is never held up by the network.
 * **Exactly one terminal chunk per started request**: its finishing output, its error
   (``error_chunk``, status from the one table, logged like a failed RPC), or, when the router
   aborts it, an ``abort`` acknowledgement that replaces whatever was still pending. The router
@@ -22,7 +27,8 @@ never needed, and the servicer stays a thin converter. The contract is the proto
   request, so the old request's abort cannot hit the new one inside the engine.
 
 Cost per streamed output: one protobuf conversion (as ``Generate``), then either one deque
-append and a future wake-up or one ``MergeFrom``; the writer does one ``await write`` per chunk.
+append and a future wake-up or one ``MergeFrom``; the writer copies each chunk into its batch
+and does one ``await write`` per batch.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ __all__ = ["DispatchSession"]
 
 logger = logging.getLogger(__name__)
 
+MAX_CHUNKS_PER_REPLY = 512
+"""Chunks packed into one message at most, so one message stays small (a few tens of KB)."""
+
 
 class _Running:
     """A request started on the stream: its task and the chunk it has waiting for the writer."""
@@ -65,7 +74,7 @@ class DispatchSession:
         self,
         engine: Engine,
         instance_id: str,
-        write: Callable[[worker_pb2.GenerateChunk], Awaitable[None]],
+        write: Callable[[worker_pb2.DispatchReply], Awaitable[None]],
     ) -> None:
         self._engine = engine
         self._instance_id = instance_id
@@ -83,8 +92,8 @@ class DispatchSession:
         """Requests started on this stream and not yet ended."""
         return len(self._running)
 
-    def handle(self, msg: worker_pb2.DispatchMessage) -> None:
-        """Act on one message from the router (never blocks: starts are tasks)."""
+    def handle(self, msg: worker_pb2.DispatchAction) -> None:
+        """Act on one action from the router (never blocks: starts are tasks)."""
         action = wire.dispatch_from_pb(msg)
         if isinstance(action, EngineRequest):
             self._start(action)
@@ -199,14 +208,20 @@ class DispatchSession:
             wake.set_result(None)
 
     async def _write_loop(self) -> None:
-        ready, write = self._ready, self._write
+        ready, write, reply_cls = self._ready, self._write, worker_pb2.DispatchReply
         while True:
-            while ready:
+            if not ready:
+                if self._finishing and not self._running:
+                    return
+                self._wake = self._loop.create_future()
+                await self._wake
+                await asyncio.sleep(0)  # the rest of this engine step's outputs join the message
+            reply = reply_cls()
+            chunks = reply.chunks
+            for _ in range(min(len(ready), MAX_CHUNKS_PER_REPLY)):
                 r = ready.popleft()
                 chunk, r.pending = r.pending, None
                 if chunk is not None:
-                    await write(chunk)
-            if self._finishing and not self._running:
-                return
-            self._wake = self._loop.create_future()
-            await self._wake
+                    chunks.append(chunk)
+            if chunks:
+                await write(reply)

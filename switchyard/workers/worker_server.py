@@ -71,7 +71,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         await self._serve_stream(lambda: self._engine.generate(req), req.request_id, context)
 
     async def Dispatch(
-        self, request_iterator: AsyncIterable[worker_pb2.DispatchMessage], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterable[worker_pb2.DispatchRequest], context: grpc.aio.ServicerContext
     ) -> None:
         """A router's multiplexed stream: starts and aborts in, every request's chunks out.
 
@@ -81,7 +81,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         session = DispatchSession(self._engine, self._info.instance_id, context.write)
         try:
             async for msg in request_iterator:
-                session.handle(msg)
+                for action in msg.actions:
+                    session.handle(action)
             await session.finish()
         finally:
             await session.close()

@@ -10,7 +10,7 @@ request's own failure surfaces as the same error a ``Generate`` call gave.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -91,9 +91,23 @@ async def tokens_of(stream: AsyncIterator[EngineOutput]) -> list[int]:
 
 async def read_to_end(call: grpc.aio.StreamStreamCall) -> list[worker_pb2.GenerateChunk]:
     chunks = []
-    while (chunk := await call.read()) is not grpc.aio.EOF:
-        chunks.append(chunk)
+    while (reply := await call.read()) is not grpc.aio.EOF:
+        chunks.extend(reply.chunks)
     return chunks
+
+
+async def read_until(
+    call: grpc.aio.StreamStreamCall, done: Callable[[worker_pb2.GenerateChunk], bool]
+) -> list[worker_pb2.GenerateChunk]:
+    """Chunks up to the first one that ``done`` accepts (a message may hold more: kept)."""
+    chunks: list[worker_pb2.GenerateChunk] = []
+    while not any(done(c) for c in chunks):
+        chunks.extend((await call.read()).chunks)
+    return chunks
+
+
+def send(*actions: worker_pb2.DispatchAction) -> worker_pb2.DispatchRequest:
+    return worker_pb2.DispatchRequest(actions=actions)
 
 
 async def test_many_concurrent_requests_share_one_stream(worker: Worker, client: WorkerClient) -> None:
@@ -206,13 +220,12 @@ async def test_duplicate_ids_are_refused_on_both_sides(worker: Worker, client: W
     # A client that does send a duplicate start gets a precise per-request error.
     async with grpc.aio.insecure_channel(worker.address) as channel:
         call = worker_pb2_grpc.WorkerStub(channel).Dispatch()
-        await call.write(wire.dispatch_start_to_pb(request("twice", 30)))
-        await call.write(wire.dispatch_start_to_pb(request("twice", 30)))
-        chunks = []
-        while not chunks or not (chunks[-1].finished or chunks[-1].error_code):
-            chunks.append(await call.read())
-        assert chunks[-1].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert chunks[-1].error_message == "request id 'twice' is already running on this dispatch stream"
+        await call.write(send(wire.dispatch_start_to_pb(request("twice", 30))))
+        await call.write(send(wire.dispatch_start_to_pb(request("twice", 30))))
+        chunks = await read_until(call, lambda c: c.error_code != 0)
+        errors = [c for c in chunks if c.error_code]
+        assert [c.error_code for c in errors] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+        assert errors[0].error_message == "request id 'twice' is already running on this dispatch stream"
         await call.done_writing()  # half-close: the running one still finishes
         rest = await read_to_end(call)
         assert rest[-1].finished and rest[-1].finish_reason == "length"
@@ -268,15 +281,13 @@ async def test_the_abort_ack_is_one_terminal_chunk(worker: Worker) -> None:
     abort of an unknown or finished id by nothing."""
     async with grpc.aio.insecure_channel(worker.address) as channel:
         call = worker_pb2_grpc.WorkerStub(channel).Dispatch()
-        await call.write(wire.dispatch_start_to_pb(request("a", 500)))
-        first = await call.read()
-        assert first.request_id == "a" and not first.finished
-        await call.write(wire.dispatch_abort_to_pb("a"))
-        await call.write(wire.dispatch_abort_to_pb("never-started"))
-        chunks: list[worker_pb2.GenerateChunk] = []
-        while not chunks or not chunks[-1].finished:
-            chunks.append(await call.read())
+        await call.write(send(wire.dispatch_start_to_pb(request("a", 500))))
+        first = await read_until(call, lambda c: True)
+        assert first[0].request_id == "a" and not first[-1].finished
+        await call.write(send(wire.dispatch_abort_to_pb("a"), wire.dispatch_abort_to_pb("never-started")))
+        chunks = await read_until(call, lambda c: c.finished)
         assert (chunks[-1].finish_reason, list(chunks[-1].token_ids)) == ("abort", [])
+        assert sum(c.finished for c in chunks) == 1
         await call.done_writing()
         assert await read_to_end(call) == []
     await eventually(lambda: worker.engine.running == 0, within_s=5)

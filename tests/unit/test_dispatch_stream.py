@@ -21,15 +21,22 @@ from switchyard.router.dispatch_stream import DispatchStream
 
 
 class FakeCall:
-    """Chunks come from ``push``; writes are recorded; ``cancel`` ends reading with CancelledError."""
+    """Chunks come from ``push`` (one message each, or several in one with ``push_many``); writes
+    are recorded; ``cancel`` ends reading with CancelledError."""
 
     def __init__(self) -> None:
         self._incoming: asyncio.Queue[object] = asyncio.Queue()
-        self.sent: list[worker_pb2.DispatchMessage] = []
+        self.sent: list[worker_pb2.DispatchRequest] = []
         self.cancelled = False
 
-    def push(self, item: object) -> None:
-        self._incoming.put_nowait(item)
+    def push(self, item: worker_pb2.GenerateChunk | BaseException) -> None:
+        if isinstance(item, worker_pb2.GenerateChunk):
+            self.push_many([item])
+        else:
+            self._incoming.put_nowait(item)
+
+    def push_many(self, chunks: Sequence[worker_pb2.GenerateChunk]) -> None:
+        self._incoming.put_nowait(worker_pb2.DispatchReply(chunks=chunks))
 
     async def read(self) -> object:
         item = await self._incoming.get()
@@ -37,7 +44,7 @@ class FakeCall:
             raise item
         return item
 
-    async def write(self, request: worker_pb2.DispatchMessage) -> None:
+    async def write(self, request: worker_pb2.DispatchRequest) -> None:
         self.sent.append(request)
 
     def cancel(self) -> bool:
@@ -49,8 +56,7 @@ class FakeCall:
 
     def sent_kinds(self) -> list[tuple[str, str]]:
         out = []
-        for m in self.sent:
-            action = wire.dispatch_from_pb(m)
+        for action in (wire.dispatch_from_pb(a) for m in self.sent for a in m.actions):
             if isinstance(action, EngineRequest):
                 out.append(("start", action.request_id))
             else:
@@ -109,11 +115,12 @@ async def test_interleaved_chunks_reach_their_own_requests(call: FakeCall, strea
     readers = {rid: asyncio.create_task(drain(stream, rid)) for rid in rids}
     await settle()
     assert call.sent_kinds() == [("start", rid) for rid in rids]
-    for step in range(5):
-        for i, rid in enumerate(rids):
-            last = step == 4
-            reason = FinishReason.LENGTH if last else None
-            call.push(chunk(rid, [i * 100 + step], finished=last, reason=reason))
+    for step in range(5):  # one message per step, every request's chunk in it (an engine step)
+        last = step == 4
+        reason = FinishReason.LENGTH if last else None
+        call.push_many(
+            [chunk(rid, [i * 100 + step], finished=last, reason=reason) for i, rid in enumerate(rids)]
+        )
         await settle()  # consumers keep up: one output per chunk
     for i, rid in enumerate(rids):
         outs = await readers[rid]
@@ -122,6 +129,7 @@ async def test_interleaved_chunks_reach_their_own_requests(call: FakeCall, strea
         inboxes[rid].close()
     assert stream.num_requests == 0
     assert [k for k, _ in call.sent_kinds()].count("abort") == 0, "finished requests need no abort"
+    assert len(call.sent) == 1, "the starts queued together went out in one message"
 
 
 async def test_slow_consumer_gets_merged_deltas_and_never_blocks_a_fast_one(

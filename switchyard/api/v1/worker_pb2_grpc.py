@@ -41,8 +41,8 @@ class WorkerStub:
                 _registered_method=True)
         self.Dispatch = channel.stream_stream(
                 '/switchyard.v1.Worker/Dispatch',
-                request_serializer=switchyard_dot_v1_dot_worker__pb2.DispatchMessage.SerializeToString,
-                response_deserializer=switchyard_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
+                request_serializer=switchyard_dot_v1_dot_worker__pb2.DispatchRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_worker__pb2.DispatchReply.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/switchyard.v1.Worker/Abort',
@@ -98,7 +98,8 @@ class WorkerServicer:
 
     def Dispatch(self, request_iterator, context):
         """A router's long-lived, multiplexed stream to this worker: starts and aborts go in, every
-        request's chunks come back tagged by request_id. Contract:
+        request's chunks come back tagged by request_id, several per message when they are ready
+        together (a gRPC message costs far more to receive than its bytes). Contract:
         * every started request gets exactly one terminal chunk: finished, an error, or (after an
         abort) finished with finish_reason "abort" and no tokens; an abort of a request that
         already ended is ignored, so a request id may be reused once its terminal chunk is out;
@@ -171,8 +172,8 @@ def add_WorkerServicer_to_server(servicer, server):
             ),
             'Dispatch': grpc.stream_stream_rpc_method_handler(
                     servicer.Dispatch,
-                    request_deserializer=switchyard_dot_v1_dot_worker__pb2.DispatchMessage.FromString,
-                    response_serializer=switchyard_dot_v1_dot_worker__pb2.GenerateChunk.SerializeToString,
+                    request_deserializer=switchyard_dot_v1_dot_worker__pb2.DispatchRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_worker__pb2.DispatchReply.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -267,8 +268,8 @@ class Worker:
             request_iterator,
             target,
             '/switchyard.v1.Worker/Dispatch',
-            switchyard_dot_v1_dot_worker__pb2.DispatchMessage.SerializeToString,
-            switchyard_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
+            switchyard_dot_v1_dot_worker__pb2.DispatchRequest.SerializeToString,
+            switchyard_dot_v1_dot_worker__pb2.DispatchReply.FromString,
             options,
             channel_credentials,
             insecure,
