@@ -9,7 +9,9 @@ An RPC handler guards its body with ``async with abort_on_error(context, logger,
 rather than its own ``try``/``except``: the exception is logged (with its traceback only when
 it becomes ``INTERNAL``, an engine failure or a bug) and the RPC ends with the status of the
 one table. A context manager rather than a decorator, so a streaming handler's ``finally`` (which
-releases the engine request) still runs after the abort, as it always has.
+releases the engine request) still runs after the abort, as it always has. A failure that ends
+one request of a multiplexed stream (``Worker.Dispatch``) rather than a whole RPC goes through
+:func:`failure_status`, the same logging and the same table, without ending the call.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from switchyard.api import wire
 
-__all__ = ["SERVER_OPTIONS", "abort_on_error", "abort_rpc", "bind_server", "start_serving"]
+__all__ = ["SERVER_OPTIONS", "abort_on_error", "abort_rpc", "bind_server", "failure_status", "start_serving"]
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # Accept keepalive pings from clients that send them every >= 5 s; routers ping workers
@@ -36,18 +38,28 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
-async def abort_rpc(
-    context: grpc.aio.ServicerContext, exc: Exception, log: logging.Logger, what: str, *args: object
-) -> NoReturn:
-    """End the RPC with the status our one error table gives for ``exc``; log ``what`` failed.
+def failure_status(
+    exc: Exception, log: logging.Logger, what: str, *args: object
+) -> tuple[grpc.StatusCode, str]:
+    """The status our one error table gives for ``exc``, after logging that ``what`` failed.
 
-    ``what`` is a %-format naming the RPC (``"worker RPC Abort %s"``) and ``args`` its values.
+    ``what`` is a %-format naming the operation (``"worker RPC Abort %s"``) and ``args`` its
+    values. The traceback is logged only for ``INTERNAL`` (an engine failure or a bug).
     """
     code, details = wire.status_for_error(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.error(what + " failed", *args, exc_info=exc)
     else:
         log.info(what + " failed: %s", *args, exc)
+    return code, details
+
+
+async def abort_rpc(
+    context: grpc.aio.ServicerContext, exc: Exception, log: logging.Logger, what: str, *args: object
+) -> NoReturn:
+    """End the RPC with the status our one error table gives for ``exc``; log ``what`` failed
+    (:func:`failure_status`)."""
+    code, details = failure_status(exc, log, what, *args)
     await context.abort(code, details)
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 

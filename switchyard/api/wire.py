@@ -8,6 +8,12 @@ because both servicers need exactly the same table.
 Cost note: the per-chunk converters (``output_to_pb``/``output_from_pb``) run once per
 streamed delta on the hot path; they copy only the delta's token IDs (a handful per chunk)
 and build one object, nothing else.
+
+The ``Worker.Dispatch`` stream (many requests on one call) adds its messages here too: a
+start or an abort going to the worker (``DispatchAction``s, batched in a ``DispatchRequest``;
+chunks come back batched in a ``DispatchReply``), and a request's error riding on its last
+chunk (``error_chunk``/``chunk_status``), so a per-request failure crosses that stream with the
+same status code and details a ``Generate`` call would have ended with.
 """
 
 from __future__ import annotations
@@ -33,8 +39,13 @@ from switchyard.messages import (
 )
 
 __all__ = [
+    "chunk_status",
+    "dispatch_abort_to_pb",
+    "dispatch_from_pb",
+    "dispatch_start_to_pb",
     "engine_request_from_pb",
     "engine_request_to_pb",
+    "error_chunk",
     "instance_info_from_pb",
     "instance_info_to_pb",
     "kv_snapshot_from_pb",
@@ -170,6 +181,49 @@ def output_from_pb(pb: worker_pb2.GenerateChunk) -> EngineOutput:
         num_cached_tokens=pb.num_cached_tokens,
         instance_id=pb.instance_id,
     )
+
+
+# -- the Dispatch stream ------------------------------------------------------------------------
+
+_STATUS_BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def dispatch_start_to_pb(req: EngineRequest) -> worker_pb2.DispatchAction:
+    """Start ``req`` on a Dispatch stream."""
+    return worker_pb2.DispatchAction(start=engine_request_to_pb(req))
+
+
+def dispatch_abort_to_pb(request_id: str) -> worker_pb2.DispatchAction:
+    """Abort a request started on the same Dispatch stream."""
+    return worker_pb2.DispatchAction(abort=worker_pb2.AbortRequest(request_id=request_id))
+
+
+def dispatch_from_pb(pb: worker_pb2.DispatchAction) -> EngineRequest | str | None:
+    """A Dispatch action as the worker acts on it: the request to start, the id of the request
+    to abort (a ``str``), or None for an action with neither (a newer client's kind)."""
+    kind = pb.WhichOneof("kind")
+    if kind == "start":
+        return engine_request_from_pb(pb.start)
+    if kind == "abort":
+        return str(pb.abort.request_id)
+    return None
+
+
+def error_chunk(request_id: str, code: grpc.StatusCode, details: str) -> worker_pb2.GenerateChunk:
+    """The chunk that ends a failed request on a Dispatch stream (``code`` from ``status_for_error``)."""
+    return worker_pb2.GenerateChunk(request_id=request_id, error_code=code.value[0], error_message=details)
+
+
+def chunk_status(pb: worker_pb2.GenerateChunk) -> tuple[grpc.StatusCode, str] | None:
+    """The status a chunk ends its request with, or None for a chunk of a request still fine.
+
+    Note: read once per chunk consumed from a Dispatch stream; one int field check when fine.
+    """
+    value = pb.error_code
+    if not value:
+        return None
+    code = _STATUS_BY_VALUE.get(value, grpc.StatusCode.UNKNOWN)
+    return code, pb.error_message or code.name
 
 
 # -- migration ----------------------------------------------------------------------------------

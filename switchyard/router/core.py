@@ -303,7 +303,7 @@ class RouterCore:
                     dispatch.finished()
                     if self._streams.get(req.request_id) is stream:
                         del self._streams[req.request_id]
-                    await stream.aclose()  # cancels the RPC if still open: the worker aborts
+                    await stream.aclose()  # still running: an abort goes to the worker
                 # Only EngineDeadError (or an early end) gets here: fail over or give up.
                 iid = stream.instance_id  # the instance that died (a migration may have moved it)
                 self._registry.mark_down(iid)

@@ -5,11 +5,17 @@ into our error tree (``_translate``), with ``raise ... from exc``; nothing above
 sees a ``grpc`` type. The important distinction for the router is ``EngineDeadError`` (the
 instance is gone: fail the request over) versus everything else (the request itself failed).
 
-Cancellation is the abort path: closing or cancelling a ``generate`` iterator cancels the RPC,
-gRPC cancels the worker's handler, and the worker aborts the request on its engine. A
-channel closed under a live stream (the instance left the membership) surfaces in gRPC as a
+Requests go out on one long-lived, multiplexed ``Worker.Dispatch`` call per worker
+(``router/dispatch_stream.py``), opened on first use and again after it breaks: a new call per
+request cost the gateway ~650 µs of CPU, a message on an open stream ~240 µs. ``generate``
+still returns one ``AsyncIterator[EngineOutput]`` per request, with the semantics a call per
+request had: closing or cancelling it aborts the request on the worker, a stream that breaks
+ends it with ``EngineDeadError``, and a request's own failure arrives as the same error, with
+the same message, that a failed call carried (both go through ``_error``).
+
+A channel closed under a live call (the instance left the membership) surfaces in gRPC as a
 bare ``CancelledError``; that is reported as ``EngineDeadError`` so the request moves instead
-of looking like a client cancel.
+of looking like a client cancel. ``AdmitMigrated`` and ``StreamLoad`` keep a call each.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from switchyard.messages import (
     LoadReport,
     SuspendedRequest,
 )
+from switchyard.router.dispatch_stream import DispatchStream
 
 __all__ = ["CHANNEL_OPTIONS", "UNARY_TIMEOUT_S", "WorkerClient"]
 
@@ -83,6 +90,9 @@ class WorkerClient:
         self.instance_id = instance_id or address
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._dispatch: DispatchStream | None = None
+        self.dispatch_streams_opened = 0
+        """How many Dispatch calls this client has opened (1 while none broke)."""
         self._closed = False
 
     @classmethod
@@ -94,18 +104,39 @@ class WorkerClient:
         return f"WorkerClient({self.instance_id!r} at {self.address!r})"
 
     async def generate(self, req: EngineRequest) -> AsyncGenerator[EngineOutput, None]:
-        """Stream ``req``'s output deltas; closing or cancelling the iterator cancels the RPC.
+        """Stream ``req``'s output deltas; closing or cancelling the iterator aborts the request.
 
-        Raises ``EngineDeadError`` when the instance is unreachable or goes away mid-stream.
+        Raises ``EngineDeadError`` when the instance is unreachable or goes away mid-stream, and
+        ``InvalidRequestError`` when a request with the same id is streaming from this instance.
+        An async generator (not the inbox itself) so that an iterator dropped without being
+        closed still aborts its request when it is collected.
         """
-        call = self._stub.Generate(wire.engine_request_to_pb(req))
+        inbox = self._dispatch_stream().start(req)
         try:
-            with self._translate("Generate"):
-                # Hot path: one conversion per delta; gRPC's read is the only await.
-                async for chunk in call:
-                    yield wire.output_from_pb(chunk)
+            next_output = inbox.next
+            # Hot path: the inbox's wait is the only await; several deltas may come merged.
+            while True:
+                out = await next_output()
+                yield out
+                if out.finished:
+                    return
         finally:
-            call.cancel()  # no-op once the stream has ended; otherwise the worker aborts
+            inbox.close()  # a no-op once the request ended; otherwise the worker aborts it
+
+    def _dispatch_stream(self) -> DispatchStream:
+        """The open Dispatch call, opened now if there is none or the last one broke."""
+        stream = self._dispatch
+        if stream is None or stream.ended:
+            if self._closed:
+                raise EngineDeadError(f"instance {self.instance_id} was removed")
+            stream = self._dispatch = DispatchStream(
+                self._stub.Dispatch(),
+                instance_id=self.instance_id,
+                address=self.address,
+                request_error=lambda code, details: self._error(code.name, details, "Dispatch"),
+            )
+            self.dispatch_streams_opened += 1
+        return stream
 
     async def abort(self, request_id: str) -> bool:
         """Ask the worker to stop a request; False when it had already finished."""
@@ -193,6 +224,8 @@ class WorkerClient:
     async def close(self) -> None:
         """Close the channel; streams still open on it end with ``EngineDeadError``."""
         self._closed = True
+        if self._dispatch is not None:
+            await self._dispatch.close()
         await self._channel.close()
 
     async def __aenter__(self) -> WorkerClient:
@@ -203,22 +236,23 @@ class WorkerClient:
     ) -> None:
         await self.close()
 
+    def _error(self, code: str, details: str, method: str) -> SwitchyardError:
+        """The one gRPC-to-Switchyard translation table for a worker's status (``code`` is a
+        ``grpc.StatusCode`` name): a failed call's, or one request's on the Dispatch stream."""
+        err_cls = _WORKER_CODE_TO_ERROR.get(code, EngineRequestError)
+        if err_cls is EngineDeadError:
+            where = f"instance {self.instance_id} at {self.address}"
+            return err_cls(f"{where} is unavailable ({method}: {details})")
+        return err_cls(details)
+
     @contextlib.contextmanager
     def _translate(self, method: str) -> Iterator[None]:
-        """The one gRPC-to-Switchyard translation table for calls to a worker."""
+        """Calls to a worker raise our errors (``_error``) instead of gRPC's."""
         try:
             yield
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
-            err_cls = _WORKER_CODE_TO_ERROR.get(code, EngineRequestError)
-            details = exc.details() or code
-            if err_cls is EngineDeadError:
-                message = (
-                    f"instance {self.instance_id} at {self.address} is unavailable ({method}: {details})"
-                )
-            else:
-                message = details
-            raise err_cls(message) from exc
+            raise self._error(code, exc.details() or code, method) from exc
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if self._closed and task is not None and task.cancelling() == 0:

@@ -9,16 +9,21 @@ engine that cannot migrate raises ``MigrationError`` from them, and the request 
 Contract of ``generate`` (vLLM's own): on cancellation or ``GeneratorExit`` the adapter aborts
 the request and re-raises; Switchyard errors pass through unchanged; anything else is wrapped
 as ``EngineRequestError ... from exc``; ``EngineDeadError`` once the engine cannot serve.
+Whoever serves a stream ends it with :func:`release_stream`, which applies that contract.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
+from switchyard import aio
 from switchyard.messages import EngineOutput, EngineRequest, KvSnapshot, LoadReport, SuspendedRequest
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "release_stream"]
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -85,3 +90,20 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Abort everything and release the engine's processes and memory."""
         ...
+
+
+async def release_stream(
+    engine: Engine, stream: AsyncIterator[EngineOutput], request_id: str, *, aborted: bool
+) -> None:
+    """Close an engine stream now and, if it did not finish, abort its request; never raises.
+
+    Closing now rather than leaving it to the garbage collector is what makes an unfinished
+    request's abort immediate: ``GeneratorExit`` inside the engine's ``generate`` aborts per
+    the contract above, and ``abort()`` covers engines whose generator had already ended.
+    """
+    try:
+        await aio.aclose(stream)
+        if aborted:
+            await engine.abort(request_id)
+    except Exception:
+        logger.exception("releasing request %s on the engine failed", request_id)

@@ -11,22 +11,26 @@ coroutine the ``CancelledError`` always lands inside our own code (in the engine
 ``__anext__`` or in ``write``), so the ``finally`` that aborts the engine request runs at once.
 An async-generator handler suspended at ``yield`` would leave that cleanup to the garbage
 collector.
+
+``Dispatch`` is the routers' path: one long-lived call per router carrying many requests, whose
+state lives in ``workers/dispatch_session.py``; ``Generate`` (one request per call) stays for
+other clients, and ``AdmitMigrated`` keeps its own call per migrated request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import grpc
 
-from switchyard import aio
 from switchyard.api import wire
 from switchyard.api.server import abort_on_error, bind_server, start_serving
 from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
 from switchyard.messages import EngineOutput, InstanceInfo
-from switchyard.workers.engine import Engine
+from switchyard.workers.dispatch_session import DispatchSession
+from switchyard.workers.engine import Engine, release_stream
 
 __all__ = [
     "DEFAULT_LOAD_INTERVAL_S",
@@ -46,7 +50,7 @@ SERVICE_NAME = "switchyard.v1.Worker"
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
-    """Serves one engine: Generate, Abort, StreamLoad, GetInstanceInfo and the migration steps."""
+    """Serves one engine: Dispatch, Generate, Abort, StreamLoad, GetInstanceInfo and the migration steps."""
 
     def __init__(
         self, engine: Engine, info: InstanceInfo, *, load_interval_s: float = DEFAULT_LOAD_INTERVAL_S
@@ -65,6 +69,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         """Stream the engine's output deltas; a client cancel aborts the engine request."""
         req = wire.engine_request_from_pb(request)
         await self._serve_stream(lambda: self._engine.generate(req), req.request_id, context)
+
+    async def Dispatch(
+        self, request_iterator: AsyncIterable[worker_pb2.DispatchRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        """A router's multiplexed stream: starts and aborts in, every request's chunks out.
+
+        Whatever ends the call (the router cancels, the connection breaks, the server stops)
+        aborts every request still running on it; a half-close lets them finish first.
+        """
+        session = DispatchSession(self._engine, self._info.instance_id, context.write)
+        try:
+            async for msg in request_iterator:
+                for action in msg.actions:
+                    session.handle(action)
+            await session.finish()
+        finally:
+            await session.close()
 
     async def _serve_stream(
         self,
@@ -85,12 +106,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
                         finished = True
                         break
         finally:
-            # Close the engine's generator now rather than leaving it to the garbage collector.
-            # Unfinished (client cancel, closed stream, error), that is the abort: GeneratorExit
-            # inside the engine's generate aborts per the Engine contract, and abort() covers
-            # engines whose generator had already ended.
+            # Unfinished (client cancel, closed stream, error), releasing is the abort.
             if stream is not None:
-                await _release(self._engine, stream, request_id, aborted=not finished)
+                await release_stream(self._engine, stream, request_id, aborted=not finished)
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -162,18 +180,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     ) -> worker_pb2.InstanceInfo:
         """Identity and static facts of this instance."""
         return self._info_pb
-
-
-async def _release(
-    engine: Engine, stream: AsyncIterator[EngineOutput], request_id: str, *, aborted: bool
-) -> None:
-    """Close an engine stream and, if it did not finish, abort its request; never raises."""
-    try:
-        await aio.aclose(stream)
-        if aborted:
-            await engine.abort(request_id)
-    except Exception:
-        logger.exception("releasing request %s on the engine failed", request_id)
 
 
 async def start_worker_server(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchyard/v1/worker.proto\x12\rswitchyard.v1\"\x84\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0b \x01(\x02\x42\x07\n\x05_seed\"p\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.switchyard.v1.SamplingParams\"\xaa\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"(\n\x11LoadReportRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\xa8\x02\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x1e\n\x16waiting_prefill_tokens\x18\x05 \x01(\x04\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x04\x12\x13\n\x0bstep_time_s\x18\x08 \x01(\x01\x12\"\n\x1aprefix_cache_queries_total\x18\t \x01(\x04\x12\x1f\n\x17prefix_cache_hits_total\x18\n \x01(\x04\x12\x1d\n\x15num_preemptions_total\x18\x0b \x01(\x04\"\x15\n\x13InstanceInfoRequest\"\xbd\x01\n\x0cInstanceInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x13\n\x0bincarnation\x18\x08 \x01(\r\x12\x1a\n\x12kv_bytes_per_block\x18\t \x01(\x04\"S\n\x0fSnapshotRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x66ter_tokens\x18\x02 \x01(\r\x12\x16\n\x0emin_new_blocks\x18\x03 \x01(\r\"i\n\nKvSnapshot\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x1f\n\x17kv_transfer_params_json\x18\x04 \x01(\t\",\n\x0fShadowPullReply\x12\x19\n\x11num_cached_tokens\x18\x01 \x01(\r\"$\n\x0eSuspendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xd8\x01\n\x10SuspendedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x18\n\x10output_token_ids\x18\x04 \x03(\r\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.switchyard.v1.SamplingParams\x12\x1f\n\x17kv_transfer_params_json\x18\x06 \x01(\t\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xb3\x05\n\x06Worker\x12J\n\x08Generate\x12\x1e.switchyard.v1.GenerateRequest\x1a\x1c.switchyard.v1.GenerateChunk0\x01\x12?\n\x05\x41\x62ort\x12\x1b.switchyard.v1.AbortRequest\x1a\x19.switchyard.v1.AbortReply\x12K\n\nStreamLoad\x12 .switchyard.v1.LoadReportRequest\x1a\x19.switchyard.v1.LoadReport0\x01\x12R\n\x0fGetInstanceInfo\x12\".switchyard.v1.InstanceInfoRequest\x1a\x1b.switchyard.v1.InstanceInfo\x12\x45\n\x08Snapshot\x12\x1e.switchyard.v1.SnapshotRequest\x1a\x19.switchyard.v1.KvSnapshot\x12G\n\nShadowPull\x12\x19.switchyard.v1.KvSnapshot\x1a\x1e.switchyard.v1.ShadowPullReply\x12I\n\x07Suspend\x12\x1d.switchyard.v1.SuspendRequest\x1a\x1f.switchyard.v1.SuspendedRequest\x12P\n\rAdmitMigrated\x12\x1f.switchyard.v1.SuspendedRequest\x1a\x1c.switchyard.v1.GenerateChunk0\x01\x12N\n\x10ReleaseSuspended\x12\x1d.switchyard.v1.ReleaseRequest\x1a\x1b.switchyard.v1.ReleaseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswitchyard/v1/worker.proto\x12\rswitchyard.v1\"\x84\x02\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0b \x01(\x02\x42\x07\n\x05_seed\"p\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.switchyard.v1.SamplingParams\"\xd5\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\r\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\r\x12\x15\n\rerror_message\x18\t \x01(\t\"w\n\x0e\x44ispatchAction\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.switchyard.v1.GenerateRequestH\x00\x12,\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1b.switchyard.v1.AbortRequestH\x00\x42\x06\n\x04kind\"A\n\x0f\x44ispatchRequest\x12.\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x1d.switchyard.v1.DispatchAction\"=\n\rDispatchReply\x12,\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x1c.switchyard.v1.GenerateChunk\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"(\n\x11LoadReportRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\"\xa8\x02\n\nLoadReport\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x1e\n\x16waiting_prefill_tokens\x18\x05 \x01(\x04\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x04\x12\x13\n\x0bstep_time_s\x18\x08 \x01(\x01\x12\"\n\x1aprefix_cache_queries_total\x18\t \x01(\x04\x12\x1f\n\x17prefix_cache_hits_total\x18\n \x01(\x04\x12\x1d\n\x15num_preemptions_total\x18\x0b \x01(\x04\"\x15\n\x13InstanceInfoRequest\"\xbd\x01\n\x0cInstanceInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x13\n\x0bincarnation\x18\x08 \x01(\r\x12\x1a\n\x12kv_bytes_per_block\x18\t \x01(\x04\"S\n\x0fSnapshotRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x66ter_tokens\x18\x02 \x01(\r\x12\x16\n\x0emin_new_blocks\x18\x03 \x01(\r\"i\n\nKvSnapshot\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x1f\n\x17kv_transfer_params_json\x18\x04 \x01(\t\",\n\x0fShadowPullReply\x12\x19\n\x11num_cached_tokens\x18\x01 \x01(\r\"$\n\x0eSuspendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xd8\x01\n\x10SuspendedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x18\n\x10output_token_ids\x18\x04 \x03(\r\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.switchyard.v1.SamplingParams\x12\x1f\n\x17kv_transfer_params_json\x18\x06 \x01(\t\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\x81\x06\n\x06Worker\x12J\n\x08Generate\x12\x1e.switchyard.v1.GenerateRequest\x1a\x1c.switchyard.v1.GenerateChunk0\x01\x12L\n\x08\x44ispatch\x12\x1e.switchyard.v1.DispatchRequest\x1a\x1c.switchyard.v1.DispatchReply(\x01\x30\x01\x12?\n\x05\x41\x62ort\x12\x1b.switchyard.v1.AbortRequest\x1a\x19.switchyard.v1.AbortReply\x12K\n\nStreamLoad\x12 .switchyard.v1.LoadReportRequest\x1a\x19.switchyard.v1.LoadReport0\x01\x12R\n\x0fGetInstanceInfo\x12\".switchyard.v1.InstanceInfoRequest\x1a\x1b.switchyard.v1.InstanceInfo\x12\x45\n\x08Snapshot\x12\x1e.switchyard.v1.SnapshotRequest\x1a\x19.switchyard.v1.KvSnapshot\x12G\n\nShadowPull\x12\x19.switchyard.v1.KvSnapshot\x1a\x1e.switchyard.v1.ShadowPullReply\x12I\n\x07Suspend\x12\x1d.switchyard.v1.SuspendRequest\x1a\x1f.switchyard.v1.SuspendedRequest\x12P\n\rAdmitMigrated\x12\x1f.switchyard.v1.SuspendedRequest\x1a\x1c.switchyard.v1.GenerateChunk0\x01\x12N\n\x10ReleaseSuspended\x12\x1d.switchyard.v1.ReleaseRequest\x1a\x1b.switchyard.v1.ReleaseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,33 +36,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=308
   _globals['_GENERATEREQUEST']._serialized_end=420
   _globals['_GENERATECHUNK']._serialized_start=423
-  _globals['_GENERATECHUNK']._serialized_end=593
-  _globals['_ABORTREQUEST']._serialized_start=595
-  _globals['_ABORTREQUEST']._serialized_end=629
-  _globals['_ABORTREPLY']._serialized_start=631
-  _globals['_ABORTREPLY']._serialized_end=658
-  _globals['_LOADREPORTREQUEST']._serialized_start=660
-  _globals['_LOADREPORTREQUEST']._serialized_end=700
-  _globals['_LOADREPORT']._serialized_start=703
-  _globals['_LOADREPORT']._serialized_end=999
-  _globals['_INSTANCEINFOREQUEST']._serialized_start=1001
-  _globals['_INSTANCEINFOREQUEST']._serialized_end=1022
-  _globals['_INSTANCEINFO']._serialized_start=1025
-  _globals['_INSTANCEINFO']._serialized_end=1214
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1216
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1299
-  _globals['_KVSNAPSHOT']._serialized_start=1301
-  _globals['_KVSNAPSHOT']._serialized_end=1406
-  _globals['_SHADOWPULLREPLY']._serialized_start=1408
-  _globals['_SHADOWPULLREPLY']._serialized_end=1452
-  _globals['_SUSPENDREQUEST']._serialized_start=1454
-  _globals['_SUSPENDREQUEST']._serialized_end=1490
-  _globals['_SUSPENDEDREQUEST']._serialized_start=1493
-  _globals['_SUSPENDEDREQUEST']._serialized_end=1709
-  _globals['_RELEASEREQUEST']._serialized_start=1711
-  _globals['_RELEASEREQUEST']._serialized_end=1747
-  _globals['_RELEASEREPLY']._serialized_start=1749
-  _globals['_RELEASEREPLY']._serialized_end=1781
-  _globals['_WORKER']._serialized_start=1784
-  _globals['_WORKER']._serialized_end=2475
+  _globals['_GENERATECHUNK']._serialized_end=636
+  _globals['_DISPATCHACTION']._serialized_start=638
+  _globals['_DISPATCHACTION']._serialized_end=757
+  _globals['_DISPATCHREQUEST']._serialized_start=759
+  _globals['_DISPATCHREQUEST']._serialized_end=824
+  _globals['_DISPATCHREPLY']._serialized_start=826
+  _globals['_DISPATCHREPLY']._serialized_end=887
+  _globals['_ABORTREQUEST']._serialized_start=889
+  _globals['_ABORTREQUEST']._serialized_end=923
+  _globals['_ABORTREPLY']._serialized_start=925
+  _globals['_ABORTREPLY']._serialized_end=952
+  _globals['_LOADREPORTREQUEST']._serialized_start=954
+  _globals['_LOADREPORTREQUEST']._serialized_end=994
+  _globals['_LOADREPORT']._serialized_start=997
+  _globals['_LOADREPORT']._serialized_end=1293
+  _globals['_INSTANCEINFOREQUEST']._serialized_start=1295
+  _globals['_INSTANCEINFOREQUEST']._serialized_end=1316
+  _globals['_INSTANCEINFO']._serialized_start=1319
+  _globals['_INSTANCEINFO']._serialized_end=1508
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1510
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1593
+  _globals['_KVSNAPSHOT']._serialized_start=1595
+  _globals['_KVSNAPSHOT']._serialized_end=1700
+  _globals['_SHADOWPULLREPLY']._serialized_start=1702
+  _globals['_SHADOWPULLREPLY']._serialized_end=1746
+  _globals['_SUSPENDREQUEST']._serialized_start=1748
+  _globals['_SUSPENDREQUEST']._serialized_end=1784
+  _globals['_SUSPENDEDREQUEST']._serialized_start=1787
+  _globals['_SUSPENDEDREQUEST']._serialized_end=2003
+  _globals['_RELEASEREQUEST']._serialized_start=2005
+  _globals['_RELEASEREQUEST']._serialized_end=2041
+  _globals['_RELEASEREPLY']._serialized_start=2043
+  _globals['_RELEASEREPLY']._serialized_end=2075
+  _globals['_WORKER']._serialized_start=2078
+  _globals['_WORKER']._serialized_end=2847
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=switchyard_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=switchyard_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Dispatch = channel.stream_stream(
+                '/switchyard.v1.Worker/Dispatch',
+                request_serializer=switchyard_dot_v1_dot_worker__pb2.DispatchRequest.SerializeToString,
+                response_deserializer=switchyard_dot_v1_dot_worker__pb2.DispatchReply.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/switchyard.v1.Worker/Abort',
                 request_serializer=switchyard_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -85,7 +90,26 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One request per call. Routers use Dispatch; Generate stays for other clients.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Dispatch(self, request_iterator, context):
+        """A router's long-lived, multiplexed stream to this worker: starts and aborts go in, every
+        request's chunks come back tagged by request_id, several per message when they are ready
+        together (a gRPC message costs far more to receive than its bytes). Contract:
+        * every started request gets exactly one terminal chunk: finished, an error, or (after an
+        abort) finished with finish_reason "abort" and no tokens; an abort of a request that
+        already ended is ignored, so a request id may be reused once its terminal chunk is out;
+        * a start whose request_id is still running on this stream is answered by an
+        INVALID_ARGUMENT chunk and the running request is left alone;
+        * a chunk may merge several deltas of one request (token_ids concatenated, the latest
+        finish state), so a slow reader never makes the worker queue messages;
+        * when the stream goes away (cancelled, broken), every request still running on it is
+        aborted; when the router half-closes, running requests finish first.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -145,6 +169,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=switchyard_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=switchyard_dot_v1_dot_worker__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Dispatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.Dispatch,
+                    request_deserializer=switchyard_dot_v1_dot_worker__pb2.DispatchRequest.FromString,
+                    response_serializer=switchyard_dot_v1_dot_worker__pb2.DispatchReply.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -214,6 +243,33 @@ class Worker:
             '/switchyard.v1.Worker/Generate',
             switchyard_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             switchyard_dot_v1_dot_worker__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Dispatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchyard.v1.Worker/Dispatch',
+            switchyard_dot_v1_dot_worker__pb2.DispatchRequest.SerializeToString,
+            switchyard_dot_v1_dot_worker__pb2.DispatchReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,13 @@ the engines see only token IDs. Nothing here imports vLLM, torch or Ray.
 """
 
 from switchyard.router.gateway.app import RouterCoreLike, build_gateway_app
-from switchyard.router.gateway.detokenizer import IncrementalDetokenizer, OutputDecoder, StopStringMatcher
+from switchyard.router.gateway.detokenizer import (
+    DecodeStreamDetokenizer,
+    Detokenizer,
+    IncrementalDetokenizer,
+    OutputDecoder,
+    StopStringMatcher,
+)
 from switchyard.router.gateway.responses import ChunkEncoder
 from switchyard.router.gateway.schemas import (
     ChatCompletionRequest,
@@ -23,6 +29,8 @@ __all__ = [
     "ChatMessage",
     "ChunkEncoder",
     "CompletionRequest",
+    "DecodeStreamDetokenizer",
+    "Detokenizer",
     "IncrementalDetokenizer",
     "OutputDecoder",
     "RouterCoreLike",

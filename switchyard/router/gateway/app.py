@@ -199,8 +199,8 @@ class _Gateway:
         sampling = req.sampling_options(len(prompt), info.max_model_len)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         state = OutputDecoder(
-            tok.decode,
-            prompt_token_ids=prompt,
+            tok.detokenizer(prompt),
+            num_prompt_tokens=len(prompt),
             stop=req.stop_strings,
             max_tokens=sampling.max_tokens,
             min_tokens=sampling.min_tokens,
