@@ -32,10 +32,12 @@ large share is a branch point everywhere within the first dozens of requests; re
 disagree only about prefixes near the threshold, and only while they warm up. The routing
 benchmark measures the agreement (``--routers``).
 
-Cost: reading is one dict lookup per chunk end on the request's path; learning (from
-``on_dispatched``) one dict update and a small-set insert per chunk end, and an occasional
-pruning pass (amortised O(1)). Levels deeper than ``max_tokens`` are neither read nor
-learned: heads longer than that are treated as the request's own content.
+Cost: counts only fall along a path (every request through a prefix passed its parent), so
+reading stops at the first prefix below the popularity floor, and learning (from
+``on_dispatched``) stops one level past it: a few dict operations per request, plus an
+occasional pruning pass (amortised O(1)). A prefix starts being counted once its parent is
+popular, so a new head is learned one level per few dozen requests. Levels deeper than
+``depth`` (the policy's ``shared_max_tokens``) are neither read nor learned.
 """
 
 from __future__ import annotations
@@ -86,33 +88,40 @@ class SharedPrefixes:
         request ends at (or inside) a shared prefix and has no chunk of its own."""
         deepest = -1
         counts, children = self._counts, self._children
-        floor = max(self._min_count * self._weight, min_share * self._total)
+        floor = self._floor(min_share)
         fanout = self._fanout
         for j in range(min(depth, len(fingerprints))):
             f = fingerprints[j]
             count = counts.get(f)
-            if count is None:
-                break  # never seen: nothing deeper on this path was either
-            if count >= floor:
-                kids = children.get(f)
-                if kids is not None and len(kids) >= fanout:
-                    deepest = j
+            if count is None or count < floor:
+                break  # counts only fall along a path: nothing deeper is popular either
+            kids = children.get(f)
+            if kids is not None and len(kids) >= fanout:
+                deepest = j
         return deepest + 1
 
-    def observe(self, fingerprints: Sequence[int], *, depth: int) -> None:
-        """Count one request through its first ``depth`` prefixes and the way it continued."""
+    def _floor(self, min_share: float) -> float:
+        return max(self._min_count * self._weight, min_share * self._total)
+
+    def observe(self, fingerprints: Sequence[int], min_share: float, *, depth: int) -> None:
+        """Count one request through its prefixes, down to the first one below the popularity
+        floor (``min_share``, as :meth:`key_level` reads), and the way it continued from each."""
         w = self._weight
         counts, children, fanout = self._counts, self._children, self._fanout
+        floor = self._floor(min_share)
         n = min(depth, len(fingerprints))
         for j in range(n):
             f = fingerprints[j]
-            counts[f] = counts.get(f, 0.0) + w
+            count = counts.get(f, 0.0) + w
+            counts[f] = count
             if j + 1 < len(fingerprints):
                 kids = children.get(f)
                 if kids is None:
                     children[f] = {fingerprints[j + 1]}
                 elif len(kids) < fanout:
                     kids.add(fingerprints[j + 1])
+            if count < floor:
+                break
         self._total += w
         self._weight = w * self._growth
         if self._weight > _RENORMALISE_AT:

@@ -297,7 +297,7 @@ def test_memoised_ring_pairs_match_the_rings_stay_bounded_and_follow_liveness(
     reqs = [request(tokens(200), f"r{n}") for n in range(10)]
     for req in reqs * 2:  # the second pass hits the memo for the last four keys
         decision = policy.choose(req, fleet)
-        key = policy._key(req, policy._hasher.digest(req, BLOCK), BLOCK, len(fleet))
+        key = policy._key(req, policy._hasher.digest(req, BLOCK), BLOCK, 1 / len(fleet))
         expected = policy._rings["m"].candidates(key, lambda iid: fleet.get(iid) is not None)
         assert ring_pair(decision) == expected
         policy.on_dispatched(req, decision)

@@ -37,7 +37,7 @@ def chain(*parts: int) -> list[int]:
 def test_a_popular_head_that_branches_is_shared_and_its_inside_is_walked_past() -> None:
     shared = SharedPrefixes(fanout=4, min_count=4)
     for conv in range(40):  # 40 conversations behind a three-level head
-        shared.observe(chain(1, 2, 3, 100 + conv, 7), depth=5)
+        shared.observe(chain(1, 2, 3, 100 + conv, 7), 0.1, depth=5)
     path = chain(1, 2, 3, 999, 7)
     assert shared.is_branch_point(path[2], 0.1)  # the head's last level branches 40 ways
     assert not shared.is_branch_point(path[1], 0.1)  # inside the head: one way on
@@ -50,23 +50,23 @@ def test_a_long_conversation_is_not_a_branch_point() -> None:
     shared = SharedPrefixes(fanout=4, min_count=4)
     turns = [chain(*range(50, 50 + k)) for k in range(3, 30)]
     for turn in turns:
-        shared.observe(turn, depth=64)
+        shared.observe(turn, 0.01, depth=64)
     assert all(shared.key_level(turn, 0.01, depth=64) == 0 for turn in turns)
 
 
 def test_an_unpopular_branching_prefix_stays_together_and_popularity_decays() -> None:
     shared = SharedPrefixes(fanout=2, min_count=1, half_life=16)
     for conv in range(8):
-        shared.observe(chain(9, conv), depth=2)
+        shared.observe(chain(9, conv), 0.05, depth=2)
     for other in range(200):  # most traffic elsewhere, and the old observations fade
-        shared.observe(chain(1000 + other, 1), depth=2)
+        shared.observe(chain(1000 + other, 1), 0.05, depth=2)
     assert not shared.is_branch_point(chain(9)[0], 0.05)
 
 
 def test_memory_is_bounded() -> None:
     shared = SharedPrefixes(capacity=64)
     for n in range(1000):
-        shared.observe(chain(n, n + 1), depth=2)
+        shared.observe(chain(n, n + 1), 0.0, depth=2)
     assert len(shared) <= 2 * 64
 
 
