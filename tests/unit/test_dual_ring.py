@@ -98,3 +98,19 @@ def test_seeds_must_differ_and_sync_reports_changes() -> None:
     assert dual.sync(["b", "c"]) is True
     assert dual.instances == frozenset({"b", "c"}) and len(dual) == 2 and "a" not in dual
     assert dual.sync(["c", "b"]) is False
+
+
+def test_bulk_membership_changes_build_the_same_rings_as_one_by_one() -> None:
+    """``sync`` of many instances merges and sorts once; the rings must equal those built by
+    adding and removing the same instances one at a time (the same keys map the same way)."""
+    ids = [f"w{i}" for i in range(40)]
+    one = DualRing(seeds=(11, 12))
+    for iid in ids:
+        one.add(iid)
+    for iid in ids[::3]:
+        one.remove(iid)
+    bulk = DualRing(seeds=(11, 12))
+    bulk.sync(ids)
+    bulk.sync([iid for iid in ids if iid not in ids[::3]])
+    for a, b in ((one.ring1, bulk.ring1), (one.ring2, bulk.ring2)):
+        assert a._points == b._points and a._owners == b._owners
