@@ -60,8 +60,13 @@ def pct(values: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def build_fleet() -> tuple[FleetView, list[InstanceInfo]]:
-    infos = [InstanceInfo(f"w{i}", f"127.0.0.1:{10000 + i}", MODEL, engine="sim") for i in range(N_INSTANCES)]
+def build_fleet(
+    n: int = N_INSTANCES, *, waiting_tokens: tuple[int, int] = (0, 20000)
+) -> tuple[FleetView, list[InstanceInfo]]:
+    """``n`` reporting instances with random load; ``waiting_tokens`` bounds each one's queued
+    prefill (the default keeps estimates under DualMap's switch; ~200k tokens puts every
+    instance over it, the switch path)."""
+    infos = [InstanceInfo(f"w{i}", f"127.0.0.1:{10000 + i}", MODEL, engine="sim") for i in range(n)]
     registry = InstanceRegistry()
     registry.apply(Membership(1, tuple(infos)))
     rng = random.Random(1)
@@ -73,7 +78,7 @@ def build_fleet() -> tuple[FleetView, list[InstanceInfo]]:
                 timestamp=time.monotonic(),
                 num_running=rng.randint(0, 16),
                 num_waiting=rng.randint(0, 4),
-                waiting_prefill_tokens=rng.randint(0, 20000),
+                waiting_prefill_tokens=rng.randint(*waiting_tokens),
                 kv_blocks_used=rng.randint(0, 900),
                 kv_blocks_total=1000,
                 step_time_s=0.02,
