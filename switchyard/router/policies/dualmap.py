@@ -344,12 +344,22 @@ class DualMapPolicy(PolicyBase):
         if best.e <= self._switch_s:
             return self._decide(d, share, best, RoutingOutcome.AFFINITY, cands, pair, _REASON_BETTER)
         # Over the SLO on both: the lowest estimate fleet-wide (ties: lowest id, as sorted).
-        low = best
+        # The hot loop of the switch path: _score inlined, a _Score built for the winner only.
+        estimate, records, trust = self.estimator.estimate, self._records, self._trust
+        fps, n = d.fingerprints, d.num_tokens
+        low_e, low_iid, low_state = best.e, best.iid, best.state
         for s in self._switch_pool(fleet.instances, key):
-            if s is not s1 and s is not s2:
-                score = self._score(s, d)
-                if score.e < low.e or (score.e == low.e and score.iid < low.iid):
-                    low = score
+            if s is s1 or s is s2:
+                continue
+            iid = s.info.instance_id
+            uncached = n
+            rec = records.get(iid)
+            if rec is not None and (matched := rec.match(fps)):
+                uncached = n - int(d.cached_tokens(matched) * trust.get(iid, 1.0))
+            e = estimate(s, uncached)
+            if e < low_e or (e == low_e and iid < low_iid):
+                low_e, low_iid, low_state = e, iid, s
+        low = best if low_state is best.state else self._score(low_state, d)
         if low is best:
             return self._decide(d, share, best, RoutingOutcome.AFFINITY, cands, pair, _REASON_STAY)
         triple = (*pair, (low.iid, low.e))
