@@ -27,6 +27,7 @@ call (O(instances) at most), two registry updates (O(1)) and one bounded deque a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter, deque
@@ -34,7 +35,10 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from pydantic import SecretStr
+
 from switchyard import metrics
+from switchyard.api.auth import InternalCredentials
 from switchyard.config import RouterConfig
 from switchyard.errors import (
     CapacityError,
@@ -86,8 +90,12 @@ class RouterCore:
         *,
         connector: Callable[[InstanceInfo], WorkerClient] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        internal_token: SecretStr | None = None,
     ) -> None:
+        """``internal_token``: what the default connector's clients send to workers (the token
+        their servers require); ignored with a ``connector`` of one's own."""
         self._config = config
+        credentials = InternalCredentials(token=internal_token)
         self._clock = clock
         self._registry = InstanceRegistry(clock=clock)
         params = policy_params(config.policy, config.policy_params, ttft_slo_ms=config.ttft_slo_ms)
@@ -96,7 +104,7 @@ class RouterCore:
         self._dispatcher = Dispatcher(self._policy, config.policy)
         self._links = InstanceLinks(
             self._registry,
-            connector=connector or WorkerClient.for_instance,
+            connector=connector or functools.partial(WorkerClient.for_instance, credentials=credentials),
             load_report_interval_s=config.load_report_interval_s,
         )
         self._changed = asyncio.Event()  # set and replaced on every membership change

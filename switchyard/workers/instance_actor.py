@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
+from pydantic import SecretStr
 
 from switchyard.config import EngineConfig
 from switchyard.errors import ConfigError, EngineDeadError
@@ -86,8 +87,11 @@ class _InstanceActorImpl:
         host: str | None,
         served_model_name: str,
         role: str = "unified",
+        internal_token: SecretStr | None = None,
     ) -> InstanceInfo:
-        """Build the engine, serve it, and return the facts membership publishes."""
+        """Build the engine, serve it, and return the facts membership publishes.
+
+        ``internal_token``: what every call to the Worker service must carry (None: none)."""
         from switchyard.workers.worker_server import start_worker_server
 
         path = Path(model_dir) if model_dir else None
@@ -112,7 +116,9 @@ class _InstanceActorImpl:
                 kv_bytes_per_block=engine.kv_bytes_per_block,
             )
 
-        self._server, port = await start_worker_server(engine, info_for, host=bind, port=0)
+        self._server, port = await start_worker_server(
+            engine, info_for, host=bind, port=0, token=internal_token
+        )
         self._info = info_for(port)
         self._health_task = asyncio.create_task(self._watch_engine_health())
         logger.info(

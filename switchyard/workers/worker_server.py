@@ -24,6 +24,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import grpc
+from pydantic import SecretStr
 
 from switchyard.api import wire
 from switchyard.api.server import abort_on_error, bind_server, start_serving
@@ -189,8 +190,13 @@ async def start_worker_server(
     host: str,
     port: int = 0,
     load_interval_s: float = DEFAULT_LOAD_INTERVAL_S,
+    token: SecretStr | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Build, bind and start a Worker server; return it with the bound port.
+
+    ``token`` is the deployment's internal token: every call but health checks must carry it
+    (``api.server.TokenAuthInterceptor``). None leaves the service open (tests, a worker on
+    loopback in a trusted process); ``switchyard serve`` always passes one.
 
     ``info_factory_or_info`` is either the instance's ``InstanceInfo`` or a function of the
     bound port that builds it, since with ``port=0`` the address is known only after binding.
@@ -198,7 +204,7 @@ async def start_worker_server(
     Stop it with ``await server.stop(grace)``; in-flight requests are then cancelled, which
     aborts them on the engine.
     """
-    server, bound = bind_server(host, port, role="worker")
+    server, bound = bind_server(host, port, role="worker", token=token)
     info = info_factory_or_info(bound) if callable(info_factory_or_info) else info_factory_or_info
     worker_pb2_grpc.add_WorkerServicer_to_server(
         WorkerServicer(engine, info, load_interval_s=load_interval_s), server

@@ -234,6 +234,30 @@ def test_router_exposes_gateway_and_grpc_services_and_reads_the_api_key_secret()
     assert key["valueFrom"]["secretKeyRef"] == {"name": "llama-pd-api-keys", "key": "api-key"}
 
 
+def test_router_pods_read_the_internal_token_from_its_secret_never_from_the_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``router.internalTokenSecretRef`` becomes SWITCHYARD_INTERNAL_TOKEN by secretKeyRef (the
+    operator never reads the Secret); serve.json, a ConfigMap, carries no token, and the router's
+    CLI turns the two into a ServeConfig with the token. Without the ref there is no variable."""
+    children = by_key(service_children(owner("LLMService", "llama-pd"), service_spec(), {}))
+    container = pod(children["Deployment", "llama-pd-router"])["containers"][0]
+    (env,) = [e for e in container["env"] if e["name"] == "SWITCHYARD_INTERNAL_TOKEN"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "llama-pd-internal-token", "key": "internal-token"}
+    serve_json = json.loads(children["ConfigMap", "llama-pd-config"]["data"]["serve.json"])
+    assert serve_json["internal_token"] is None and serve_json["internal_token_file"] is None
+    monkeypatch.setenv("SWITCHYARD_INTERNAL_TOKEN", "token-from-the-secret-0123456")
+    monkeypatch.setattr(cli, "_load_config_file", lambda path: serve_json)
+    config = cli._serve_config(cli._build_parser().parse_args(container["command"][1:]))
+    assert config.internal_token is not None
+    assert config.internal_token.get_secret_value() == "token-from-the-secret-0123456"
+
+    router = {k: v for k, v in examples()["llama-pd"]["router"].items() if k != "internalTokenSecretRef"}
+    bare = by_key(service_children(owner("LLMService", "llama-pd"), service_spec(router=router), {}))
+    env = pod(bare["Deployment", "llama-pd-router"])["containers"][0]["env"]
+    assert not [e for e in env if e["name"] == "SWITCHYARD_INTERNAL_TOKEN"]
+
+
 @pytest.mark.parametrize(
     ("model", "volume", "init"),
     [

@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+from switchyard.api.auth import TOKEN_ENV
 from switchyard.config import EngineConfig, GatewayConfig, KvTransferConfig, ServeConfig
 from switchyard.operator.crd import EngineSpec, LLMServiceSpec, ServingPoolSpec
 from switchyard.operator.render.objects import (
@@ -148,6 +149,12 @@ def service_children(
         env.append(
             {"name": "SWITCHYARD_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
         )
+    if spec.router.internal_token_secret_ref is not None:
+        # The token goes by reference (the kubelet resolves it), never into serve.json: the
+        # ConfigMap is readable by more principals than the Secret, and the operator reads no
+        # Secrets. Workers receive it from the router through their supervisor.
+        ref = spec.router.internal_token_secret_ref
+        env.append({"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     port = spec.gateway.port
     router_container = {
         "name": "router",
