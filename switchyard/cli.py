@@ -54,7 +54,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--sim-profile", help="simulator cost profile (with --engine sim)")
     serve.add_argument("--instances", type=int, help="engine instances (default 2)")
-    serve.add_argument("--host", help="gateway and router gRPC address (default 127.0.0.1)")
+    serve.add_argument("--host", help="gateway (HTTP) listen address (default 127.0.0.1)")
+    serve.add_argument(
+        "--router-host",
+        help="router gRPC listen address (default 127.0.0.1; an internal port: bind the pod or node IP, "
+        "never 0.0.0.0, to reach it from elsewhere)",
+    )
     serve.add_argument("--port", type=int, help="gateway port (default 8000)")
     serve.add_argument("--router-port", type=int, help="router gRPC port (default: any free)")
     serve.add_argument("--policy", help="routing policy (default least_load)")
@@ -182,7 +187,12 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     gateway["api_keys"] = tuple(keys)
     router = section(
         "router",
-        {"policy": "policy", "slo_ttft_ms": "ttft_slo_ms", "router_port": "grpc_port", "host": "grpc_host"},
+        {
+            "policy": "policy",
+            "slo_ttft_ms": "ttft_slo_ms",
+            "router_port": "grpc_port",
+            "router_host": "grpc_host",
+        },
     )
     if given.get("rebalance"):
         router["rebalancer"] = {**router.get("rebalancer", {}), "enabled": True}

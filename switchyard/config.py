@@ -277,7 +277,10 @@ class RouterConfig(StrictModel):
     """How often instances push load reports (50 ms keeps routing fresh at little cost)."""
 
     grpc_host: str = "127.0.0.1"
-    """Address the router's gRPC service binds to."""
+    """Address the router's gRPC service binds to. Loopback by default, and never the gateway's
+    address implicitly: it is an internal port (it routes requests and lists instances for any
+    holder of the internal token), so exposing it is a separate decision; on Kubernetes the
+    router pod binds its own pod IP."""
 
     grpc_port: int = Field(default=0, ge=0, le=65535)
     """Port of the router's gRPC service; 0 picks a free one."""

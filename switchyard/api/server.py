@@ -213,7 +213,8 @@ def bind_server(
             "the %s gRPC service on %s serves WITHOUT authentication (no internal token)", role, host
         )
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
-    bound: int = server.add_insecure_port(f"{host}:{port}")
+    target = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6
+    bound: int = server.add_insecure_port(target)
     if bound == 0:
         raise OSError(f"cannot bind the {role} gRPC server to {host}:{port}")
     return server, bound

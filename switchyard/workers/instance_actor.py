@@ -91,14 +91,16 @@ class _InstanceActorImpl:
     ) -> InstanceInfo:
         """Build the engine, serve it, and return the facts membership publishes.
 
+        ``host`` is the address the Worker service binds and advertises; None takes this node's
+        IP as Ray knows it (a Kubernetes worker pod's IP), so routers on other machines reach
+        the instance. Both cases bind exactly the advertised address, never every interface:
+        the port is internal, and an interface nobody is told about only widens who can reach it.
+
         ``internal_token``: what every call to the Worker service must carry (None: none)."""
         from switchyard.workers.worker_server import start_worker_server
 
         path = Path(model_dir) if model_dir else None
-        # None: bind every interface and advertise this node's IP, so routers on other
-        # machines (Kubernetes pods) can reach the instance.
-        bind = host or "0.0.0.0"
-        advertised = host or ray.util.get_node_ip_address()
+        bind = advertised = host or ray.util.get_node_ip_address()
         cfg = with_reachable_kv_endpoint(cfg, advertised)
         self._engine = await build_engine(cfg, instance_id=instance_id, model_dir=path)
         engine = self._engine

@@ -49,8 +49,8 @@ class PoolSpec(PoolConfig):
     """Model name instances advertise; the gateway's tokenizer map is keyed by it."""
 
     host: str | None = "127.0.0.1"
-    """Address instances bind their Worker gRPC service to; None binds all interfaces and
-    advertises the node's IP (instances on other machines, e.g. Kubernetes worker pods)."""
+    """Address instances bind their Worker gRPC service to and advertise; None takes each node's
+    IP (instances on other machines, e.g. Kubernetes worker pods), never all interfaces."""
 
     drain_timeout_s: float = Field(default=300.0, ge=0)
     """On scale-in, how long a removed instance may keep finishing its requests before it stops."""

@@ -220,11 +220,11 @@ class RouterSpec(CrdModel):
         return self
 
     def router_config(self, *, grpc_port: int) -> RouterConfig:
-        """The in-process router configuration this spec stands for."""
+        """The in-process router configuration this spec stands for. Its ``grpc_host`` stays
+        loopback: the router pod's command binds its own pod IP (one config for every replica)."""
         return RouterConfig(
             policy=self.policy,
             policy_params=self.policy_params,
-            grpc_host="0.0.0.0",
             grpc_port=grpc_port,
             ttft_slo_ms=self.slo.ttft_ms,
             max_failover_attempts=self.max_failover_attempts,

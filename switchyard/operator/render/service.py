@@ -143,7 +143,7 @@ def service_children(
     }
     model_vols, model_mounts = model_volume(spec)
     tmp_vols, tmp_mounts = scratch_volumes(shm=False)
-    env = list(ENV)
+    env = [*ENV, {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     if spec.gateway.api_key_secret_ref is not None:
         ref = spec.gateway.api_key_secret_ref
         env.append(
@@ -158,7 +158,15 @@ def service_children(
     port = spec.gateway.port
     router_container = {
         "name": "router",
-        "command": ["switchyard", "serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        # The router's gRPC port binds the pod IP, not every interface: Kubernetes expands
+        # $(POD_IP) from the downward API, which one shared serve.json cannot carry.
+        "command": [
+            "switchyard",
+            "serve",
+            "--config",
+            f"{CONFIG_DIR}/{CONFIG_KEY}",
+            "--router-host=$(POD_IP)",
+        ],
         "ports": [
             {"name": "http", "containerPort": port},
             {"name": "grpc", "containerPort": ports.router_grpc},
