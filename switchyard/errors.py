@@ -14,7 +14,8 @@ parser), with ``raise ... from exc``. Outgoing translation also happens once per
     │   ├── NotFoundError           the request names something that does not exist (404)
     │   │   └── ModelNotFoundError      unknown model name
     │   ├── RequestTooLargeError    body over the configured limit (413)
-    │   └── AuthenticationError     missing or wrong API key (401)
+    │   ├── ConflictError           the request id is already in use (409)
+    │   └── AuthenticationError     missing or wrong API key or internal token (401)
     ├── CapacityError           no instance can take the request now; retryable (503)
     ├── EngineRequestError      one request failed, the instance is fine (500)
     ├── EngineDeadError         the instance is gone; its requests must move or fail (503)
@@ -28,6 +29,7 @@ __all__ = [
     "AuthenticationError",
     "CapacityError",
     "ConfigError",
+    "ConflictError",
     "ContextLengthError",
     "EngineDeadError",
     "EngineRequestError",
@@ -84,8 +86,14 @@ class RequestTooLargeError(RequestError):
     """The request body is over the configured size limit."""
 
 
+class ConflictError(RequestError):
+    """The request names a request id that is already streaming (through this router, or on
+    this worker); two requests under one id could not be told apart, nor aborted separately."""
+
+
 class AuthenticationError(RequestError):
-    """The gateway requires an API key and the request has none or a wrong one."""
+    """The gateway requires an API key, or an internal gRPC service the internal token, and the
+    request has none or a wrong one."""
 
     error_type = "authentication_error"
 
@@ -118,6 +126,7 @@ class ConfigError(SwitchyardError):
 _HTTP_STATUS: tuple[tuple[type[SwitchyardError], int], ...] = (
     (NotFoundError, 404),
     (RequestTooLargeError, 413),
+    (ConflictError, 409),
     (AuthenticationError, 401),
     (RequestError, 400),
     (CapacityError, 503),
@@ -128,6 +137,7 @@ _HTTP_STATUS: tuple[tuple[type[SwitchyardError], int], ...] = (
 _GRPC_CODE: tuple[tuple[type[SwitchyardError], str], ...] = (
     (NotFoundError, "NOT_FOUND"),
     (RequestTooLargeError, "RESOURCE_EXHAUSTED"),
+    (ConflictError, "ALREADY_EXISTS"),
     (AuthenticationError, "UNAUTHENTICATED"),
     (RequestError, "INVALID_ARGUMENT"),
     (CapacityError, "UNAVAILABLE"),
@@ -162,6 +172,7 @@ def grpc_code_name(exc: SwitchyardError) -> str:
 GRPC_CODE_TO_ERROR: dict[str, type[SwitchyardError]] = {
     "NOT_FOUND": ModelNotFoundError,
     "RESOURCE_EXHAUSTED": RequestTooLargeError,
+    "ALREADY_EXISTS": ConflictError,
     "UNAUTHENTICATED": AuthenticationError,
     "INVALID_ARGUMENT": InvalidRequestError,
     "UNAVAILABLE": EngineDeadError,

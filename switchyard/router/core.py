@@ -42,6 +42,7 @@ from switchyard.api.auth import InternalCredentials
 from switchyard.config import RouterConfig
 from switchyard.errors import (
     CapacityError,
+    ConflictError,
     EngineDeadError,
     EngineRequestError,
     MigrationError,
@@ -119,6 +120,7 @@ class RouterCore:
         self._ttft_error = metrics.ROUTER_TTFT_ESTIMATE_ERROR.labels(config.policy)
         self._migrator = MigrationCoordinator(config.migration, clock=clock)
         self._streams: dict[str, MovableStream] = {}  # request id -> its upstream, for migrate()
+        self._request_ids: set[str] = set()  # ids streaming through this router (one request each)
         self._rebalancer: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -201,16 +203,31 @@ class RouterCore:
     def generate(self, req: RoutingRequest) -> AsyncGenerator[EngineOutput, None]:
         """Route ``req`` and stream its output deltas, each stamped with its instance id.
 
-        Raises at once ``ModelNotFoundError`` (unknown model; ``""`` means the only served one)
-        and ``CapacityError`` (no live instance). While streaming: ``EngineDeadError`` once
-        failover attempts are used up, ``CapacityError`` when no instance is left to fail over
-        to, and the instance's own errors. Closing or cancelling the iterator aborts the
-        request on its instance.
+        Raises at once ``ModelNotFoundError`` (unknown model; ``""`` means the only served one),
+        ``CapacityError`` (no live instance) and ``ConflictError`` (``req.request_id`` is already
+        streaming through this router: its abort, migration and metrics would be mixed up with
+        the other's). While streaming: ``EngineDeadError`` once failover attempts are used up,
+        ``CapacityError`` when no instance is left to fail over to, and the instance's own
+        errors. Closing or cancelling the iterator aborts the request on its instance.
+
+        The id is held from the stream's first step to its end, not from this call: a stream
+        that is never iterated never runs its ``finally`` and would hold it forever. So two
+        calls with one id before either stream started both return, and the second stream
+        raises ``ConflictError`` on its first step instead.
         """
+        if req.request_id in self._request_ids:
+            raise self._conflict(req.request_id)
         model = self._resolve_model(req.model)
         if not self._registry.fleet(model).instances:
             raise CapacityError(f"no live instance serves model {model!r} right now")
         return self._stream(req, model)
+
+    @staticmethod
+    def _conflict(request_id: str) -> ConflictError:
+        return ConflictError(
+            f"request id {request_id!r} is already streaming through this router; use a unique id",
+            param="request_id",
+        )
 
     def _resolve_model(self, name: str) -> str:
         if self._registry.serves(name):
@@ -250,6 +267,10 @@ class RouterCore:
         outcome = "error"
         attempt = 0
         first_leg = req.engine_request()
+        rid = req.request_id
+        if rid in self._request_ids:
+            raise self._conflict(rid)
+        self._request_ids.add(rid)
         try:
             while True:
                 engine_req = first_leg.continued(generated)
@@ -328,6 +349,7 @@ class RouterCore:
             outcome = "cancelled"
             raise
         finally:
+            self._request_ids.discard(rid)
             mm.e2e.observe(clock() - t_start)
             mm.requests[outcome].inc()
 

@@ -118,7 +118,8 @@ class WorkerClient:
         """Stream ``req``'s output deltas; closing or cancelling the iterator aborts the request.
 
         Raises ``EngineDeadError`` when the instance is unreachable or goes away mid-stream, and
-        ``InvalidRequestError`` when a request with the same id is streaming from this instance.
+        ``ConflictError`` when a request with the same id is streaming from this instance (on
+        this client's stream, or started there by another client).
         An async generator (not the inbox itself) so that an iterator dropped without being
         closed still aborts its request when it is collected.
         """

@@ -32,6 +32,7 @@ from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
 from switchyard.messages import EngineOutput, InstanceInfo
 from switchyard.workers.dispatch_session import DispatchSession
 from switchyard.workers.engine import Engine, release_stream
+from switchyard.workers.running import RunningRequests
 
 __all__ = [
     "DEFAULT_LOAD_INTERVAL_S",
@@ -60,6 +61,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         self._info = info
         self._info_pb = wire.instance_info_to_pb(info)
         self._load_interval_s = load_interval_s
+        self._running = RunningRequests(info.instance_id)  # ids running here, from any call
 
     @property
     def info(self) -> InstanceInfo:
@@ -79,7 +81,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         Whatever ends the call (the router cancels, the connection breaks, the server stops)
         aborts every request still running on it; a half-close lets them finish first.
         """
-        session = DispatchSession(self._engine, self._info.instance_id, context.write)
+        session = DispatchSession(self._engine, self._info.instance_id, context.write, running=self._running)
         try:
             async for msg in request_iterator:
                 for action in msg.actions:
@@ -96,9 +98,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     ) -> None:
         instance_id = self._info.instance_id
         stream: AsyncIterator[EngineOutput] | None = None
-        finished = False
+        finished = claimed = False
         try:
             async with abort_on_error(context, logger, "worker RPC Generate %s", request_id):
+                self._running.claim(request_id, context)  # ConflictError: the id already runs here
+                claimed = True
+                await self._running.settled(request_id, context)  # an old one under the id released
                 stream = start()
                 # Hot path: one conversion and one write per delta, nothing else.
                 async for out in stream:
@@ -110,12 +115,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             # Unfinished (client cancel, closed stream, error), releasing is the abort.
             if stream is not None:
                 await release_stream(self._engine, stream, request_id, aborted=not finished)
+            if claimed:
+                self._running.release(request_id, context)
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.AbortReply:
         """Stop a request; ``found`` is False when it had already finished."""
         async with abort_on_error(context, logger, "worker RPC Abort %s", request.request_id):
+            self._running.ending(request.request_id)
             found = await self._engine.abort(request.request_id)
         return worker_pb2.AbortReply(found=found)
 
@@ -159,6 +167,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         """Stop the request, hold its blocks for a pull, return its authoritative state."""
         async with abort_on_error(context, logger, "worker RPC Suspend %s", request.request_id):
             suspended = await self._engine.suspend(request.request_id)
+            self._running.ending(request.request_id)  # a recompute may start it here again
         return wire.suspended_to_pb(suspended)
 
     async def AdmitMigrated(
