@@ -15,7 +15,8 @@ parser), with ``raise ... from exc``. Outgoing translation also happens once per
     │   │   └── ModelNotFoundError      unknown model name
     │   ├── RequestTooLargeError    body over the configured limit (413)
     │   ├── ConflictError           the request id is already in use (409)
-    │   └── AuthenticationError     missing or wrong API key or internal token (401)
+    │   ├── AuthenticationError     missing or wrong API key or internal token (401)
+    │   └── PermissionDeniedError   authenticated, but not the owner of that request (403)
     ├── CapacityError           no instance can take the request now; retryable (503)
     ├── EngineRequestError      one request failed, the instance is fine (500)
     ├── EngineDeadError         the instance is gone; its requests must move or fail (503)
@@ -37,6 +38,7 @@ __all__ = [
     "MigrationError",
     "ModelNotFoundError",
     "NotFoundError",
+    "PermissionDeniedError",
     "RequestError",
     "RequestTooLargeError",
     "SwitchyardError",
@@ -98,6 +100,13 @@ class AuthenticationError(RequestError):
     error_type = "authentication_error"
 
 
+class PermissionDeniedError(RequestError):
+    """The caller is authenticated but may not act on that request: only the router that
+    started a request on a worker may abort, suspend, snapshot or release it."""
+
+    error_type = "permission_error"
+
+
 class CapacityError(SwitchyardError):
     """No instance can take the request right now (none registered, all dead or full)."""
 
@@ -128,6 +137,7 @@ _HTTP_STATUS: tuple[tuple[type[SwitchyardError], int], ...] = (
     (RequestTooLargeError, 413),
     (ConflictError, 409),
     (AuthenticationError, 401),
+    (PermissionDeniedError, 403),
     (RequestError, 400),
     (CapacityError, 503),
     (EngineDeadError, 503),
@@ -139,6 +149,7 @@ _GRPC_CODE: tuple[tuple[type[SwitchyardError], str], ...] = (
     (RequestTooLargeError, "RESOURCE_EXHAUSTED"),
     (ConflictError, "ALREADY_EXISTS"),
     (AuthenticationError, "UNAUTHENTICATED"),
+    (PermissionDeniedError, "PERMISSION_DENIED"),
     (RequestError, "INVALID_ARGUMENT"),
     (CapacityError, "UNAVAILABLE"),
     (EngineDeadError, "UNAVAILABLE"),
@@ -174,6 +185,7 @@ GRPC_CODE_TO_ERROR: dict[str, type[SwitchyardError]] = {
     "RESOURCE_EXHAUSTED": RequestTooLargeError,
     "ALREADY_EXISTS": ConflictError,
     "UNAUTHENTICATED": AuthenticationError,
+    "PERMISSION_DENIED": PermissionDeniedError,
     "INVALID_ARGUMENT": InvalidRequestError,
     "UNAVAILABLE": EngineDeadError,
     "FAILED_PRECONDITION": MigrationError,

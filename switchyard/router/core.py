@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 from pydantic import SecretStr
 
 from switchyard import metrics
-from switchyard.api.auth import InternalCredentials
+from switchyard.api.auth import InternalCredentials, new_router_id
 from switchyard.config import RouterConfig
 from switchyard.errors import (
     CapacityError,
@@ -94,9 +94,13 @@ class RouterCore:
         internal_token: SecretStr | None = None,
     ) -> None:
         """``internal_token``: what the default connector's clients send to workers (the token
-        their servers require); ignored with a ``connector`` of one's own."""
+        their servers require); ignored with a ``connector`` of one's own. The clients also send
+        :attr:`router_id`, so workers let only this router abort, suspend or migrate the
+        requests it dispatched."""
         self._config = config
-        credentials = InternalCredentials(token=internal_token)
+        self.router_id = new_router_id()
+        """This router's identity towards workers: random per router, never logged or published."""
+        credentials = InternalCredentials(token=internal_token, router_id=self.router_id)
         self._clock = clock
         self._registry = InstanceRegistry(clock=clock)
         params = policy_params(config.policy, config.policy_params, ttft_slo_ms=config.ttft_slo_ms)

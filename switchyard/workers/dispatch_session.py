@@ -80,13 +80,16 @@ class DispatchSession:
         write: Callable[[worker_pb2.DispatchReply], Awaitable[None]],
         *,
         running: RunningRequests | None = None,
+        owner: str = "",
     ) -> None:
         """``running``: the worker's record of the ids running on it (shared with its other
-        calls); None keeps a private one (a session on its own, in tests)."""
+        calls); None keeps a private one (a session on its own, in tests). ``owner``: the router
+        id the Dispatch call carried, recorded as the owner of every request it starts."""
         self._engine = engine
         self._instance_id = instance_id
         self._write = write
         self._worker_running = running if running is not None else RunningRequests(instance_id)
+        self._owner = owner
         self._loop = asyncio.get_running_loop()
         self._running: dict[str, _Running] = {}
         self._releasing: dict[str, asyncio.Task[None]] = {}  # aborted, engine release in progress
@@ -144,7 +147,7 @@ class DispatchSession:
             # Held by another call (another router's stream, Generate, AdmitMigrated): refused
             # alike. This session may hold it still, for a request it aborted and the engine
             # has not released yet; ``_serve`` waits for that release.
-            self._worker_running.claim(rid, self)
+            self._worker_running.claim(rid, self, self._owner)
         except ConflictError as exc:
             code, details = failure_status(exc, logger, "worker Dispatch request %s", rid)
             self._emit(_Running(rid), wire.error_chunk(rid, code, details))
@@ -185,7 +188,7 @@ class DispatchSession:
             previous = self._releasing.get(rid)
             if previous is not None:
                 await asyncio.wait([previous])
-            await self._worker_running.settled(rid, self)  # another call's old one under the id
+            await self._worker_running.settled(rid, self)  # this router's call before it let go
             stream = self._engine.generate(req)
             emit, to_pb, instance_id = self._emit, wire.output_to_pb, self._instance_id
             # Hot path: one conversion and one queue-or-merge per output, nothing awaited but

@@ -15,6 +15,11 @@ collector.
 ``Dispatch`` is the routers' path: one long-lived call per router carrying many requests, whose
 state lives in ``workers/dispatch_session.py``; ``Generate`` (one request per call) stays for
 other clients, and ``AdmitMigrated`` keeps its own call per migrated request.
+
+Every call that starts a request records it in the worker's ``RunningRequests``
+(``workers/running.py``): an id already running here is refused, and the router id the call
+carried owns the request, so ``Abort``, ``Snapshot``, ``Suspend`` and ``ReleaseSuspended``
+from any other caller end ``PERMISSION_DENIED`` before the engine is touched.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import grpc
 from pydantic import SecretStr
 
 from switchyard.api import wire
+from switchyard.api.auth import caller_id
 from switchyard.api.server import abort_on_error, bind_server, start_serving
 from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
 from switchyard.messages import EngineOutput, InstanceInfo
@@ -81,7 +87,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         Whatever ends the call (the router cancels, the connection breaks, the server stops)
         aborts every request still running on it; a half-close lets them finish first.
         """
-        session = DispatchSession(self._engine, self._info.instance_id, context.write, running=self._running)
+        session = DispatchSession(
+            self._engine,
+            self._info.instance_id,
+            context.write,
+            running=self._running,
+            owner=caller_id(context.invocation_metadata()),
+        )
         try:
             async for msg in request_iterator:
                 for action in msg.actions:
@@ -101,9 +113,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         finished = claimed = False
         try:
             async with abort_on_error(context, logger, "worker RPC Generate %s", request_id):
-                self._running.claim(request_id, context)  # ConflictError: the id already runs here
+                # ConflictError if the id already runs here; the caller's router id owns it.
+                self._running.claim(request_id, context, caller_id(context.invocation_metadata()))
                 claimed = True
-                await self._running.settled(request_id, context)  # an old one under the id released
+                await self._running.settled(request_id, context)  # the owner's old one released
                 stream = start()
                 # Hot path: one conversion and one write per delta, nothing else.
                 async for out in stream:
@@ -121,8 +134,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.AbortReply:
-        """Stop a request; ``found`` is False when it had already finished."""
+        """Stop a request; ``found`` is False when it had already finished. Only its owner may."""
         async with abort_on_error(context, logger, "worker RPC Abort %s", request.request_id):
+            self._running.check(request.request_id, caller_id(context.invocation_metadata()), "abort")
             self._running.ending(request.request_id)
             found = await self._engine.abort(request.request_id)
         return worker_pb2.AbortReply(found=found)
@@ -144,8 +158,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     async def Snapshot(
         self, request: worker_pb2.SnapshotRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.KvSnapshot:
-        """The running request's full KV blocks as a pull ticket (it keeps decoding)."""
+        """The running request's full KV blocks as a pull ticket (it keeps decoding). Only its
+        owner may take one: a ticket lets a destination pull the request's KV cache."""
         async with abort_on_error(context, logger, "worker RPC Snapshot %s", request.request_id):
+            self._running.check(request.request_id, caller_id(context.invocation_metadata()), "snapshot")
             snap = await self._engine.snapshot(
                 request.request_id,
                 after_tokens=request.after_tokens,
@@ -164,10 +180,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     async def Suspend(
         self, request: worker_pb2.SuspendRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.SuspendedRequest:
-        """Stop the request, hold its blocks for a pull, return its authoritative state."""
+        """Stop the request, hold its blocks for a pull, return its authoritative state. Only its
+        owner may, and only the owner may release the held blocks afterwards."""
+        caller = caller_id(context.invocation_metadata())
         async with abort_on_error(context, logger, "worker RPC Suspend %s", request.request_id):
+            self._running.check(request.request_id, caller, "suspend")
             suspended = await self._engine.suspend(request.request_id)
-            self._running.ending(request.request_id)  # a recompute may start it here again
+            self._running.suspended(request.request_id, caller)
         return wire.suspended_to_pb(suspended)
 
     async def AdmitMigrated(
@@ -180,9 +199,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     async def ReleaseSuspended(
         self, request: worker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReleaseReply:
-        """Free blocks held for a destination that will not pull them."""
+        """Free blocks held for a destination that will not pull them (the suspender only)."""
         async with abort_on_error(context, logger, "worker RPC ReleaseSuspended %s", request.request_id):
+            self._running.check(request.request_id, caller_id(context.invocation_metadata()), "release")
             released = await self._engine.release_suspended(request.request_id)
+            self._running.released(request.request_id)
         return worker_pb2.ReleaseReply(released=released)
 
     async def GetInstanceInfo(

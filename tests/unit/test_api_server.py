@@ -27,6 +27,7 @@ from switchyard.errors import (
     InvalidRequestError,
     MigrationError,
     ModelNotFoundError,
+    PermissionDeniedError,
     RequestTooLargeError,
 )
 from switchyard.messages import InstanceInfo
@@ -39,6 +40,7 @@ CASES: list[tuple[Exception, grpc.StatusCode, str]] = [
     (RequestTooLargeError("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED, "too big"),
     (ConflictError("id in use"), grpc.StatusCode.ALREADY_EXISTS, "id in use"),
     (AuthenticationError("bad key"), grpc.StatusCode.UNAUTHENTICATED, "bad key"),
+    (PermissionDeniedError("not yours"), grpc.StatusCode.PERMISSION_DENIED, "not yours"),
     (InvalidRequestError("bad field"), grpc.StatusCode.INVALID_ARGUMENT, "bad field"),
     (ContextLengthError("too long"), grpc.StatusCode.INVALID_ARGUMENT, "too long"),
     (CapacityError("busy"), grpc.StatusCode.UNAVAILABLE, "busy"),

@@ -282,18 +282,26 @@ async def test_the_worker_wide_claim_is_given_back_however_a_request_ends(
 async def test_an_ending_id_passes_to_another_call_once_the_old_request_is_released(
     engine: SteppedEngine, wire_: Wire
 ) -> None:
-    """A suspended or aborted request's id may be started again from another call (a migration
-    recomputing on its source, a failover on a new stream), but the new request reaches the
-    engine only once the old one was released: the engine never holds two under one id."""
+    """A suspended or aborted request's id may be started again from another call of the same
+    router (a migration recomputing on its source, a failover on a new stream), but the new
+    request reaches the engine only once the old one was released: the engine never holds two
+    under one id. Another router still gets ALREADY_EXISTS."""
     running = RunningRequests("w0")
-    one = DispatchSession(engine, "w0", wire_.write, running=running)  # type: ignore[arg-type]
-    two = DispatchSession(engine, "w0", wire_.write, running=running)  # type: ignore[arg-type]
+    one = DispatchSession(engine, "w0", wire_.write, running=running, owner="r1")  # type: ignore[arg-type]
+    two = DispatchSession(engine, "w0", wire_.write, running=running, owner="r1")  # type: ignore[arg-type]
+    other = DispatchSession(engine, "w0", wire_.write, running=running, owner="r2")  # type: ignore[arg-type]
     start(one, "h", n=5)
     await settle()
     running.ending("h")  # what the worker's Suspend or Abort does
+    start(other, "h", n=1)
+    await settle()
+    assert [c.error_code for c in wire_.chunks("h") if c.error_code] == [
+        grpc.StatusCode.ALREADY_EXISTS.value[0]
+    ]
+    wire_.replies.clear()
     start(two, "h", n=1)
     await settle()
-    assert not [c for c in wire_.chunks("h") if c.error_code], "an ending id is not a conflict"
+    assert not [c for c in wire_.chunks("h") if c.error_code], "the owner's ending id is not a conflict"
     assert engine.running == {"h"} and engine.aborted == [], "the new one waits for the old one"
     await one.close()
     await settle()
@@ -302,4 +310,5 @@ async def test_an_ending_id_passes_to_another_call_once_the_old_request_is_relea
     await settle()
     assert engine.finished == ["h"] and wire_.chunks("h")[-1].finished
     await two.close()
+    await other.close()
     assert len(running) == 0

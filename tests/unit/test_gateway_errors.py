@@ -25,6 +25,7 @@ from switchyard.errors import (
     MigrationError,
     ModelNotFoundError,
     NotFoundError,
+    PermissionDeniedError,
     RequestTooLargeError,
     SwitchyardError,
 )
@@ -49,6 +50,7 @@ CASES: list[tuple[SwitchyardError, int, str, str | None]] = [
         None,
     ),
     (AuthenticationError("no key"), 401, "authentication_error", "invalid_api_key"),
+    (PermissionDeniedError("not yours"), 403, "permission_error", None),
     (CapacityError("busy"), 503, "service_unavailable", "capacity_exceeded"),
     (EngineDeadError("gone"), 503, "service_unavailable", "engine_unavailable"),
     (EngineRequestError("failed"), 500, "internal_error", None),

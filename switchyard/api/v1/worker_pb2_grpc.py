@@ -117,7 +117,11 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Abort, Snapshot, Suspend and ReleaseSuspended act on a request by its id: only the caller
+        that started it may (the router id in the x-switchyard-router-id metadata the starting
+        call carried, "" for none); anyone else gets PERMISSION_DENIED. Every call but
+        grpc.health.v1 needs 'authorization: Bearer <internal token>' when the worker has one.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
