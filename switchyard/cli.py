@@ -13,7 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--sim-profile", help="simulator cost profile (with --engine sim)")
     serve.add_argument("--instances", type=int, help="engine instances (default 2)")
-    serve.add_argument("--host", help="gateway and router gRPC address (default 127.0.0.1)")
+    serve.add_argument("--host", help="gateway (HTTP) listen address (default 127.0.0.1)")
+    serve.add_argument(
+        "--router-host",
+        help="router gRPC listen address (default 127.0.0.1; an internal port: bind the pod or node IP, "
+        "never 0.0.0.0, to reach it from elsewhere)",
+    )
     serve.add_argument("--port", type=int, help="gateway port (default 8000)")
     serve.add_argument("--router-port", type=int, help="router gRPC port (default: any free)")
     serve.add_argument("--policy", help="routing policy (default least_load)")
@@ -75,6 +80,12 @@ def _build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="accepted bearer key (repeatable; default: no auth). Also SWITCHYARD_API_KEY.",
+    )
+    serve.add_argument(
+        "--internal-token-file",
+        type=Path,
+        help="file holding the bearer token of the router's and workers' gRPC services (default: "
+        "$SWITCHYARD_INTERNAL_TOKEN, $SWITCHYARD_INTERNAL_TOKEN_FILE, else a random one); never a flag value",
     )
     serve.add_argument("--max-body-bytes", type=int, help="largest request body (413 above)")
     serve.add_argument(
@@ -176,12 +187,42 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     gateway["api_keys"] = tuple(keys)
     router = section(
         "router",
-        {"policy": "policy", "slo_ttft_ms": "ttft_slo_ms", "router_port": "grpc_port", "host": "grpc_host"},
+        {
+            "policy": "policy",
+            "slo_ttft_ms": "ttft_slo_ms",
+            "router_port": "grpc_port",
+            "router_host": "grpc_host",
+        },
     )
     if given.get("rebalance"):
         router["rebalancer"] = {**router.get("rebalancer", {}), "enabled": True}
-    top = {flag: given[flag] for flag in ("instances", "ray_address") if flag in given}
+    top: dict[str, Any] = {flag: given[flag] for flag in ("instances", "ray_address") if flag in given}
+    top |= _internal_token_source(given, os.environ)
     return ServeConfig.model_validate({**data, **top, "engine": engine, "gateway": gateway, "router": router})
+
+
+def _internal_token_source(given: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """``internal_token``/``internal_token_file`` from the flag or the environment, if one gives it.
+
+    One source overrides both fields of ``--config`` (a process-level setting beats the shared
+    file); two at once are refused rather than ranked, since a silent choice between two secrets
+    is how a router ends up with the wrong one.
+    """
+    from switchyard.api.auth import TOKEN_ENV, TOKEN_FILE_ENV
+
+    sources: dict[str, dict[str, Any]] = {}
+    if "internal_token_file" in given:
+        sources["--internal-token-file"] = {"internal_token_file": given["internal_token_file"]}
+    if environ.get(TOKEN_FILE_ENV):
+        sources[TOKEN_FILE_ENV] = {"internal_token_file": Path(environ[TOKEN_FILE_ENV])}
+    if environ.get(TOKEN_ENV):
+        sources[TOKEN_ENV] = {"internal_token": environ[TOKEN_ENV]}
+    if len(sources) > 1:
+        raise SystemExit(
+            f"switchyard serve: the internal token is given twice ({', '.join(sources)}); give one"
+        )
+    chosen = next(iter(sources.values()), None)
+    return {"internal_token": None, "internal_token_file": None, **chosen} if chosen else {}
 
 
 def _load_config_file(path: Path) -> dict[str, Any]:

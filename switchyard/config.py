@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 __all__ = [
     "DEFAULT_TTFT_SLO_MS",
+    "MAX_INTERNAL_TOKEN_CHARS",
     "MAX_POOL_INSTANCES",
+    "MIN_INTERNAL_TOKEN_CHARS",
     "TTFT_SLO_PARAM",
     "EngineConfig",
     "GatewayConfig",
+    "InternalToken",
     "KvTransferConfig",
     "MigrationConfig",
     "PoolConfig",
@@ -28,8 +31,39 @@ __all__ = [
     "ServeConfig",
     "SimConfig",
     "StrictModel",
+    "check_internal_token",
     "check_ttft_slo",
 ]
+
+
+MIN_INTERNAL_TOKEN_CHARS = 16
+"""Shortest internal token accepted: 16 characters of even a small alphabet are beyond guessing
+over the network; generated tokens have 43 (256 random bits)."""
+
+MAX_INTERNAL_TOKEN_CHARS = 4096
+"""Longest internal token accepted, well inside gRPC's 8 KiB default metadata limit."""
+
+
+def check_internal_token(value: str) -> str:
+    """``value`` if it can be the internal token, else ``ValueError`` saying why (never quoting it).
+
+    Printable ASCII without spaces, because it travels as a gRPC metadata value after
+    ``Bearer ``; at least :data:`MIN_INTERNAL_TOKEN_CHARS` long so a guess cannot work.
+    """
+    if not MIN_INTERNAL_TOKEN_CHARS <= len(value) <= MAX_INTERNAL_TOKEN_CHARS:
+        raise ValueError(
+            f"the internal token must be {MIN_INTERNAL_TOKEN_CHARS} to {MAX_INTERNAL_TOKEN_CHARS} "
+            f"characters, got {len(value)}"
+        )
+    if not all("!" <= c <= "~" for c in value):
+        raise ValueError("the internal token must be printable ASCII without spaces (a gRPC metadata value)")
+    return value
+
+
+InternalToken = Annotated[
+    SecretStr, AfterValidator(lambda v: SecretStr(check_internal_token(v.get_secret_value())))
+]
+"""The deployment's internal gRPC token (``api.auth``): a ``SecretStr``, so reprs and logs show stars."""
 
 
 class StrictModel(BaseModel):
@@ -243,7 +277,10 @@ class RouterConfig(StrictModel):
     """How often instances push load reports (50 ms keeps routing fresh at little cost)."""
 
     grpc_host: str = "127.0.0.1"
-    """Address the router's gRPC service binds to."""
+    """Address the router's gRPC service binds to. Loopback by default, and never the gateway's
+    address implicitly: it is an internal port (it routes requests and lists instances for any
+    holder of the internal token), so exposing it is a separate decision; on Kubernetes the
+    router pod binds its own pod IP."""
 
     grpc_port: int = Field(default=0, ge=0, le=65535)
     """Port of the router's gRPC service; 0 picks a free one."""
@@ -360,6 +397,18 @@ class ServeConfig(StrictModel):
     pools: tuple[PoolConfig, ...] = ()
     """Pools to run; empty means one pool named ``pool`` of ``instances`` instances."""
 
+    internal_token: InternalToken | None = None
+    """Bearer token that every internal gRPC service (the router's, each worker's) requires and
+    the router sends. None: the token of the pools already running on the joined Ray cluster,
+    else a fresh random one, so a local run is secured with no setup; give one (here, in
+    ``internal_token_file`` or ``SWITCHYARD_INTERNAL_TOKEN``, never a flag, which ``ps`` shows)
+    for clients of the router's gRPC service, or to share it between router replicas. 16 to 4096
+    printable ASCII characters; never logged."""
+
+    internal_token_file: Path | None = None
+    """File holding the internal token (a mounted Secret), read once at start-up; for when the
+    token must not sit in this config or the environment."""
+
     def effective_pools(self) -> tuple[PoolConfig, ...]:
         """The pools to start, with each pool's engine settings resolved."""
         pools = self.pools or (PoolConfig(name="pool", instances=self.instances),)
@@ -369,6 +418,8 @@ class ServeConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
+        if self.internal_token is not None and self.internal_token_file is not None:
+            raise ValueError("give internal_token or internal_token_file, not both")
         if self.engine.kind == "sim" and self.engine.model is not None:
             raise ValueError("engine.model is only used by the vllm engine; drop it with engine.kind=sim")
         names = [p.name for p in self.pools]

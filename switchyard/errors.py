@@ -14,7 +14,9 @@ parser), with ``raise ... from exc``. Outgoing translation also happens once per
     │   ├── NotFoundError           the request names something that does not exist (404)
     │   │   └── ModelNotFoundError      unknown model name
     │   ├── RequestTooLargeError    body over the configured limit (413)
-    │   └── AuthenticationError     missing or wrong API key (401)
+    │   ├── ConflictError           the request id is already in use (409)
+    │   ├── AuthenticationError     missing or wrong API key or internal token (401)
+    │   └── PermissionDeniedError   authenticated, but not the owner of that request (403)
     ├── CapacityError           no instance can take the request now; retryable (503)
     ├── EngineRequestError      one request failed, the instance is fine (500)
     ├── EngineDeadError         the instance is gone; its requests must move or fail (503)
@@ -28,6 +30,7 @@ __all__ = [
     "AuthenticationError",
     "CapacityError",
     "ConfigError",
+    "ConflictError",
     "ContextLengthError",
     "EngineDeadError",
     "EngineRequestError",
@@ -35,6 +38,7 @@ __all__ = [
     "MigrationError",
     "ModelNotFoundError",
     "NotFoundError",
+    "PermissionDeniedError",
     "RequestError",
     "RequestTooLargeError",
     "SwitchyardError",
@@ -84,10 +88,23 @@ class RequestTooLargeError(RequestError):
     """The request body is over the configured size limit."""
 
 
+class ConflictError(RequestError):
+    """The request names a request id that is already streaming (through this router, or on
+    this worker); two requests under one id could not be told apart, nor aborted separately."""
+
+
 class AuthenticationError(RequestError):
-    """The gateway requires an API key and the request has none or a wrong one."""
+    """The gateway requires an API key, or an internal gRPC service the internal token, and the
+    request has none or a wrong one."""
 
     error_type = "authentication_error"
+
+
+class PermissionDeniedError(RequestError):
+    """The caller is authenticated but may not act on that request: only the router that
+    started a request on a worker may abort, suspend, snapshot or release it."""
+
+    error_type = "permission_error"
 
 
 class CapacityError(SwitchyardError):
@@ -118,7 +135,9 @@ class ConfigError(SwitchyardError):
 _HTTP_STATUS: tuple[tuple[type[SwitchyardError], int], ...] = (
     (NotFoundError, 404),
     (RequestTooLargeError, 413),
+    (ConflictError, 409),
     (AuthenticationError, 401),
+    (PermissionDeniedError, 403),
     (RequestError, 400),
     (CapacityError, 503),
     (EngineDeadError, 503),
@@ -128,7 +147,9 @@ _HTTP_STATUS: tuple[tuple[type[SwitchyardError], int], ...] = (
 _GRPC_CODE: tuple[tuple[type[SwitchyardError], str], ...] = (
     (NotFoundError, "NOT_FOUND"),
     (RequestTooLargeError, "RESOURCE_EXHAUSTED"),
+    (ConflictError, "ALREADY_EXISTS"),
     (AuthenticationError, "UNAUTHENTICATED"),
+    (PermissionDeniedError, "PERMISSION_DENIED"),
     (RequestError, "INVALID_ARGUMENT"),
     (CapacityError, "UNAVAILABLE"),
     (EngineDeadError, "UNAVAILABLE"),
@@ -162,7 +183,9 @@ def grpc_code_name(exc: SwitchyardError) -> str:
 GRPC_CODE_TO_ERROR: dict[str, type[SwitchyardError]] = {
     "NOT_FOUND": ModelNotFoundError,
     "RESOURCE_EXHAUSTED": RequestTooLargeError,
+    "ALREADY_EXISTS": ConflictError,
     "UNAUTHENTICATED": AuthenticationError,
+    "PERMISSION_DENIED": PermissionDeniedError,
     "INVALID_ARGUMENT": InvalidRequestError,
     "UNAVAILABLE": EngineDeadError,
     "FAILED_PRECONDITION": MigrationError,

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from switchyard.config import EngineConfig, ServeConfig
 from switchyard.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunningStack", "resolve_model", "run_serve", "start_stack"]
+__all__ = ["RunningStack", "given_internal_token", "resolve_model", "run_serve", "start_stack"]
 
 
 def resolve_model(config: ServeConfig) -> tuple[Path, str, bool]:
@@ -58,6 +60,8 @@ class RunningStack:
     router_server: Any
     router_port: int
     model_name: str
+    internal_token: SecretStr | None = None
+    """The token the router's and the workers' gRPC services require (generated when none was given)."""
 
     async def stop(self) -> None:
         """Stop accepting (gateway, router gRPC), then the router core, then the engines."""
@@ -70,6 +74,21 @@ class RunningStack:
         with contextlib.suppress(Exception):
             await self.core.close()
         await self.pool.stop()
+
+
+def given_internal_token(config: ServeConfig) -> SecretStr | None:
+    """The internal token ``config`` gives (inline or in ``internal_token_file``), or None.
+
+    None lets ``start_local_pools`` pick one (a joined cluster's, or a fresh random one), so a
+    local ``switchyard serve`` is authenticated with no setup.
+    """
+    if config.internal_token is not None:
+        return config.internal_token
+    if config.internal_token_file is not None:
+        from switchyard.api.auth import read_token_file
+
+        return read_token_file(config.internal_token_file)
+    return None
 
 
 def _engine_for(engine: EngineConfig, *, vocab_size: int) -> EngineConfig:
@@ -105,13 +124,21 @@ async def start_stack(config: ServeConfig) -> RunningStack:
     for pool_config in config.effective_pools():
         spec = PoolSpec.from_config(pool_config, config, model_dir=model_dir, served_model_name=model_name)
         specs.append(spec.model_copy(update={"engine": _engine_for(spec.engine, vocab_size=vocab_size)}))
-    pool = await start_local_pools(specs, ray_address=config.ray_address, num_cpus=config.ray_num_cpus)
-    core = RouterCore(config.router)
+    pool = await start_local_pools(
+        specs,
+        ray_address=config.ray_address,
+        num_cpus=config.ray_num_cpus,
+        internal_token=given_internal_token(config),
+    )
+    # The pools decided the token (the one given, a joined cluster's, or a fresh one): the
+    # router's clients send it and the router's own gRPC service requires it.
+    token = pool.internal_token
+    core = RouterCore(config.router, internal_token=token)
     try:
         await core.start()
         pool.follow(core.apply_membership)
         router_server, router_port = await start_router_server(
-            core, host=config.router.grpc_host, port=config.router.grpc_port
+            core, host=config.router.grpc_host, port=config.router.grpc_port, token=token
         )
         app = build_gateway_app(core, tokenizers={model_name: tokenizer}, config=config.gateway)
         gateway_server, gateway_task, gateway_port = await serve_gateway(app, config.gateway)
@@ -128,6 +155,7 @@ async def start_stack(config: ServeConfig) -> RunningStack:
         router_server=router_server,
         router_port=router_port,
         model_name=model_name,
+        internal_token=token,
     )
 
 
@@ -145,12 +173,17 @@ async def run_serve(config: ServeConfig) -> int:
     """Serve until cancelled (the CLI cancels on SIGINT/SIGTERM), then shut down cleanly."""
     async with running_stack(config) as stack:
         host = config.gateway.host
+        given = config.internal_token is not None or config.internal_token_file is not None
+        token_note = (
+            "" if given or config.ray_address else ", generated: set SWITCHYARD_INTERNAL_TOKEN to use it"
+        )
         print(
             f"Switchyard serving model '{stack.model_name}' on {len(stack.core.membership.instances)} "
             f"{config.engine.kind} instance(s), policy {config.router.policy}\n"
             f"  OpenAI API:  http://{host}:{stack.gateway_port}/v1\n"
             f"  metrics:     http://{host}:{stack.gateway_port}/metrics\n"
-            f"  router gRPC: {config.router.grpc_host}:{stack.router_port}\n"
+            f"  router gRPC: {config.router.grpc_host}:{stack.router_port} "
+            f"(bearer: the internal token{token_note})\n"
             f"Press Ctrl-C to stop.",
             flush=True,
         )

@@ -27,6 +27,7 @@ call (O(instances) at most), two registry updates (O(1)) and one bounded deque a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter, deque
@@ -34,10 +35,14 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from pydantic import SecretStr
+
 from switchyard import metrics
+from switchyard.api.auth import InternalCredentials, new_router_id
 from switchyard.config import RouterConfig
 from switchyard.errors import (
     CapacityError,
+    ConflictError,
     EngineDeadError,
     EngineRequestError,
     MigrationError,
@@ -86,8 +91,16 @@ class RouterCore:
         *,
         connector: Callable[[InstanceInfo], WorkerClient] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        internal_token: SecretStr | None = None,
     ) -> None:
+        """``internal_token``: what the default connector's clients send to workers (the token
+        their servers require); ignored with a ``connector`` of one's own. The clients also send
+        :attr:`router_id`, so workers let only this router abort, suspend or migrate the
+        requests it dispatched."""
         self._config = config
+        self.router_id = new_router_id()
+        """This router's identity towards workers: random per router, never logged or published."""
+        credentials = InternalCredentials(token=internal_token, router_id=self.router_id)
         self._clock = clock
         self._registry = InstanceRegistry(clock=clock)
         params = policy_params(config.policy, config.policy_params, ttft_slo_ms=config.ttft_slo_ms)
@@ -96,7 +109,7 @@ class RouterCore:
         self._dispatcher = Dispatcher(self._policy, config.policy)
         self._links = InstanceLinks(
             self._registry,
-            connector=connector or WorkerClient.for_instance,
+            connector=connector or functools.partial(WorkerClient.for_instance, credentials=credentials),
             load_report_interval_s=config.load_report_interval_s,
         )
         self._changed = asyncio.Event()  # set and replaced on every membership change
@@ -111,6 +124,7 @@ class RouterCore:
         self._ttft_error = metrics.ROUTER_TTFT_ESTIMATE_ERROR.labels(config.policy)
         self._migrator = MigrationCoordinator(config.migration, clock=clock)
         self._streams: dict[str, MovableStream] = {}  # request id -> its upstream, for migrate()
+        self._request_ids: set[str] = set()  # ids streaming through this router (one request each)
         self._rebalancer: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -193,16 +207,31 @@ class RouterCore:
     def generate(self, req: RoutingRequest) -> AsyncGenerator[EngineOutput, None]:
         """Route ``req`` and stream its output deltas, each stamped with its instance id.
 
-        Raises at once ``ModelNotFoundError`` (unknown model; ``""`` means the only served one)
-        and ``CapacityError`` (no live instance). While streaming: ``EngineDeadError`` once
-        failover attempts are used up, ``CapacityError`` when no instance is left to fail over
-        to, and the instance's own errors. Closing or cancelling the iterator aborts the
-        request on its instance.
+        Raises at once ``ModelNotFoundError`` (unknown model; ``""`` means the only served one),
+        ``CapacityError`` (no live instance) and ``ConflictError`` (``req.request_id`` is already
+        streaming through this router: its abort, migration and metrics would be mixed up with
+        the other's). While streaming: ``EngineDeadError`` once failover attempts are used up,
+        ``CapacityError`` when no instance is left to fail over to, and the instance's own
+        errors. Closing or cancelling the iterator aborts the request on its instance.
+
+        The id is held from the stream's first step to its end, not from this call: a stream
+        that is never iterated never runs its ``finally`` and would hold it forever. So two
+        calls with one id before either stream started both return, and the second stream
+        raises ``ConflictError`` on its first step instead.
         """
+        if req.request_id in self._request_ids:
+            raise self._conflict(req.request_id)
         model = self._resolve_model(req.model)
         if not self._registry.fleet(model).instances:
             raise CapacityError(f"no live instance serves model {model!r} right now")
         return self._stream(req, model)
+
+    @staticmethod
+    def _conflict(request_id: str) -> ConflictError:
+        return ConflictError(
+            f"request id {request_id!r} is already streaming through this router; use a unique id",
+            param="request_id",
+        )
 
     def _resolve_model(self, name: str) -> str:
         if self._registry.serves(name):
@@ -242,6 +271,10 @@ class RouterCore:
         outcome = "error"
         attempt = 0
         first_leg = req.engine_request()
+        rid = req.request_id
+        if rid in self._request_ids:
+            raise self._conflict(rid)
+        self._request_ids.add(rid)
         try:
             while True:
                 engine_req = first_leg.continued(generated)
@@ -320,6 +353,7 @@ class RouterCore:
             outcome = "cancelled"
             raise
         finally:
+            self._request_ids.discard(rid)
             mm.e2e.observe(clock() - t_start)
             mm.requests[outcome].inc()
 

@@ -31,7 +31,7 @@ How it keeps the per-request semantics of one call per request:
 * **Per-request errors** arrive as a status on the request's last chunk and are translated by
   the client's one table (``request_error``), so they surface as the same error types, with
   the same messages, as a failed ``Generate`` call.
-* **A request id already streaming here is refused** (``InvalidRequestError``) before anything
+* **A request id already streaming here is refused** (``ConflictError``) before anything
   is sent: two requests under one id could not be told apart.
 
 Cost (hot path). Per message the reader wakes once; per chunk in it, one dict lookup, two
@@ -52,7 +52,7 @@ import grpc
 
 from switchyard.api import wire
 from switchyard.api.v1 import worker_pb2
-from switchyard.errors import EngineDeadError, InvalidRequestError, SwitchyardError
+from switchyard.errors import ConflictError, EngineDeadError, SwitchyardError
 from switchyard.messages import EngineOutput, EngineRequest
 
 __all__ = ["DispatchCall", "DispatchStream", "RequestInbox"]
@@ -164,14 +164,14 @@ class DispatchStream:
     def start(self, req: EngineRequest) -> RequestInbox:
         """Send ``req`` to the worker and return the inbox its outputs arrive in.
 
-        Raises ``EngineDeadError`` on a stream that is over and ``InvalidRequestError`` when a
+        Raises ``EngineDeadError`` on a stream that is over and ``ConflictError`` when a
         request with the same id is streaming here.
         """
         if self._ended is not None:
             raise self._dead()
         rid = req.request_id
         if rid in self._inboxes:
-            raise InvalidRequestError(
+            raise ConflictError(
                 f"request id {rid!r} is already streaming from instance {self.instance_id}",
                 param="request_id",
             )

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from pydantic import SecretStr
 
 from switchyard import aio
 from switchyard.api import wire
@@ -71,13 +72,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):  # type: ignore[misc]
                 since = membership.version
 
 
-async def start_router_server(core: RouterCore, *, host: str, port: int = 0) -> tuple[grpc.aio.Server, int]:
+async def start_router_server(
+    core: RouterCore, *, host: str, port: int = 0, token: SecretStr | None = None
+) -> tuple[grpc.aio.Server, int]:
     """Build, bind and start a Router server over ``core``; return it with the bound port.
+
+    ``token``: every call but health checks must carry it (``api.server.TokenAuthInterceptor``);
+    None leaves the service open (tests). ``switchyard serve`` passes the internal token.
 
     ``grpc_health.v1`` reports SERVING for ``""`` and ``switchyard.v1.Router``. Stop it with
     ``await server.stop(grace)`` before ``await core.close()``.
     """
-    server, bound = bind_server(host, port, role="router")
+    server, bound = bind_server(host, port, role="router", token=token)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
     await start_serving(server, SERVICE_NAME)
     logger.info("router gRPC serving on %s:%s", host, bound)

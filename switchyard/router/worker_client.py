@@ -16,6 +16,11 @@ the same message, that a failed call carried (both go through ``_error``).
 A channel closed under a live call (the instance left the membership) surfaces in gRPC as a
 bare ``CancelledError``; that is reported as ``EngineDeadError`` so the request moves instead
 of looking like a client cancel. ``AdmitMigrated`` and ``StreamLoad`` keep a call each.
+
+Every call carries the client's ``InternalCredentials`` as metadata (the deployment's internal
+token), built once per client; a worker that refuses them answers ``UNAUTHENTICATED``, which
+becomes ``AuthenticationError`` here, and on the Dispatch stream ends its requests like any
+broken stream (the message names the cause).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from types import TracebackType
 import grpc
 
 from switchyard.api import wire
+from switchyard.api.auth import InternalCredentials
 from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
 from switchyard.errors import (
     GRPC_CODE_TO_ERROR,
@@ -85,9 +91,12 @@ _WORKER_CODE_TO_ERROR: dict[str, type[SwitchyardError]] = {
 class WorkerClient:
     """One channel to one instance; every call translates gRPC failures into our errors."""
 
-    def __init__(self, address: str, *, instance_id: str = "") -> None:
+    def __init__(
+        self, address: str, *, instance_id: str = "", credentials: InternalCredentials | None = None
+    ) -> None:
         self.address = address
         self.instance_id = instance_id or address
+        self._metadata = (credentials or InternalCredentials()).metadata()
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._dispatch: DispatchStream | None = None
@@ -96,9 +105,11 @@ class WorkerClient:
         self._closed = False
 
     @classmethod
-    def for_instance(cls, info: InstanceInfo) -> WorkerClient:
+    def for_instance(
+        cls, info: InstanceInfo, *, credentials: InternalCredentials | None = None
+    ) -> WorkerClient:
         """The default connector: a client for the address membership publishes."""
-        return cls(info.address, instance_id=info.instance_id)
+        return cls(info.address, instance_id=info.instance_id, credentials=credentials)
 
     def __repr__(self) -> str:
         return f"WorkerClient({self.instance_id!r} at {self.address!r})"
@@ -107,7 +118,8 @@ class WorkerClient:
         """Stream ``req``'s output deltas; closing or cancelling the iterator aborts the request.
 
         Raises ``EngineDeadError`` when the instance is unreachable or goes away mid-stream, and
-        ``InvalidRequestError`` when a request with the same id is streaming from this instance.
+        ``ConflictError`` when a request with the same id is streaming from this instance (on
+        this client's stream, or started there by another client).
         An async generator (not the inbox itself) so that an iterator dropped without being
         closed still aborts its request when it is collected.
         """
@@ -130,7 +142,7 @@ class WorkerClient:
             if self._closed:
                 raise EngineDeadError(f"instance {self.instance_id} was removed")
             stream = self._dispatch = DispatchStream(
-                self._stub.Dispatch(),
+                self._stub.Dispatch(metadata=self._metadata),
                 instance_id=self.instance_id,
                 address=self.address,
                 request_error=lambda code, details: self._error(code.name, details, "Dispatch"),
@@ -142,14 +154,17 @@ class WorkerClient:
         """Ask the worker to stop a request; False when it had already finished."""
         with self._translate("Abort"):
             reply = await self._stub.Abort(
-                worker_pb2.AbortRequest(request_id=request_id), timeout=UNARY_TIMEOUT_S
+                worker_pb2.AbortRequest(request_id=request_id),
+                timeout=UNARY_TIMEOUT_S,
+                metadata=self._metadata,
             )
         return bool(reply.found)
 
     async def stream_load(self, interval_s: float) -> AsyncGenerator[LoadReport, None]:
         """Subscribe to the worker's load reports, one every ``interval_s`` seconds."""
         call = self._stub.StreamLoad(
-            worker_pb2.LoadReportRequest(interval_ms=max(1, round(interval_s * 1000)))
+            worker_pb2.LoadReportRequest(interval_ms=max(1, round(interval_s * 1000))),
+            metadata=self._metadata,
         )
         try:
             with self._translate("StreamLoad"):
@@ -168,14 +183,14 @@ class WorkerClient:
             request_id=request_id, after_tokens=after_tokens, min_new_blocks=min(min_new_blocks, 2**32 - 1)
         )
         with self._translate("Snapshot"):
-            pb = await self._stub.Snapshot(req, timeout=MIGRATION_STEP_TIMEOUT_S)
+            pb = await self._stub.Snapshot(req, timeout=MIGRATION_STEP_TIMEOUT_S, metadata=self._metadata)
         return wire.kv_snapshot_from_pb(pb)
 
     async def shadow_pull(self, snapshot: KvSnapshot) -> int:
         """Have the worker pull a snapshot's blocks into its prefix cache."""
         with self._translate("ShadowPull"):
             pb = await self._stub.ShadowPull(
-                wire.kv_snapshot_to_pb(snapshot), timeout=MIGRATION_STEP_TIMEOUT_S
+                wire.kv_snapshot_to_pb(snapshot), timeout=MIGRATION_STEP_TIMEOUT_S, metadata=self._metadata
             )
         return int(pb.num_cached_tokens)
 
@@ -183,13 +198,15 @@ class WorkerClient:
         """Stop the request with its blocks held; its Generate stream ends with ABORT."""
         with self._translate("Suspend"):
             pb = await self._stub.Suspend(
-                worker_pb2.SuspendRequest(request_id=request_id), timeout=MIGRATION_STEP_TIMEOUT_S
+                worker_pb2.SuspendRequest(request_id=request_id),
+                timeout=MIGRATION_STEP_TIMEOUT_S,
+                metadata=self._metadata,
             )
         return wire.suspended_from_pb(pb)
 
     async def admit_migrated(self, req: SuspendedRequest) -> AsyncGenerator[EngineOutput, None]:
         """Continue a suspended request on this worker; streams like :meth:`generate`."""
-        call = self._stub.AdmitMigrated(wire.suspended_to_pb(req))
+        call = self._stub.AdmitMigrated(wire.suspended_to_pb(req), metadata=self._metadata)
         try:
             with self._translate("AdmitMigrated"):
                 async for chunk in call:
@@ -201,7 +218,9 @@ class WorkerClient:
         """Free blocks held for a pull that will not come."""
         with self._translate("ReleaseSuspended"):
             reply = await self._stub.ReleaseSuspended(
-                worker_pb2.ReleaseRequest(request_id=request_id), timeout=UNARY_TIMEOUT_S
+                worker_pb2.ReleaseRequest(request_id=request_id),
+                timeout=UNARY_TIMEOUT_S,
+                metadata=self._metadata,
             )
         return bool(reply.released)
 
@@ -218,7 +237,9 @@ class WorkerClient:
     async def get_info(self) -> InstanceInfo:
         """The instance's identity as the worker itself reports it."""
         with self._translate("GetInstanceInfo"):
-            pb = await self._stub.GetInstanceInfo(worker_pb2.InstanceInfoRequest(), timeout=UNARY_TIMEOUT_S)
+            pb = await self._stub.GetInstanceInfo(
+                worker_pb2.InstanceInfoRequest(), timeout=UNARY_TIMEOUT_S, metadata=self._metadata
+            )
         return wire.instance_info_from_pb(pb)
 
     async def close(self) -> None:

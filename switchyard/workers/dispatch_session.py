@@ -25,6 +25,10 @@ never needed, and the servicer stays a thin converter. The contract is the proto
   half-closes lets running requests finish first (:meth:`finish`).
 * **Reusing an id** right after aborting it waits until the engine has released the old
   request, so the old request's abort cannot hit the new one inside the engine.
+* **An id already running on this worker** (on this stream, another router's stream, a
+  ``Generate`` or ``AdmitMigrated`` call) is refused with an ``ALREADY_EXISTS`` chunk
+  (``ConflictError``) and the running request is left alone: the worker's ``RunningRequests``
+  is shared by all of them.
 
 Cost per streamed output: one protobuf conversion (as ``Generate``), then either one deque
 append and a future wake-up or one ``MergeFrom``; the writer copies each chunk into its batch
@@ -38,14 +42,13 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-import grpc
-
 from switchyard.api import wire
 from switchyard.api.server import failure_status
 from switchyard.api.v1 import worker_pb2
-from switchyard.errors import EngineDeadError
+from switchyard.errors import ConflictError, EngineDeadError
 from switchyard.messages import EngineOutput, EngineRequest, FinishReason
 from switchyard.workers.engine import Engine, release_stream
+from switchyard.workers.running import RunningRequests
 
 __all__ = ["DispatchSession"]
 
@@ -75,10 +78,18 @@ class DispatchSession:
         engine: Engine,
         instance_id: str,
         write: Callable[[worker_pb2.DispatchReply], Awaitable[None]],
+        *,
+        running: RunningRequests | None = None,
+        owner: str = "",
     ) -> None:
+        """``running``: the worker's record of the ids running on it (shared with its other
+        calls); None keeps a private one (a session on its own, in tests). ``owner``: the router
+        id the Dispatch call carried, recorded as the owner of every request it starts."""
         self._engine = engine
         self._instance_id = instance_id
         self._write = write
+        self._worker_running = running if running is not None else RunningRequests(instance_id)
+        self._owner = owner
         self._loop = asyncio.get_running_loop()
         self._running: dict[str, _Running] = {}
         self._releasing: dict[str, asyncio.Task[None]] = {}  # aborted, engine release in progress
@@ -113,6 +124,7 @@ class DispatchSession:
         running = list(self._running.values())
         self._running.clear()
         for r in running:
+            self._worker_running.ending(r.request_id)  # its router may start it anew elsewhere
             r.ended = True
             if r.task is not None:
                 r.task.cancel()
@@ -127,20 +139,30 @@ class DispatchSession:
 
     def _start(self, req: EngineRequest) -> None:
         rid = req.request_id
-        if rid in self._running:
-            # A conforming router never does this (it checks first); answer precisely and leave
-            # the running request alone.
-            details = f"request id {rid!r} is already running on this dispatch stream"
-            logger.info("worker Dispatch %s rejected: %s", rid, details)
-            self._emit(_Running(rid), wire.error_chunk(rid, grpc.StatusCode.INVALID_ARGUMENT, details))
+        try:
+            if rid in self._running:
+                # A conforming router never does this (it checks first); answer precisely and
+                # leave the running request alone.
+                raise ConflictError(f"request id {rid!r} is already running on this dispatch stream")
+            # Held by another call (another router's stream, Generate, AdmitMigrated): refused
+            # alike. This session may hold it still, for a request it aborted and the engine
+            # has not released yet; ``_serve`` waits for that release.
+            self._worker_running.claim(rid, self, self._owner)
+        except ConflictError as exc:
+            code, details = failure_status(exc, logger, "worker Dispatch request %s", rid)
+            self._emit(_Running(rid), wire.error_chunk(rid, code, details))
             return
         r = self._running[rid] = _Running(rid)
-        r.task = self._loop.create_task(self._serve(r, req))
+        task = r.task = self._loop.create_task(self._serve(r, req))
+        # A done callback rather than the task's ``finally``: a task cancelled before it first
+        # ran never enters its body, and the claim must still go.
+        task.add_done_callback(lambda _: self._worker_running.release(rid, self))
 
     def _abort(self, request_id: str) -> None:
         r = self._running.pop(request_id, None)
         if r is None or r.task is None:
             return  # it already ended: its terminal chunk is out or queued
+        self._worker_running.ending(request_id)
         r.ended = True
         r.task.cancel()
         task = self._releasing[request_id] = r.task
@@ -166,6 +188,7 @@ class DispatchSession:
             previous = self._releasing.get(rid)
             if previous is not None:
                 await asyncio.wait([previous])
+            await self._worker_running.settled(rid, self)  # this router's call before it let go
             stream = self._engine.generate(req)
             emit, to_pb, instance_id = self._emit, wire.output_to_pb, self._instance_id
             # Hot path: one conversion and one queue-or-merge per output, nothing awaited but

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
+from pydantic import SecretStr
 
 from switchyard.config import EngineConfig
 from switchyard.errors import ConfigError, EngineDeadError
@@ -86,15 +87,20 @@ class _InstanceActorImpl:
         host: str | None,
         served_model_name: str,
         role: str = "unified",
+        internal_token: SecretStr | None = None,
     ) -> InstanceInfo:
-        """Build the engine, serve it, and return the facts membership publishes."""
+        """Build the engine, serve it, and return the facts membership publishes.
+
+        ``host`` is the address the Worker service binds and advertises; None takes this node's
+        IP as Ray knows it (a Kubernetes worker pod's IP), so routers on other machines reach
+        the instance. Both cases bind exactly the advertised address, never every interface:
+        the port is internal, and an interface nobody is told about only widens who can reach it.
+
+        ``internal_token``: what every call to the Worker service must carry (None: none)."""
         from switchyard.workers.worker_server import start_worker_server
 
         path = Path(model_dir) if model_dir else None
-        # None: bind every interface and advertise this node's IP, so routers on other
-        # machines (Kubernetes pods) can reach the instance.
-        bind = host or "0.0.0.0"
-        advertised = host or ray.util.get_node_ip_address()
+        bind = advertised = host or ray.util.get_node_ip_address()
         cfg = with_reachable_kv_endpoint(cfg, advertised)
         self._engine = await build_engine(cfg, instance_id=instance_id, model_dir=path)
         engine = self._engine
@@ -112,7 +118,9 @@ class _InstanceActorImpl:
                 kv_bytes_per_block=engine.kv_bytes_per_block,
             )
 
-        self._server, port = await start_worker_server(engine, info_for, host=bind, port=0)
+        self._server, port = await start_worker_server(
+            engine, info_for, host=bind, port=0, token=internal_token
+        )
         self._info = info_for(port)
         self._health_task = asyncio.create_task(self._watch_engine_health())
         logger.info(

@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from pydantic import SecretStr
 
+from switchyard.api.auth import generate_token
 from switchyard.cache import CACHE_DIR_VAR, cache_dir
+from switchyard.errors import ConfigError
 from switchyard.messages import Membership
 from switchyard.workers.membership import MembershipMerger
 from switchyard.workers.supervisor import PoolSpec, Supervisor, follow_membership
@@ -55,6 +58,8 @@ class LocalPool:
     started_ray: bool
     owns_supervisors: bool = True
     """False on a joined cluster: supervisors are shared by every router and outlive this one."""
+    internal_token: SecretStr | None = None
+    """The token the pools' Worker services require; a router's clients must send it."""
     _follow_tasks: list[asyncio.Task[None]] = field(default_factory=list, repr=False)
 
     @property
@@ -174,10 +179,64 @@ def _kill_stale_supervisor(name: str) -> None:
     ray.kill(stale, no_restart=True)
 
 
+async def _cluster_token(specs: Sequence[PoolSpec], given: SecretStr | None, *, shared: bool) -> SecretStr:
+    """The internal token the pools' instances will require.
+
+    Locally: ``given``, else a fresh random one. On a joined cluster the pools may already run,
+    started by another router replica (or by this router before it restarted) with the token it
+    had; their instances accept nothing else. So a router that was given no token adopts theirs
+    (a generated one must survive router restarts and be shared by replicas), and one given a
+    different token is refused here, with what to do, instead of failing every request later.
+    """
+    running: dict[str, str] = {}
+    for spec in specs if shared else ():
+        try:
+            supervisor = ray.get_actor(f"supervisor-{spec.name}", namespace="switchyard")
+        except ValueError:
+            continue  # not running yet: this router starts it
+        try:
+            token: SecretStr | None = await supervisor.internal_token.remote()
+        except Exception as exc:  # a supervisor of an older version: its instances take no token
+            logger.warning("cannot ask supervisor-%s for its internal token (%r)", spec.name, exc)
+            continue
+        if token is not None:
+            running[spec.name] = token.get_secret_value()
+    distinct = set(running.values())
+    if given is not None:
+        other = sorted(name for name, value in running.items() if value != given.get_secret_value())
+        if other:
+            raise ConfigError(
+                f"pools {other} already run on this Ray cluster with another internal token, so their "
+                "instances would refuse this router: give it the token they were started with (the same "
+                "Secret as the other router replicas), or stop those pools first"
+            )
+        return given
+    if len(distinct) > 1:
+        raise ConfigError(
+            f"pools {sorted(running)} run on this Ray cluster with different internal tokens; "
+            "one router cannot reach them all: restart them with one token (internal_token)"
+        )
+    if distinct:
+        logger.info(
+            "using the internal token of pools %s, already running on this Ray cluster", sorted(running)
+        )
+        return SecretStr(distinct.pop())
+    return generate_token()
+
+
 async def start_local_pools(
-    specs: Sequence[PoolSpec], *, ray_address: str | None = None, num_cpus: int | None = None
+    specs: Sequence[PoolSpec],
+    *,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    internal_token: SecretStr | None = None,
 ) -> LocalPool:
-    """Start (or join) Ray, start a supervisor per pool and wait until every instance serves."""
+    """Start (or join) Ray, start a supervisor per pool and wait until every instance serves.
+
+    Every instance requires an internal token (``LocalPool.internal_token``): ``internal_token``,
+    else on a joined cluster the one its running pools already use, else a fresh random one; a
+    joined cluster whose pools use another token than the one given raises ``ConfigError``.
+    """
     started = False
     if not ray.is_initialized():
         _init_ray(specs, ray_address=ray_address, num_cpus=num_cpus)
@@ -185,6 +244,14 @@ async def start_local_pools(
     # On a joined cluster (Kubernetes) every router replica attaches to the same detached,
     # named supervisors and brings them to its spec; the first one starts the instances.
     shared = ray_address is not None
+    try:
+        given = internal_token or next((s.internal_token for s in specs if s.internal_token), None)
+        token = await _cluster_token(specs, given, shared=shared)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    specs = [s.model_copy(update={"internal_token": token}) for s in specs]
     options: dict[str, Any] = {"lifetime": "detached", "get_if_exists": True} if shared else {}
     if not shared:
         for spec in specs:
@@ -210,12 +277,22 @@ async def start_local_pools(
         raise errors[0]
     memberships = {name: m for name, m in zip(supervisors, results, strict=True) if isinstance(m, Membership)}
     return LocalPool(
-        supervisors=supervisors, memberships=memberships, started_ray=started, owns_supervisors=not shared
+        supervisors=supervisors,
+        memberships=memberships,
+        started_ray=started,
+        owns_supervisors=not shared,
+        internal_token=token,
     )
 
 
 async def start_local_pool(
-    spec: PoolSpec, *, ray_address: str | None = None, num_cpus: int | None = None
+    spec: PoolSpec,
+    *,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    internal_token: SecretStr | None = None,
 ) -> LocalPool:
     """``start_local_pools`` for a single pool."""
-    return await start_local_pools([spec], ray_address=ray_address, num_cpus=num_cpus)
+    return await start_local_pools(
+        [spec], ray_address=ray_address, num_cpus=num_cpus, internal_token=internal_token
+    )

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from pydantic import Field
+from pydantic import Field, SecretStr
 from ray.exceptions import RayActorError
 
-from switchyard.config import EngineConfig, PoolConfig, ServeConfig
+from switchyard.config import EngineConfig, InternalToken, PoolConfig, ServeConfig
 from switchyard.errors import EngineDeadError
 from switchyard.messages import InstanceInfo, Membership
 from switchyard.workers.instance_actor import InstanceActor
@@ -49,8 +49,8 @@ class PoolSpec(PoolConfig):
     """Model name instances advertise; the gateway's tokenizer map is keyed by it."""
 
     host: str | None = "127.0.0.1"
-    """Address instances bind their Worker gRPC service to; None binds all interfaces and
-    advertises the node's IP (instances on other machines, e.g. Kubernetes worker pods)."""
+    """Address instances bind their Worker gRPC service to and advertise; None takes each node's
+    IP (instances on other machines, e.g. Kubernetes worker pods), never all interfaces."""
 
     drain_timeout_s: float = Field(default=300.0, ge=0)
     """On scale-in, how long a removed instance may keep finishing its requests before it stops."""
@@ -60,6 +60,11 @@ class PoolSpec(PoolConfig):
 
     start_timeout_s: float = Field(default=600.0, gt=0)
     """Give up on an instance whose engine has not started in this long."""
+
+    internal_token: InternalToken | None = None
+    """Token the instances' Worker services require (``ServeConfig.internal_token``); fixed for
+    the supervisor's life, since running instances accept only the one they started with.
+    ``start_local_pools`` always sets it; None (a supervisor built by hand) serves unauthenticated."""
 
     @classmethod
     def from_config(
@@ -130,7 +135,9 @@ class _SupervisorImpl:
         membership at once, so routers stop sending them work, and stop once their requests
         finish or ``drain_timeout_s`` passes.
         """
-        self._spec = spec
+        # The token stays the one the running instances were started with; start_local_pools
+        # refuses a router that brings another, so this only fills in a spec that has none.
+        self._spec = spec.model_copy(update={"internal_token": self._spec.internal_token})
         if not self._started:
             return self._membership()
         wanted = {f"{spec.name}-{i}" for i in range(spec.instances)}
@@ -186,6 +193,7 @@ class _SupervisorImpl:
                     host=spec.host,
                     served_model_name=spec.served_model_name,
                     role=spec.role,
+                    internal_token=spec.internal_token,
                 ),
                 timeout=spec.start_timeout_s,
             )
@@ -234,6 +242,13 @@ class _SupervisorImpl:
             except Exception:
                 logger.exception("restart of %s failed; retrying in %.1f s", instance_id, backoff * 2)
                 backoff = min(max(backoff * 2, 0.5), _MAX_RESTART_BACKOFF_S)
+
+    async def internal_token(self) -> SecretStr | None:
+        """The token this pool's instances require, for a router joining the cluster later.
+
+        Handing it out over Ray gives nothing away: whoever can call this actor can already run
+        any code on the cluster (docs/security.md)."""
+        return self._spec.internal_token
 
     async def membership(self) -> Membership:
         """The current membership snapshot."""

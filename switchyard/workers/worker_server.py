@@ -15,6 +15,11 @@ collector.
 ``Dispatch`` is the routers' path: one long-lived call per router carrying many requests, whose
 state lives in ``workers/dispatch_session.py``; ``Generate`` (one request per call) stays for
 other clients, and ``AdmitMigrated`` keeps its own call per migrated request.
+
+Every call that starts a request records it in the worker's ``RunningRequests``
+(``workers/running.py``): an id already running here is refused, and the router id the call
+carried owns the request, so ``Abort``, ``Snapshot``, ``Suspend`` and ``ReleaseSuspended``
+from any other caller end ``PERMISSION_DENIED`` before the engine is touched.
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import grpc
+from pydantic import SecretStr
 
 from switchyard.api import wire
+from switchyard.api.auth import caller_id
 from switchyard.api.server import abort_on_error, bind_server, start_serving
 from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
 from switchyard.messages import EngineOutput, InstanceInfo
 from switchyard.workers.dispatch_session import DispatchSession
 from switchyard.workers.engine import Engine, release_stream
+from switchyard.workers.running import RunningRequests
 
 __all__ = [
     "DEFAULT_LOAD_INTERVAL_S",
@@ -59,6 +67,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         self._info = info
         self._info_pb = wire.instance_info_to_pb(info)
         self._load_interval_s = load_interval_s
+        self._running = RunningRequests(info.instance_id)  # ids running here, from any call
 
     @property
     def info(self) -> InstanceInfo:
@@ -78,7 +87,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
         Whatever ends the call (the router cancels, the connection breaks, the server stops)
         aborts every request still running on it; a half-close lets them finish first.
         """
-        session = DispatchSession(self._engine, self._info.instance_id, context.write)
+        session = DispatchSession(
+            self._engine,
+            self._info.instance_id,
+            context.write,
+            running=self._running,
+            owner=caller_id(context.invocation_metadata()),
+        )
         try:
             async for msg in request_iterator:
                 for action in msg.actions:
@@ -95,9 +110,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     ) -> None:
         instance_id = self._info.instance_id
         stream: AsyncIterator[EngineOutput] | None = None
-        finished = False
+        finished = claimed = False
         try:
             async with abort_on_error(context, logger, "worker RPC Generate %s", request_id):
+                # ConflictError if the id already runs here; the caller's router id owns it.
+                self._running.claim(request_id, context, caller_id(context.invocation_metadata()))
+                claimed = True
+                await self._running.settled(request_id, context)  # the owner's old one released
                 stream = start()
                 # Hot path: one conversion and one write per delta, nothing else.
                 async for out in stream:
@@ -109,12 +128,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
             # Unfinished (client cancel, closed stream, error), releasing is the abort.
             if stream is not None:
                 await release_stream(self._engine, stream, request_id, aborted=not finished)
+            if claimed:
+                self._running.release(request_id, context)
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.AbortReply:
-        """Stop a request; ``found`` is False when it had already finished."""
+        """Stop a request; ``found`` is False when it had already finished. Only its owner may."""
         async with abort_on_error(context, logger, "worker RPC Abort %s", request.request_id):
+            self._running.check(request.request_id, caller_id(context.invocation_metadata()), "abort")
+            self._running.ending(request.request_id)
             found = await self._engine.abort(request.request_id)
         return worker_pb2.AbortReply(found=found)
 
@@ -135,8 +158,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     async def Snapshot(
         self, request: worker_pb2.SnapshotRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.KvSnapshot:
-        """The running request's full KV blocks as a pull ticket (it keeps decoding)."""
+        """The running request's full KV blocks as a pull ticket (it keeps decoding). Only its
+        owner may take one: a ticket lets a destination pull the request's KV cache."""
         async with abort_on_error(context, logger, "worker RPC Snapshot %s", request.request_id):
+            self._running.check(request.request_id, caller_id(context.invocation_metadata()), "snapshot")
             snap = await self._engine.snapshot(
                 request.request_id,
                 after_tokens=request.after_tokens,
@@ -155,9 +180,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     async def Suspend(
         self, request: worker_pb2.SuspendRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.SuspendedRequest:
-        """Stop the request, hold its blocks for a pull, return its authoritative state."""
+        """Stop the request, hold its blocks for a pull, return its authoritative state. Only its
+        owner may, and only the owner may release the held blocks afterwards."""
+        caller = caller_id(context.invocation_metadata())
         async with abort_on_error(context, logger, "worker RPC Suspend %s", request.request_id):
+            self._running.check(request.request_id, caller, "suspend")
             suspended = await self._engine.suspend(request.request_id)
+            self._running.suspended(request.request_id, caller)
         return wire.suspended_to_pb(suspended)
 
     async def AdmitMigrated(
@@ -170,9 +199,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):  # type: ignore[misc]
     async def ReleaseSuspended(
         self, request: worker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReleaseReply:
-        """Free blocks held for a destination that will not pull them."""
+        """Free blocks held for a destination that will not pull them (the suspender only)."""
         async with abort_on_error(context, logger, "worker RPC ReleaseSuspended %s", request.request_id):
+            self._running.check(request.request_id, caller_id(context.invocation_metadata()), "release")
             released = await self._engine.release_suspended(request.request_id)
+            self._running.released(request.request_id)
         return worker_pb2.ReleaseReply(released=released)
 
     async def GetInstanceInfo(
@@ -189,8 +220,13 @@ async def start_worker_server(
     host: str,
     port: int = 0,
     load_interval_s: float = DEFAULT_LOAD_INTERVAL_S,
+    token: SecretStr | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Build, bind and start a Worker server; return it with the bound port.
+
+    ``token`` is the deployment's internal token: every call but health checks must carry it
+    (``api.server.TokenAuthInterceptor``). None leaves the service open (tests, a worker on
+    loopback in a trusted process); ``switchyard serve`` always passes one.
 
     ``info_factory_or_info`` is either the instance's ``InstanceInfo`` or a function of the
     bound port that builds it, since with ``port=0`` the address is known only after binding.
@@ -198,7 +234,7 @@ async def start_worker_server(
     Stop it with ``await server.stop(grace)``; in-flight requests are then cancelled, which
     aborts them on the engine.
     """
-    server, bound = bind_server(host, port, role="worker")
+    server, bound = bind_server(host, port, role="worker", token=token)
     info = info_factory_or_info(bound) if callable(info_factory_or_info) else info_factory_or_info
     worker_pb2_grpc.add_WorkerServicer_to_server(
         WorkerServicer(engine, info, load_interval_s=load_interval_s), server

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import grpc
 import openai
 import pytest
 import pytest_asyncio
 
+from switchyard.api.auth import bearer_metadata
+from switchyard.api.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 from switchyard.config import EngineConfig, GatewayConfig, PoolConfig, RouterConfig, ServeConfig
 from switchyard.serve import RunningStack
 from tests.helpers.stack import running_stack
@@ -57,3 +60,27 @@ async def test_openai_client_gets_completions_from_the_simulator(stack: RunningS
         assert resp.choices[0].finish_reason == "length"
     used = {d["instance_id"] for d in stack.core.recent_decisions()}
     assert used == {"decode-0", "decode-1", "prefill-0"}
+
+
+async def test_serve_secures_every_grpc_service_with_a_generated_token(stack: RunningStack) -> None:
+    """No token was configured: serve generated one, which the router's and every worker's gRPC
+    service require (the completions above passed, so the router sends it); without it, both
+    refuse with UNAUTHENTICATED."""
+    assert stack.internal_token is not None and len(stack.internal_token.get_secret_value()) >= 43
+    good = bearer_metadata(stack.internal_token)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.router_port}") as channel:
+        router = router_pb2_grpc.RouterStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await router.ListInstances(router_pb2.ListInstancesRequest())
+        assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert (
+            len((await router.ListInstances(router_pb2.ListInstancesRequest(), metadata=good)).instances) == 3
+        )
+    for info in stack.core.membership.instances:
+        async with grpc.aio.insecure_channel(info.address) as channel:
+            worker = worker_pb2_grpc.WorkerStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await worker.Abort(worker_pb2.AbortRequest(request_id="anything"))
+            assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            reply = await worker.GetInstanceInfo(worker_pb2.InstanceInfoRequest(), metadata=good)
+            assert reply.instance_id == info.instance_id

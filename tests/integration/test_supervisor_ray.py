@@ -34,7 +34,9 @@ async def pool_and_core() -> AsyncIterator[tuple[LocalPool, RouterCore]]:
         restart_backoff_s=0.2,
     )
     pool = await start_local_pool(spec, num_cpus=2)
-    core = RouterCore(RouterConfig(policy="round_robin", load_report_interval_s=0.05))
+    core = RouterCore(
+        RouterConfig(policy="round_robin", load_report_interval_s=0.05), internal_token=pool.internal_token
+    )
     await core.start()
     pool.follow(core.apply_membership)
     try:

@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 import ray
 
+from switchyard.api.auth import InternalCredentials
 from switchyard.config import EngineConfig
 from switchyard.messages import EngineRequest, SamplingOptions
 from switchyard.router.worker_client import WorkerClient
@@ -63,7 +64,9 @@ async def test_scale_in_removes_from_membership_at_once_and_finishes_running_req
     running on sc-2 still completes every token, and the drained actors then stop."""
     membership = await pool.supervisor.membership.remote()
     victim = next(i for i in membership.instances if i.instance_id == "sc-2")
-    client = WorkerClient(victim.address, instance_id=victim.instance_id)
+    client = WorkerClient(
+        victim.address, instance_id=victim.instance_id, credentials=InternalCredentials(pool.internal_token)
+    )
     request = EngineRequest(
         request_id="draining",
         prompt_token_ids=list(range(1, 64)),

@@ -19,6 +19,7 @@ from switchyard.api import wire
 from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
 from switchyard.errors import (
     CapacityError,
+    ConflictError,
     ContextLengthError,
     EngineDeadError,
     EngineRequestError,
@@ -214,7 +215,7 @@ async def test_a_slow_consumer_does_not_hold_up_a_fast_one(worker: Worker, clien
 async def test_duplicate_ids_are_refused_on_both_sides(worker: Worker, client: WorkerClient) -> None:
     running = client.generate(request("dup", 30))
     await anext(running)
-    with pytest.raises(InvalidRequestError, match="request id 'dup' is already streaming from instance w0"):
+    with pytest.raises(ConflictError, match="request id 'dup' is already streaming from instance w0"):
         await anext(client.generate(request("dup", 3)))
     assert len(await tokens_of(running)) == 29, "the running request is untouched"
     # A client that does send a duplicate start gets a precise per-request error.
@@ -224,7 +225,7 @@ async def test_duplicate_ids_are_refused_on_both_sides(worker: Worker, client: W
         await call.write(send(wire.dispatch_start_to_pb(request("twice", 30))))
         chunks = await read_until(call, lambda c: c.error_code != 0)
         errors = [c for c in chunks if c.error_code]
-        assert [c.error_code for c in errors] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+        assert [c.error_code for c in errors] == [grpc.StatusCode.ALREADY_EXISTS.value[0]]
         assert errors[0].error_message == "request id 'twice' is already running on this dispatch stream"
         await call.done_writing()  # half-close: the running one still finishes
         rest = await read_to_end(call)

@@ -229,9 +229,56 @@ def test_router_exposes_gateway_and_grpc_services_and_reads_the_api_key_secret()
     grpc = children["Service", "llama-pd-router-grpc"]["spec"]
     assert [p["port"] for p in http["ports"]] == [8000] and [p["port"] for p in grpc["ports"]] == [50051]
     container = pod(children["Deployment", "llama-pd-router"])["containers"][0]
-    assert container["command"] == ["switchyard", "serve", "--config", "/etc/switchyard/serve.json"]
+    assert container["command"] == [
+        "switchyard",
+        "serve",
+        "--config",
+        "/etc/switchyard/serve.json",
+        "--router-host=$(POD_IP)",
+    ]
     (key,) = [e for e in container["env"] if e["name"] == "SWITCHYARD_API_KEY"]
     assert key["valueFrom"]["secretKeyRef"] == {"name": "llama-pd-api-keys", "key": "api-key"}
+
+
+def test_router_grpc_binds_the_pod_ip_and_the_gateway_every_interface(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The router's gRPC port is internal: the pod binds it to its own IP (downward API, expanded
+    by Kubernetes in the command), not 0.0.0.0; the gateway, the front door, listens everywhere."""
+    children = by_key(service_children(owner("LLMService", "llama-pd"), service_spec(), {}))
+    container = pod(children["Deployment", "llama-pd-router"])["containers"][0]
+    (pod_ip,) = [e for e in container["env"] if e["name"] == "POD_IP"]
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    serve_json = json.loads(children["ConfigMap", "llama-pd-config"]["data"]["serve.json"])
+    assert serve_json["router"]["grpc_host"] == "127.0.0.1"
+    monkeypatch.setattr(cli, "_load_config_file", lambda path: serve_json)
+    argv = [a.replace("$(POD_IP)", "10.2.3.4") for a in container["command"][1:]]
+    config = cli._serve_config(cli._build_parser().parse_args(argv))
+    assert (config.router.grpc_host, config.gateway.host) == ("10.2.3.4", "0.0.0.0")
+
+
+def test_router_pods_read_the_internal_token_from_its_secret_never_from_the_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``router.internalTokenSecretRef`` becomes SWITCHYARD_INTERNAL_TOKEN by secretKeyRef (the
+    operator never reads the Secret); serve.json, a ConfigMap, carries no token, and the router's
+    CLI turns the two into a ServeConfig with the token. Without the ref there is no variable."""
+    children = by_key(service_children(owner("LLMService", "llama-pd"), service_spec(), {}))
+    container = pod(children["Deployment", "llama-pd-router"])["containers"][0]
+    (env,) = [e for e in container["env"] if e["name"] == "SWITCHYARD_INTERNAL_TOKEN"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "llama-pd-internal-token", "key": "internal-token"}
+    serve_json = json.loads(children["ConfigMap", "llama-pd-config"]["data"]["serve.json"])
+    assert serve_json["internal_token"] is None and serve_json["internal_token_file"] is None
+    monkeypatch.setenv("SWITCHYARD_INTERNAL_TOKEN", "token-from-the-secret-0123456")
+    monkeypatch.setattr(cli, "_load_config_file", lambda path: serve_json)
+    config = cli._serve_config(cli._build_parser().parse_args(container["command"][1:]))
+    assert config.internal_token is not None
+    assert config.internal_token.get_secret_value() == "token-from-the-secret-0123456"
+
+    router = {k: v for k, v in examples()["llama-pd"]["router"].items() if k != "internalTokenSecretRef"}
+    bare = by_key(service_children(owner("LLMService", "llama-pd"), service_spec(router=router), {}))
+    env = pod(bare["Deployment", "llama-pd-router"])["containers"][0]["env"]
+    assert not [e for e in env if e["name"] == "SWITCHYARD_INTERNAL_TOKEN"]
 
 
 @pytest.mark.parametrize(

@@ -20,12 +20,14 @@ from switchyard.api.v1 import worker_pb2, worker_pb2_grpc
 from switchyard.errors import (
     AuthenticationError,
     CapacityError,
+    ConflictError,
     ContextLengthError,
     EngineDeadError,
     EngineRequestError,
     InvalidRequestError,
     MigrationError,
     ModelNotFoundError,
+    PermissionDeniedError,
     RequestTooLargeError,
 )
 from switchyard.messages import InstanceInfo
@@ -36,7 +38,9 @@ from switchyard.workers.worker_server import start_worker_server
 CASES: list[tuple[Exception, grpc.StatusCode, str]] = [
     (ModelNotFoundError("no model 'x'"), grpc.StatusCode.NOT_FOUND, "no model 'x'"),
     (RequestTooLargeError("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED, "too big"),
+    (ConflictError("id in use"), grpc.StatusCode.ALREADY_EXISTS, "id in use"),
     (AuthenticationError("bad key"), grpc.StatusCode.UNAUTHENTICATED, "bad key"),
+    (PermissionDeniedError("not yours"), grpc.StatusCode.PERMISSION_DENIED, "not yours"),
     (InvalidRequestError("bad field"), grpc.StatusCode.INVALID_ARGUMENT, "bad field"),
     (ContextLengthError("too long"), grpc.StatusCode.INVALID_ARGUMENT, "too long"),
     (CapacityError("busy"), grpc.StatusCode.UNAVAILABLE, "busy"),

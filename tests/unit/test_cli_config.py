@@ -58,6 +58,41 @@ def test_api_key_from_environment_is_added(monkeypatch: pytest.MonkeyPatch) -> N
     assert "from-env" not in repr(config)
 
 
+TOKEN = "internal-token-from-a-secret-0123"
+
+
+def test_internal_token_from_environment_or_file_never_a_flag_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The internal token comes from SWITCHYARD_INTERNAL_TOKEN or a file (flag or
+    SWITCHYARD_INTERNAL_TOKEN_FILE), which override --config; none leaves it to serve (generated)."""
+    assert (_config().internal_token, _config().internal_token_file) == (None, None)
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"internal_token": "from-the-config-file-0123"}))
+    monkeypatch.setenv("SWITCHYARD_INTERNAL_TOKEN", TOKEN)
+    config = _config("--config", str(path))
+    assert config.internal_token is not None and config.internal_token.get_secret_value() == TOKEN
+    assert TOKEN not in repr(config)
+    monkeypatch.delenv("SWITCHYARD_INTERNAL_TOKEN")
+    config = _config("--config", str(path), "--internal-token-file", str(tmp_path / "tok"))
+    assert (config.internal_token, config.internal_token_file) == (None, tmp_path / "tok")
+    monkeypatch.setenv("SWITCHYARD_INTERNAL_TOKEN_FILE", "/run/secrets/token")
+    assert _config().internal_token_file == Path("/run/secrets/token")
+    with pytest.raises(SystemExit, match="the internal token is given twice"):
+        _config("--internal-token-file", str(tmp_path / "tok"))
+
+
+def test_a_bad_internal_token_exits_2_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SWITCHYARD_INTERNAL_TOKEN", "shortsecret")
+    with pytest.raises(SystemExit) as exc:
+        main(["serve"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "internal_token" in err and "got 11" in err and "shortsecret" not in err
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [

@@ -19,6 +19,7 @@ from switchyard.api.v1 import worker_pb2
 from switchyard.errors import EngineDeadError
 from switchyard.messages import EngineOutput, EngineRequest, FinishReason, LoadReport, SamplingOptions
 from switchyard.workers.dispatch_session import DispatchSession
+from switchyard.workers.running import RunningRequests
 
 
 class SteppedEngine:
@@ -201,7 +202,7 @@ async def test_duplicate_start_is_refused_and_the_running_request_goes_on(
     errors = [c for c in wire_.chunks("dup") if c.error_code]
     assert [(c.error_code, c.error_message) for c in errors] == [
         (
-            grpc.StatusCode.INVALID_ARGUMENT.value[0],
+            grpc.StatusCode.ALREADY_EXISTS.value[0],
             "request id 'dup' is already running on this dispatch stream",
         )
     ]
@@ -245,3 +246,69 @@ async def test_finish_lets_running_requests_end_and_flushes(
         await settle()
     await asyncio.wait_for(finishing, 5)
     assert wire_.chunks("a")[-1].finished and engine.aborted == []
+
+
+async def test_the_worker_wide_claim_is_given_back_however_a_request_ends(
+    engine: SteppedEngine, wire_: Wire
+) -> None:
+    """Sessions share the worker's ``RunningRequests``: a second session's start of a running
+    id gets ALREADY_EXISTS; a request that ends, is aborted (even before its task first ran),
+    or whose session closes gives its id back, and a reused id is held until both ended."""
+    running = RunningRequests("w0")
+    one = DispatchSession(engine, "w0", wire_.write, running=running)  # type: ignore[arg-type]
+    two = DispatchSession(engine, "w0", wire_.write, running=running)  # type: ignore[arg-type]
+    start(one, "a", n=1)
+    start(two, "a", n=1)
+    await settle()
+    errors = [c for c in wire_.chunks("a") if c.error_code]
+    assert [(c.error_code, c.error_message) for c in errors] == [
+        (grpc.StatusCode.ALREADY_EXISTS.value[0], "request id 'a' is already running on instance w0")
+    ]
+    engine.step()
+    await settle()
+    assert "a" not in running
+    start(one, "b", n=5)
+    abort(one, "b")  # cancelled before its task ever ran
+    start(one, "b", n=5)  # reused at once: held twice until the first is released
+    await settle()
+    assert "b" in running
+    start(two, "c", n=5)
+    await settle()
+    await two.close()
+    await one.close()
+    assert len(running) == 0
+
+
+async def test_an_ending_id_passes_to_another_call_once_the_old_request_is_released(
+    engine: SteppedEngine, wire_: Wire
+) -> None:
+    """A suspended or aborted request's id may be started again from another call of the same
+    router (a migration recomputing on its source, a failover on a new stream), but the new
+    request reaches the engine only once the old one was released: the engine never holds two
+    under one id. Another router still gets ALREADY_EXISTS."""
+    running = RunningRequests("w0")
+    one = DispatchSession(engine, "w0", wire_.write, running=running, owner="r1")  # type: ignore[arg-type]
+    two = DispatchSession(engine, "w0", wire_.write, running=running, owner="r1")  # type: ignore[arg-type]
+    other = DispatchSession(engine, "w0", wire_.write, running=running, owner="r2")  # type: ignore[arg-type]
+    start(one, "h", n=5)
+    await settle()
+    running.ending("h")  # what the worker's Suspend or Abort does
+    start(other, "h", n=1)
+    await settle()
+    assert [c.error_code for c in wire_.chunks("h") if c.error_code] == [
+        grpc.StatusCode.ALREADY_EXISTS.value[0]
+    ]
+    wire_.replies.clear()
+    start(two, "h", n=1)
+    await settle()
+    assert not [c for c in wire_.chunks("h") if c.error_code], "the owner's ending id is not a conflict"
+    assert engine.running == {"h"} and engine.aborted == [], "the new one waits for the old one"
+    await one.close()
+    await settle()
+    assert engine.aborted == ["h"] and engine.running == {"h"}, "released, then the new one started"
+    engine.step()
+    await settle()
+    assert engine.finished == ["h"] and wire_.chunks("h")[-1].finished
+    await two.close()
+    await other.close()
+    assert len(running) == 0

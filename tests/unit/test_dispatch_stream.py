@@ -15,7 +15,13 @@ import pytest
 
 from switchyard.api import wire
 from switchyard.api.v1 import worker_pb2
-from switchyard.errors import EngineDeadError, EngineRequestError, InvalidRequestError, SwitchyardError
+from switchyard.errors import (
+    ConflictError,
+    EngineDeadError,
+    EngineRequestError,
+    InvalidRequestError,
+    SwitchyardError,
+)
 from switchyard.messages import EngineOutput, EngineRequest, FinishReason, SamplingOptions
 from switchyard.router.dispatch_stream import DispatchStream
 
@@ -179,7 +185,7 @@ async def test_duplicate_request_id_is_refused_before_anything_is_sent(
     call: FakeCall, stream: DispatchStream
 ) -> None:
     first = stream.start(request("dup"))
-    with pytest.raises(InvalidRequestError, match="request id 'dup' is already streaming from instance w0"):
+    with pytest.raises(ConflictError, match="request id 'dup' is already streaming from instance w0"):
         stream.start(request("dup"))
     await settle()
     assert call.sent_kinds() == [("start", "dup")]

@@ -90,7 +90,8 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """One request per call. Routers use Dispatch; Generate stays for other clients.
+        """One request per call. Routers use Dispatch; Generate stays for other clients. A
+        request_id already running on this worker (from any call) ends it with ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,8 +104,9 @@ class WorkerServicer:
         * every started request gets exactly one terminal chunk: finished, an error, or (after an
         abort) finished with finish_reason "abort" and no tokens; an abort of a request that
         already ended is ignored, so a request id may be reused once its terminal chunk is out;
-        * a start whose request_id is still running on this stream is answered by an
-        INVALID_ARGUMENT chunk and the running request is left alone;
+        * a start whose request_id is still running on this worker (on this stream, another
+        router's, or a Generate or AdmitMigrated call) is answered by an ALREADY_EXISTS chunk
+        and the running request is left alone;
         * a chunk may merge several deltas of one request (token_ids concatenated, the latest
         finish state), so a slow reader never makes the worker queue messages;
         * when the stream goes away (cancelled, broken), every request still running on it is
@@ -115,7 +117,11 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Abort, Snapshot, Suspend and ReleaseSuspended act on a request by its id: only the caller
+        that started it may (the router id in the x-switchyard-router-id metadata the starting
+        call carried, "" for none); anyone else gets PERMISSION_DENIED. Every call but
+        grpc.health.v1 needs 'authorization: Bearer <internal token>' when the worker has one.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

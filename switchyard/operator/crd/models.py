@@ -62,6 +62,7 @@ __all__ = [
     "CrdSpec",
     "GatewaySpec",
     "ImagesSpec",
+    "InternalTokenSecretRef",
     "KVCachePoolSpec",
     "LLMServiceSpec",
     "MigrationSpec",
@@ -164,6 +165,24 @@ class MigrationSpec(CrdModel, MigrationConfig):
         )
 
 
+class SecretKeyRef(CrdModel):
+    """One key of a Secret in the same namespace."""
+
+    name: ObjectName
+    """Secret name."""
+
+    key: str = Field(default="api-key", min_length=1, max_length=253)
+    """Key inside the Secret; its value is the accepted bearer key (``SWITCHYARD_API_KEY`` in router pods)."""
+
+
+class InternalTokenSecretRef(SecretKeyRef):
+    """One key of a Secret in the same namespace, holding the internal gRPC token."""
+
+    key: str = Field(default="internal-token", min_length=1, max_length=253)
+    """Key inside the Secret; its value is the internal token (``SWITCHYARD_INTERNAL_TOKEN`` in
+    router pods)."""
+
+
 class RouterSpec(CrdModel):
     """The router Deployment: policy, replicas, SLOs."""
 
@@ -185,6 +204,14 @@ class RouterSpec(CrdModel):
     max_failover_attempts: int = Field(default=RouterConfig().max_failover_attempts, ge=0, le=16)
     """How often one request may move to another instance after its instance died."""
 
+    internal_token_secret_ref: InternalTokenSecretRef | None = None
+    """Secret holding the bearer token of the router's and the workers' gRPC services
+    (``SWITCHYARD_INTERNAL_TOKEN`` in router pods; workers get it from the router through their
+    supervisor). Unset: the first router generates one and later replicas adopt it from the
+    running pools, so the services are still authenticated, but no client outside the router
+    pods can call the router's gRPC service. The operator only references the Secret (it never
+    reads Secrets); create it with 16+ printable ASCII characters."""
+
     @model_validator(mode="after")
     def _one_slo(self) -> RouterSpec:
         """A ``policyParams.ttft_slo_ms`` other than ``slo.ttftMs`` is refused at admission (the
@@ -193,27 +220,17 @@ class RouterSpec(CrdModel):
         return self
 
     def router_config(self, *, grpc_port: int) -> RouterConfig:
-        """The in-process router configuration this spec stands for."""
+        """The in-process router configuration this spec stands for. Its ``grpc_host`` stays
+        loopback: the router pod's command binds its own pod IP (one config for every replica)."""
         return RouterConfig(
             policy=self.policy,
             policy_params=self.policy_params,
-            grpc_host="0.0.0.0",
             grpc_port=grpc_port,
             ttft_slo_ms=self.slo.ttft_ms,
             max_failover_attempts=self.max_failover_attempts,
             rebalancer=RebalancerConfig(enabled=self.migration.rebalance),
             migration=self.migration.migration_config(),
         )
-
-
-class SecretKeyRef(CrdModel):
-    """One key of a Secret in the same namespace."""
-
-    name: ObjectName
-    """Secret name."""
-
-    key: str = Field(default="api-key", min_length=1, max_length=253)
-    """Key inside the Secret; its value is the accepted bearer key (``SWITCHYARD_API_KEY`` in router pods)."""
 
 
 class GatewaySpec(CrdModel):

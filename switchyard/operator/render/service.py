@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+from switchyard.api.auth import TOKEN_ENV
 from switchyard.config import EngineConfig, GatewayConfig, KvTransferConfig, ServeConfig
 from switchyard.operator.crd import EngineSpec, LLMServiceSpec, ServingPoolSpec
 from switchyard.operator.render.objects import (
@@ -142,16 +143,30 @@ def service_children(
     }
     model_vols, model_mounts = model_volume(spec)
     tmp_vols, tmp_mounts = scratch_volumes(shm=False)
-    env = list(ENV)
+    env = [*ENV, {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     if spec.gateway.api_key_secret_ref is not None:
         ref = spec.gateway.api_key_secret_ref
         env.append(
             {"name": "SWITCHYARD_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
         )
+    if spec.router.internal_token_secret_ref is not None:
+        # The token goes by reference (the kubelet resolves it), never into serve.json: the
+        # ConfigMap is readable by more principals than the Secret, and the operator reads no
+        # Secrets. Workers receive it from the router through their supervisor.
+        ref = spec.router.internal_token_secret_ref
+        env.append({"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     port = spec.gateway.port
     router_container = {
         "name": "router",
-        "command": ["switchyard", "serve", "--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        # The router's gRPC port binds the pod IP, not every interface: Kubernetes expands
+        # $(POD_IP) from the downward API, which one shared serve.json cannot carry.
+        "command": [
+            "switchyard",
+            "serve",
+            "--config",
+            f"{CONFIG_DIR}/{CONFIG_KEY}",
+            "--router-host=$(POD_IP)",
+        ],
         "ports": [
             {"name": "http", "containerPort": port},
             {"name": "grpc", "containerPort": ports.router_grpc},
