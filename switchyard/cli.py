@@ -89,6 +89,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-body-bytes", type=int, help="largest request body (413 above)")
     serve.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        help="on SIGTERM/SIGINT, seconds open requests may finish before they end with an error (default 5)",
+    )
+    serve.add_argument(
         "--ray-address", help="join this Ray cluster (host:port or ray://host:10001) instead of starting one"
     )
     serve.add_argument(
@@ -196,7 +201,9 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     )
     if given.get("rebalance"):
         router["rebalancer"] = {**router.get("rebalancer", {}), "enabled": True}
-    top: dict[str, Any] = {flag: given[flag] for flag in ("instances", "ray_address") if flag in given}
+    top: dict[str, Any] = {
+        flag: given[flag] for flag in ("instances", "ray_address", "shutdown_grace_s") if flag in given
+    }
     top |= _internal_token_source(given, os.environ)
     return ServeConfig.model_validate({**data, **top, "engine": engine, "gateway": gateway, "router": router})
 
@@ -345,13 +352,29 @@ def _drain(args: argparse.Namespace) -> int:
 
 
 def _run_until_signal(main_coro: Coroutine[Any, Any, int], *, loop: EventLoopName = "asyncio") -> int:
-    """Run ``main_coro`` on ``loop``; SIGINT/SIGTERM become a cancellation it can clean up after."""
+    """Run ``main_coro`` on ``loop``; SIGINT/SIGTERM become a cancellation it can clean up after.
+
+    SIGTERM is how Kubernetes, systemd and ``docker stop`` stop a process, so it must mean the
+    same orderly stop as Ctrl-C. The handlers live on the event loop; ``start_local_pools``
+    keeps ``ray.init`` from replacing them with Ray's own (a ``sys.exit`` from wherever the
+    process happens to be). Only the first signal cancels: a second one (Ctrl-C pressed again,
+    a supervisor repeating SIGTERM) would cancel the shutdown itself halfway, leaving engines and
+    Ray running, so it is logged and otherwise ignored; SIGKILL remains for a hard stop.
+    """
 
     async def runner() -> int:
         task = asyncio.ensure_future(main_coro)
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if task.cancelling():
+                logger.warning("%s: already shutting down; SIGKILL stops at once", sig.name)
+                return
+            logger.info("%s: shutting down", sig.name)
+            task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
             return await task
         except asyncio.CancelledError:

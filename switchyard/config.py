@@ -397,6 +397,13 @@ class ServeConfig(StrictModel):
     pools: tuple[PoolConfig, ...] = ()
     """Pools to run; empty means one pool named ``pool`` of ``instances`` instances."""
 
+    shutdown_grace_s: float = Field(default=5.0, ge=0, le=3600)
+    """Seconds open requests may run on after SIGTERM or SIGINT before they end (an SSE error
+    event, or a 503); then the router and the engines stop and Ray shuts down. Long enough for
+    a typical reply to finish, short enough that the whole stop, roughly this plus the engines'
+    own shutdown, fits in what the process manager waits before SIGKILL (Kubernetes'
+    ``terminationGracePeriodSeconds``, 30 s by default; systemd's ``TimeoutStopSec``, 90 s)."""
+
     internal_token: InternalToken | None = None
     """Bearer token that every internal gRPC service (the router's, each worker's) requires and
     the router sends. None: the token of the pools already running on the joined Ray cluster,

@@ -99,6 +99,7 @@ def test_a_bad_internal_token_exits_2_without_showing_it(
         (["--instances", "0"], "instances"),
         (["--port", "70000"], "gateway.port"),
         (["--engine", "sim", "--model", "/x"], "engine.model"),
+        (["--shutdown-grace-s", "-1"], "shutdown_grace_s"),
     ],
 )
 def test_bad_options_exit_2_naming_the_option(
@@ -129,6 +130,15 @@ def test_unreadable_config_file_is_named(tmp_path: Path) -> None:
     bad.write_text("{nope")
     with pytest.raises(SystemExit, match="not valid JSON"):
         main(["serve", "--config", str(bad)])
+
+
+def test_shutdown_grace_flag_overrides_the_config_file(tmp_path: Path) -> None:
+    """How long open requests may finish on SIGTERM/SIGINT: 5 s unless the file or the flag says."""
+    assert _config().shutdown_grace_s == 5.0
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"shutdown_grace_s": 20}))
+    assert _config("--config", str(path)).shutdown_grace_s == 20.0
+    assert _config("--config", str(path), "--shutdown-grace-s", "0.5").shutdown_grace_s == 0.5
 
 
 def test_migration_and_rebalance_flags() -> None:
