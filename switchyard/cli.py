@@ -13,15 +13,15 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from switchyard import event_loop
-from switchyard.config import ServeConfig
-from switchyard.errors import SwitchyardError
+from switchyard.config import ServeConfig, read_api_key_file
+from switchyard.errors import ConfigError, SwitchyardError
 from switchyard.event_loop import EVENT_LOOPS, EventLoopName
 
 logger = logging.getLogger("switchyard")
@@ -78,8 +78,14 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key",
         action="append",
-        default=[],
-        help="accepted bearer key (repeatable; default: no auth). Also SWITCHYARD_API_KEY.",
+        help="accepted bearer key (repeatable; default: no auth); ps shows it: prefer --api-key-file "
+        "or SWITCHYARD_API_KEY",
+    )
+    serve.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file holding the accepted bearer keys, one per line (a mounted Secret). Also "
+        "SWITCHYARD_API_KEY_FILE; give keys one way only",
     )
     serve.add_argument(
         "--internal-token-file",
@@ -186,10 +192,9 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     if "sim_profile" in given:
         engine["sim"] = {**engine.get("sim", {}), "profile": given["sim_profile"]}
     gateway = section("gateway", {"host": "host", "port": "port", "max_body_bytes": "max_body_bytes"})
-    keys = [*gateway.get("api_keys", ()), *given.get("api_key", [])]
-    if os.environ.get("SWITCHYARD_API_KEY"):
-        keys.append(os.environ["SWITCHYARD_API_KEY"])
-    gateway["api_keys"] = tuple(keys)
+    keys = _api_key_source(given, os.environ)
+    if keys is not None:
+        gateway["api_keys"] = keys
     router = section(
         "router",
         {
@@ -208,28 +213,57 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig.model_validate({**data, **top, "engine": engine, "gateway": gateway, "router": router})
 
 
-def _internal_token_source(given: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """``internal_token``/``internal_token_file`` from the flag or the environment, if one gives it.
+API_KEY_ENV = "SWITCHYARD_API_KEY"
+"""Environment variable holding one accepted API key (router pods get it from a Secret)."""
 
-    One source overrides both fields of ``--config`` (a process-level setting beats the shared
-    file); two at once are refused rather than ranked, since a silent choice between two secrets
-    is how a router ends up with the wrong one.
+API_KEY_FILE_ENV = "SWITCHYARD_API_KEY_FILE"
+"""Environment variable naming a file of accepted API keys, one per line (a mounted Secret)."""
+
+
+def _one_source(what: str, sources: Mapping[str, Callable[[], Any]]) -> Any:
+    """The value of the one source given for the secret ``what`` (None if none is), read only then.
+
+    A process-level source overrides ``--config`` (a process setting beats the shared file);
+    two at once are refused rather than ranked or merged, since a silent choice between two
+    secrets is how a router ends up with the wrong one, or keeps accepting a key that was
+    meant to be gone.
     """
+    if len(sources) > 1:
+        raise ConfigError(f"{what} given more than once ({', '.join(sources)}); give one of them")
+    return next(iter(sources.values()))() if sources else None
+
+
+def _internal_token_source(given: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """``internal_token``/``internal_token_file`` from the flag or the environment, if one gives it."""
     from switchyard.api.auth import TOKEN_ENV, TOKEN_FILE_ENV
 
-    sources: dict[str, dict[str, Any]] = {}
+    sources: dict[str, Callable[[], dict[str, Any]]] = {}
     if "internal_token_file" in given:
-        sources["--internal-token-file"] = {"internal_token_file": given["internal_token_file"]}
+        sources["--internal-token-file"] = lambda: {"internal_token_file": given["internal_token_file"]}
     if environ.get(TOKEN_FILE_ENV):
-        sources[TOKEN_FILE_ENV] = {"internal_token_file": Path(environ[TOKEN_FILE_ENV])}
+        sources[TOKEN_FILE_ENV] = lambda: {"internal_token_file": Path(environ[TOKEN_FILE_ENV])}
     if environ.get(TOKEN_ENV):
-        sources[TOKEN_ENV] = {"internal_token": environ[TOKEN_ENV]}
-    if len(sources) > 1:
-        raise SystemExit(
-            f"switchyard serve: the internal token is given twice ({', '.join(sources)}); give one"
-        )
-    chosen = next(iter(sources.values()), None)
+        sources[TOKEN_ENV] = lambda: {"internal_token": environ[TOKEN_ENV]}
+    chosen: dict[str, Any] | None = _one_source("the internal token is", sources)
     return {"internal_token": None, "internal_token_file": None, **chosen} if chosen else {}
+
+
+def _api_key_source(given: dict[str, Any], environ: Mapping[str, str]) -> tuple[Any, ...] | None:
+    """The gateway's API keys from a flag or the environment, if one gives them (else None).
+
+    A key file is read here, at start-up, through the same reader as the internal token's file.
+    """
+    sources: dict[str, Callable[[], tuple[Any, ...]]] = {}
+    if given.get("api_key"):
+        sources["--api-key"] = lambda: tuple(given["api_key"])
+    if "api_key_file" in given:
+        sources["--api-key-file"] = lambda: read_api_key_file(given["api_key_file"])
+    if environ.get(API_KEY_FILE_ENV):
+        sources[API_KEY_FILE_ENV] = lambda: read_api_key_file(Path(environ[API_KEY_FILE_ENV]))
+    if environ.get(API_KEY_ENV):
+        sources[API_KEY_ENV] = lambda: (environ[API_KEY_ENV],)
+    keys: tuple[Any, ...] | None = _one_source("API keys are", sources)
+    return keys
 
 
 def _load_config_file(path: Path) -> dict[str, Any]:
@@ -311,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _serve_config(args)
         except ValidationError as exc:
             parser.exit(2, f"switchyard serve: {_format_validation_error(exc)}\n")
+        except ConfigError as exc:  # a secret given twice, an unreadable key file
+            parser.exit(2, f"switchyard serve: {exc.message}\n")
         from switchyard.serve import run_serve
 
         try:
@@ -329,7 +365,7 @@ def _drain(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    key = args.api_key or os.environ.get("SWITCHYARD_API_KEY")
+    key = args.api_key or os.environ.get(API_KEY_ENV)
     body: dict[str, Any] = {"instance": args.instance}
     if not args.undrain:
         body["timeout_s"] = args.timeout_s

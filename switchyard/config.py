@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from switchyard.errors import ConfigError
+
 __all__ = [
     "DEFAULT_TTFT_SLO_MS",
     "MAX_INTERNAL_TOKEN_CHARS",
@@ -33,7 +35,38 @@ __all__ = [
     "StrictModel",
     "check_internal_token",
     "check_ttft_slo",
+    "read_api_key_file",
+    "read_secret_file",
 ]
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """The text of ``path``, a file holding ``what`` (a mounted Kubernetes Secret, say).
+
+    Why files: a secret given as a flag is visible to every user of the machine (``ps``,
+    ``/proc/PID/cmdline``); a file is readable by its owner only. The one reader of such files
+    (the internal token's, the API keys'), so that every secret file reads and fails alike:
+    ASCII only (both travel as header values), and a ``ConfigError`` that names the file and
+    what it should hold, never its content (a wrong file may hold another secret).
+    """
+    try:
+        return path.expanduser().read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII"
+        raise ConfigError(f"cannot read the {what} file {path}: {reason}") from exc
+
+
+def read_api_key_file(path: Path) -> tuple[SecretStr, ...]:
+    """The gateway's API keys in ``path``: one per line, surrounding whitespace and blank lines dropped.
+
+    Several lines let one Secret hold the old and the new key while clients move over. A file
+    with no key is an error, not "no auth": an empty Secret must not open the gateway.
+    """
+    lines = read_secret_file(path, "API key").splitlines()
+    keys = tuple(SecretStr(line.strip()) for line in lines if line.strip())
+    if not keys:
+        raise ConfigError(f"the API key file {path} holds no key (one a line); no key would turn auth off")
+    return keys
 
 
 MIN_INTERNAL_TOKEN_CHARS = 16
@@ -316,7 +349,9 @@ class GatewayConfig(StrictModel):
     """Listen port; 0 picks a free one (tests)."""
 
     api_keys: tuple[SecretStr, ...] = ()
-    """Accepted bearer keys; empty disables auth (local use). Never logged."""
+    """Accepted bearer keys; empty disables auth (local use). Never logged. ``serve`` takes them
+    from one place: this field, or (overriding it) ``--api-key-file``/``SWITCHYARD_API_KEY_FILE``,
+    ``SWITCHYARD_API_KEY`` or ``--api-key`` (which ``ps`` shows)."""
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Largest request body accepted (413 above it); 4 MiB fits any prompt the context allows."""
