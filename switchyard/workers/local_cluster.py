@@ -149,7 +149,7 @@ def _init_ray(specs: Sequence[PoolSpec], *, ray_address: str | None, num_cpus: i
     """
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
-            with _keep_signal_handlers():
+            with _keep_signal_handlers(), _loopback_node(ray_address is None):
                 ray.init(
                     address=ray_address,
                     num_cpus=num_cpus if ray_address is None else None,
@@ -167,6 +167,35 @@ def _init_ray(specs: Sequence[PoolSpec], *, ray_address: str | None, num_cpus: i
                            attempt, RAY_START_ATTEMPTS, exc)  # fmt: skip
             ray.shutdown()
             _kill_half_started_ray()
+
+
+@contextlib.contextmanager
+def _loopback_node(local: bool) -> Iterator[None]:
+    """Start a local Ray (``local``) as a loopback-only node: every port it opens binds 127.0.0.1.
+
+    Why: a Ray started on Linux takes the machine's routable IP as its node address and then
+    binds its ports to it or to every interface: the metrics exporters of its dashboard agent,
+    dashboard and autoscaler monitor (``0.0.0.0``), the GCS, raylet and worker gRPC servers
+    (``::``), the agents' HTTP and gRPC ports. None of that is authenticated (docs/security.md),
+    and a local ``serve`` is one machine that nobody else joins. Ray has no bind-address option
+    for these; each binds loopback exactly when the node address is a loopback one, which Ray
+    picks only where multi-node clusters are off (its macOS/Windows default,
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). That setting is read into
+    ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` when Ray is imported, so it is switched
+    off here for the start-up alone; the daemons get the loopback address from the driver on
+    their command lines. A joined cluster (Kubernetes) is left as it is: its nodes must reach
+    each other.
+    """
+    constants = ray._private.ray_constants
+    if not local or not hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    before = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = before
 
 
 _SIGNALS_KEPT = (signal.SIGTERM, signal.SIGINT)

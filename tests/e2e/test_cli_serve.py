@@ -6,6 +6,7 @@ is covered by test_serve_openai.py through the same `start_stack`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -42,9 +43,29 @@ def _wait_healthy(url: str, proc: subprocess.Popen[str], within_s: float) -> Non
     raise AssertionError(f"{url} not healthy within {within_s}s")
 
 
+def _is_loopback(ip: str) -> bool:
+    return ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback
+
+
+def _non_loopback_listeners(procs: list[psutil.Process]) -> list[str]:
+    """Every listening TCP socket and bound UDP socket of ``procs`` not on loopback (``0.0.0.0``,
+    ``::``, the machine's own address): what another machine could reach."""
+    found = []
+    for proc in procs:
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                listening = conn.status == psutil.CONN_LISTEN or conn.type == socket.SOCK_DGRAM
+                if listening and conn.laddr and not _is_loopback(conn.laddr.ip):
+                    found.append(f"{proc.name()} ({proc.pid}) on {conn.laddr.ip}:{conn.laddr.port}")
+        except psutil.Error:
+            pass
+    return found
+
+
 def test_serve_answers_then_ctrl_c_stops_everything(tiny_model_dir: Path) -> None:
     """`switchyard serve --engine sim` serves completions, prints where, and exits 0 on SIGINT
-    with its Ray cluster and instance processes gone."""
+    with its Ray cluster and instance processes gone. No process it started listens beyond
+    loopback: before the fix, Ray's metrics exporters bound 0.0.0.0 and its gRPC servers ``::``."""
     port = _free_port()
     # Reuse the session's tiny-model build (cache/models/<name>): the gateway needs its tokenizer.
     env = {**os.environ, "SWITCHYARD_CACHE_DIR": str(tiny_model_dir.parent.parent)}
@@ -72,6 +93,9 @@ def test_serve_answers_then_ctrl_c_stops_everything(tiny_model_dir: Path) -> Non
         assert resp.json()["usage"]["completion_tokens"] == 5
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "serve should have started Ray and instance processes"
+        assert any(c.name() == "raylet" for c in children)
+        exposed = _non_loopback_listeners([psutil.Process(proc.pid), *children])
+        assert not exposed, f"ports reachable from other machines: {exposed}"
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:

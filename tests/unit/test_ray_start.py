@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
 import pytest
+from ray._private import services
 
 from switchyard.workers import local_cluster
 
@@ -167,3 +168,22 @@ def test_ray_processes_left_after_shutdown_are_killed(
         for proc in (daemon, bystander):
             proc.kill()
             proc.wait()
+
+
+def test_a_local_ray_starts_as_a_loopback_node_a_joined_one_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray binds its ports (metrics exporters, gRPC servers, agents) to loopback exactly when its
+    node address is loopback; a local start gets that address, a join keeps the cluster's.
+    The real binds are checked in tests/e2e/test_cli_serve.py."""
+    constants = local_cluster.ray._private.ray_constants
+    seen: list[bool] = []
+    monkeypatch.setattr(local_cluster.ray, "init", lambda **kwargs: seen.append(constants.ENABLE_RAY_CLUSTER))
+    before = constants.ENABLE_RAY_CLUSTER
+    local_cluster._init_ray([], ray_address=None, num_cpus=1)
+    local_cluster._init_ray([], ray_address="ray://head:10001", num_cpus=None)
+    assert seen == [False, before]
+    assert constants.ENABLE_RAY_CLUSTER is before
+    monkeypatch.setattr(
+        local_cluster.ray, "init", lambda **kwargs: seen.append(services.get_node_ip_address())
+    )
+    local_cluster._init_ray([], ray_address=None, num_cpus=1)
+    assert seen[-1] == "127.0.0.1"
