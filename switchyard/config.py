@@ -124,7 +124,7 @@ class SimConfig(StrictModel):
     """Token budget of one step, prefill chunks included; None takes the profile's vLLM default."""
 
     vocab_size: int = Field(default=32000, ge=2)
-    """Range of the token IDs the simulator emits (deterministic per request)."""
+    """Range of the token IDs the simulator emits (deterministic per request and engine seed)."""
 
     compute_derate: float = Field(default=1.0, gt=0, le=1)
     """Divides the profile's compute rates; 1.0 is the calibration, the profile's
@@ -188,7 +188,8 @@ class EngineConfig(StrictModel):
     """Skip torch.compile: start-up drops from ~35 s to ~12 s on CPU."""
 
     seed: int = 0
-    """Engine seed, so greedy and seeded runs repeat."""
+    """Engine seed, so greedy and seeded runs repeat. The simulator's emitted token IDs depend
+    on it too (with the request id): same seed, same tokens; another seed, other tokens."""
 
     cpu_kvcache_space_gib: int = Field(default=1, ge=1)
     """KV cache memory per instance on the CPU build (``VLLM_CPU_KVCACHE_SPACE``)."""
