@@ -13,15 +13,15 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from switchyard import event_loop
-from switchyard.config import ServeConfig
-from switchyard.errors import SwitchyardError
+from switchyard.config import ServeConfig, read_api_key_file
+from switchyard.errors import ConfigError, SwitchyardError
 from switchyard.event_loop import EVENT_LOOPS, EventLoopName
 
 logger = logging.getLogger("switchyard")
@@ -78,8 +78,14 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key",
         action="append",
-        default=[],
-        help="accepted bearer key (repeatable; default: no auth). Also SWITCHYARD_API_KEY.",
+        help="accepted bearer key (repeatable; default: no auth); ps shows it: prefer --api-key-file "
+        "or SWITCHYARD_API_KEY",
+    )
+    serve.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file holding the accepted bearer keys, one per line (a mounted Secret). Also "
+        "SWITCHYARD_API_KEY_FILE; give keys one way only",
     )
     serve.add_argument(
         "--internal-token-file",
@@ -88,6 +94,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "$SWITCHYARD_INTERNAL_TOKEN, $SWITCHYARD_INTERNAL_TOKEN_FILE, else a random one); never a flag value",
     )
     serve.add_argument("--max-body-bytes", type=int, help="largest request body (413 above)")
+    serve.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        help="on SIGTERM/SIGINT, seconds open requests may finish before they end with an error (default 5)",
+    )
     serve.add_argument(
         "--ray-address", help="join this Ray cluster (host:port or ray://host:10001) instead of starting one"
     )
@@ -181,10 +192,9 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     if "sim_profile" in given:
         engine["sim"] = {**engine.get("sim", {}), "profile": given["sim_profile"]}
     gateway = section("gateway", {"host": "host", "port": "port", "max_body_bytes": "max_body_bytes"})
-    keys = [*gateway.get("api_keys", ()), *given.get("api_key", [])]
-    if os.environ.get("SWITCHYARD_API_KEY"):
-        keys.append(os.environ["SWITCHYARD_API_KEY"])
-    gateway["api_keys"] = tuple(keys)
+    keys = _api_key_source(given, os.environ)
+    if keys is not None:
+        gateway["api_keys"] = keys
     router = section(
         "router",
         {
@@ -196,33 +206,64 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     )
     if given.get("rebalance"):
         router["rebalancer"] = {**router.get("rebalancer", {}), "enabled": True}
-    top: dict[str, Any] = {flag: given[flag] for flag in ("instances", "ray_address") if flag in given}
+    top: dict[str, Any] = {
+        flag: given[flag] for flag in ("instances", "ray_address", "shutdown_grace_s") if flag in given
+    }
     top |= _internal_token_source(given, os.environ)
     return ServeConfig.model_validate({**data, **top, "engine": engine, "gateway": gateway, "router": router})
 
 
-def _internal_token_source(given: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """``internal_token``/``internal_token_file`` from the flag or the environment, if one gives it.
+API_KEY_ENV = "SWITCHYARD_API_KEY"
+"""Environment variable holding one accepted API key (router pods get it from a Secret)."""
 
-    One source overrides both fields of ``--config`` (a process-level setting beats the shared
-    file); two at once are refused rather than ranked, since a silent choice between two secrets
-    is how a router ends up with the wrong one.
+API_KEY_FILE_ENV = "SWITCHYARD_API_KEY_FILE"
+"""Environment variable naming a file of accepted API keys, one per line (a mounted Secret)."""
+
+
+def _one_source(what: str, sources: Mapping[str, Callable[[], Any]]) -> Any:
+    """The value of the one source given for the secret ``what`` (None if none is), read only then.
+
+    A process-level source overrides ``--config`` (a process setting beats the shared file);
+    two at once are refused rather than ranked or merged, since a silent choice between two
+    secrets is how a router ends up with the wrong one, or keeps accepting a key that was
+    meant to be gone.
     """
+    if len(sources) > 1:
+        raise ConfigError(f"{what} given more than once ({', '.join(sources)}); give one of them")
+    return next(iter(sources.values()))() if sources else None
+
+
+def _internal_token_source(given: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """``internal_token``/``internal_token_file`` from the flag or the environment, if one gives it."""
     from switchyard.api.auth import TOKEN_ENV, TOKEN_FILE_ENV
 
-    sources: dict[str, dict[str, Any]] = {}
+    sources: dict[str, Callable[[], dict[str, Any]]] = {}
     if "internal_token_file" in given:
-        sources["--internal-token-file"] = {"internal_token_file": given["internal_token_file"]}
+        sources["--internal-token-file"] = lambda: {"internal_token_file": given["internal_token_file"]}
     if environ.get(TOKEN_FILE_ENV):
-        sources[TOKEN_FILE_ENV] = {"internal_token_file": Path(environ[TOKEN_FILE_ENV])}
+        sources[TOKEN_FILE_ENV] = lambda: {"internal_token_file": Path(environ[TOKEN_FILE_ENV])}
     if environ.get(TOKEN_ENV):
-        sources[TOKEN_ENV] = {"internal_token": environ[TOKEN_ENV]}
-    if len(sources) > 1:
-        raise SystemExit(
-            f"switchyard serve: the internal token is given twice ({', '.join(sources)}); give one"
-        )
-    chosen = next(iter(sources.values()), None)
+        sources[TOKEN_ENV] = lambda: {"internal_token": environ[TOKEN_ENV]}
+    chosen: dict[str, Any] | None = _one_source("the internal token is", sources)
     return {"internal_token": None, "internal_token_file": None, **chosen} if chosen else {}
+
+
+def _api_key_source(given: dict[str, Any], environ: Mapping[str, str]) -> tuple[Any, ...] | None:
+    """The gateway's API keys from a flag or the environment, if one gives them (else None).
+
+    A key file is read here, at start-up, through the same reader as the internal token's file.
+    """
+    sources: dict[str, Callable[[], tuple[Any, ...]]] = {}
+    if given.get("api_key"):
+        sources["--api-key"] = lambda: tuple(given["api_key"])
+    if "api_key_file" in given:
+        sources["--api-key-file"] = lambda: read_api_key_file(given["api_key_file"])
+    if environ.get(API_KEY_FILE_ENV):
+        sources[API_KEY_FILE_ENV] = lambda: read_api_key_file(Path(environ[API_KEY_FILE_ENV]))
+    if environ.get(API_KEY_ENV):
+        sources[API_KEY_ENV] = lambda: (environ[API_KEY_ENV],)
+    keys: tuple[Any, ...] | None = _one_source("API keys are", sources)
+    return keys
 
 
 def _load_config_file(path: Path) -> dict[str, Any]:
@@ -304,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _serve_config(args)
         except ValidationError as exc:
             parser.exit(2, f"switchyard serve: {_format_validation_error(exc)}\n")
+        except ConfigError as exc:  # a secret given twice, an unreadable key file
+            parser.exit(2, f"switchyard serve: {exc.message}\n")
         from switchyard.serve import run_serve
 
         try:
@@ -322,7 +365,7 @@ def _drain(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    key = args.api_key or os.environ.get("SWITCHYARD_API_KEY")
+    key = args.api_key or os.environ.get(API_KEY_ENV)
     body: dict[str, Any] = {"instance": args.instance}
     if not args.undrain:
         body["timeout_s"] = args.timeout_s
@@ -345,13 +388,29 @@ def _drain(args: argparse.Namespace) -> int:
 
 
 def _run_until_signal(main_coro: Coroutine[Any, Any, int], *, loop: EventLoopName = "asyncio") -> int:
-    """Run ``main_coro`` on ``loop``; SIGINT/SIGTERM become a cancellation it can clean up after."""
+    """Run ``main_coro`` on ``loop``; SIGINT/SIGTERM become a cancellation it can clean up after.
+
+    SIGTERM is how Kubernetes, systemd and ``docker stop`` stop a process, so it must mean the
+    same orderly stop as Ctrl-C. The handlers live on the event loop; ``start_local_pools``
+    keeps ``ray.init`` from replacing them with Ray's own (a ``sys.exit`` from wherever the
+    process happens to be). Only the first signal cancels: a second one (Ctrl-C pressed again,
+    a supervisor repeating SIGTERM) would cancel the shutdown itself halfway, leaving engines and
+    Ray running, so it is logged and otherwise ignored; SIGKILL remains for a hard stop.
+    """
 
     async def runner() -> int:
         task = asyncio.ensure_future(main_coro)
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if task.cancelling():
+                logger.warning("%s: already shutting down; SIGKILL stops at once", sig.name)
+                return
+            logger.info("%s: shutting down", sig.name)
+            task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
             return await task
         except asyncio.CancelledError:

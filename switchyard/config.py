@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from switchyard.errors import ConfigError
+
 __all__ = [
     "DEFAULT_TTFT_SLO_MS",
     "MAX_INTERNAL_TOKEN_CHARS",
@@ -33,7 +35,38 @@ __all__ = [
     "StrictModel",
     "check_internal_token",
     "check_ttft_slo",
+    "read_api_key_file",
+    "read_secret_file",
 ]
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """The text of ``path``, a file holding ``what`` (a mounted Kubernetes Secret, say).
+
+    Why files: a secret given as a flag is visible to every user of the machine (``ps``,
+    ``/proc/PID/cmdline``); a file is readable by its owner only. The one reader of such files
+    (the internal token's, the API keys'), so that every secret file reads and fails alike:
+    ASCII only (both travel as header values), and a ``ConfigError`` that names the file and
+    what it should hold, never its content (a wrong file may hold another secret).
+    """
+    try:
+        return path.expanduser().read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII"
+        raise ConfigError(f"cannot read the {what} file {path}: {reason}") from exc
+
+
+def read_api_key_file(path: Path) -> tuple[SecretStr, ...]:
+    """The gateway's API keys in ``path``: one per line, surrounding whitespace and blank lines dropped.
+
+    Several lines let one Secret hold the old and the new key while clients move over. A file
+    with no key is an error, not "no auth": an empty Secret must not open the gateway.
+    """
+    lines = read_secret_file(path, "API key").splitlines()
+    keys = tuple(SecretStr(line.strip()) for line in lines if line.strip())
+    if not keys:
+        raise ConfigError(f"the API key file {path} holds no key (one a line); no key would turn auth off")
+    return keys
 
 
 MIN_INTERNAL_TOKEN_CHARS = 16
@@ -91,7 +124,7 @@ class SimConfig(StrictModel):
     """Token budget of one step, prefill chunks included; None takes the profile's vLLM default."""
 
     vocab_size: int = Field(default=32000, ge=2)
-    """Range of the token IDs the simulator emits (deterministic per request)."""
+    """Range of the token IDs the simulator emits (deterministic per request and engine seed)."""
 
     compute_derate: float = Field(default=1.0, gt=0, le=1)
     """Divides the profile's compute rates; 1.0 is the calibration, the profile's
@@ -155,7 +188,8 @@ class EngineConfig(StrictModel):
     """Skip torch.compile: start-up drops from ~35 s to ~12 s on CPU."""
 
     seed: int = 0
-    """Engine seed, so greedy and seeded runs repeat."""
+    """Engine seed, so greedy and seeded runs repeat. The simulator's emitted token IDs depend
+    on it too (with the request id): same seed, same tokens; another seed, other tokens."""
 
     cpu_kvcache_space_gib: int = Field(default=1, ge=1)
     """KV cache memory per instance on the CPU build (``VLLM_CPU_KVCACHE_SPACE``)."""
@@ -316,7 +350,9 @@ class GatewayConfig(StrictModel):
     """Listen port; 0 picks a free one (tests)."""
 
     api_keys: tuple[SecretStr, ...] = ()
-    """Accepted bearer keys; empty disables auth (local use). Never logged."""
+    """Accepted bearer keys; empty disables auth (local use). Never logged. ``serve`` takes them
+    from one place: this field, or (overriding it) ``--api-key-file``/``SWITCHYARD_API_KEY_FILE``,
+    ``SWITCHYARD_API_KEY`` or ``--api-key`` (which ``ps`` shows)."""
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Largest request body accepted (413 above it); 4 MiB fits any prompt the context allows."""
@@ -396,6 +432,13 @@ class ServeConfig(StrictModel):
 
     pools: tuple[PoolConfig, ...] = ()
     """Pools to run; empty means one pool named ``pool`` of ``instances`` instances."""
+
+    shutdown_grace_s: float = Field(default=5.0, ge=0, le=3600)
+    """Seconds open requests may run on after SIGTERM or SIGINT before they end (an SSE error
+    event, or a 503); then the router and the engines stop and Ray shuts down. Long enough for
+    a typical reply to finish, short enough that the whole stop, roughly this plus the engines'
+    own shutdown, fits in what the process manager waits before SIGKILL (Kubernetes'
+    ``terminationGracePeriodSeconds``, 30 s by default; systemd's ``TimeoutStopSec``, 90 s)."""
 
     internal_token: InternalToken | None = None
     """Bearer token that every internal gRPC service (the router's, each worker's) requires and

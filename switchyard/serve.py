@@ -2,8 +2,9 @@
 
 The composition root. It resolves the model (building the tiny smoke-test model when none is
 given), starts the engine pool on Ray, starts the router core and its gRPC service, puts the
-OpenAI gateway in front, and on cancellation (Ctrl-C) stops them in reverse order so that no
-request is left running on an engine.
+OpenAI gateway in front, and on cancellation (Ctrl-C or SIGTERM) stops them in reverse order
+so that no request is left running on an engine: open requests get ``shutdown_grace_s``, then
+end with an error, then the router, the engines and the Ray this process started stop.
 """
 
 from __future__ import annotations
@@ -64,7 +65,12 @@ class RunningStack:
     """The token the router's and the workers' gRPC services require (generated when none was given)."""
 
     async def stop(self) -> None:
-        """Stop accepting (gateway, router gRPC), then the router core, then the engines."""
+        """Stop accepting (gateway, router gRPC), then the router core, then the engines.
+
+        The gateway's stop takes up to ``ServeConfig.shutdown_grace_s`` (open requests finish or
+        end with an error event); only then is the core closed, so no open stream is cut silently
+        by the instances going away underneath it.
+        """
         from switchyard.router.gateway import stop_gateway
 
         with contextlib.suppress(Exception):
@@ -141,7 +147,9 @@ async def start_stack(config: ServeConfig) -> RunningStack:
             core, host=config.router.grpc_host, port=config.router.grpc_port, token=token
         )
         app = build_gateway_app(core, tokenizers={model_name: tokenizer}, config=config.gateway)
-        gateway_server, gateway_task, gateway_port = await serve_gateway(app, config.gateway)
+        gateway_server, gateway_task, gateway_port = await serve_gateway(
+            app, config.gateway, graceful_shutdown_s=config.shutdown_grace_s
+        )
     except BaseException:
         await core.close()
         await pool.stop()
@@ -184,11 +192,14 @@ async def run_serve(config: ServeConfig) -> int:
             f"  metrics:     http://{host}:{stack.gateway_port}/metrics\n"
             f"  router gRPC: {config.router.grpc_host}:{stack.router_port} "
             f"(bearer: the internal token{token_note})\n"
-            f"Press Ctrl-C to stop.",
+            f"Press Ctrl-C (or send SIGTERM) to stop.",
             flush=True,
         )
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
-            logger.info("shutting down")
+            logger.info(
+                "stopping: open requests get %g s (shutdown_grace_s), then the router and the engines stop",
+                config.shutdown_grace_s,
+            )
     return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from switchyard.config import check_internal_token
+from switchyard.config import check_internal_token, read_secret_file
 from switchyard.errors import ConfigError
 
 __all__ = [
@@ -75,11 +75,7 @@ def read_token_file(path: Path) -> SecretStr:
 
     Raises ``ConfigError`` naming the file, never its content.
     """
-    try:
-        text = path.expanduser().read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII"
-        raise ConfigError(f"cannot read the internal token file {path}: {reason}") from exc
+    text = read_secret_file(path, "internal token")
     try:
         return SecretStr(check_internal_token(text.strip()))
     except ValueError as exc:

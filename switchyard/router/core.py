@@ -151,8 +151,13 @@ class RouterCore:
 
     @property
     def ready(self) -> bool:
-        """At least one live instance has reported its load."""
+        """Some instance can take new work: live, reporting its load, and not draining."""
         return self._registry.ready
+
+    @property
+    def unready_reason(self) -> str | None:
+        """Why no instance can take new work now (all drained, none live), or None when one can."""
+        return self._registry.unready_reason()
 
     @property
     def registry(self) -> InstanceRegistry:

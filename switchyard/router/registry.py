@@ -194,8 +194,24 @@ class InstanceRegistry:
 
     @property
     def ready(self) -> bool:
-        """At least one live instance has reported its load."""
-        return any(s.live and s.report is not None for s in self._states.values())
+        """Some instance can take new work: it is live, has reported its load and is not draining."""
+        return self.unready_reason() is None
+
+    def unready_reason(self) -> str | None:
+        """Why no instance can take new work now, or None when one can (``/health``).
+
+        Draining counts: an instance being drained takes no new requests, so a router whose
+        every instance is drained (``switchyard drain``, a scale-in) must fail its readiness
+        probe and be taken out of its Service, instead of answering every request with a 503.
+        """
+        reporting = [s for s in self._states.values() if s.live and s.report is not None]
+        if any(s.info.instance_id not in self._draining for s in reporting):
+            return None
+        if not self._states:
+            return "no live engine instances"
+        if reporting:
+            return f"every live engine instance is draining ({len(reporting)} of {len(self._states)})"
+        return f"none of the {len(self._states)} engine instances reports its load (starting, or down)"
 
     # -- draining -------------------------------------------------------------------------------
 

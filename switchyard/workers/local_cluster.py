@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,20 +100,42 @@ class LocalPool:
         return None
 
     async def stop(self) -> None:
-        """Stop following, stop every instance, and shut Ray down if this object started it."""
+        """Stop following, stop every instance, and shut Ray down if this object started it.
+
+        Bounded, because it runs while a process manager waits to SIGKILL us: a supervisor gets
+        :data:`POOL_STOP_TIMEOUT_S` to stop its instances (then it is killed, and its instances
+        with the Ray it runs on), and the processes of a Ray this object started get
+        :data:`RAY_EXIT_WAIT_S` after ``ray.shutdown`` before they are killed. ``ray.shutdown``
+        stops only Ray's daemons; its workers (and the engine processes they started) notice on
+        their own, and were seen to outlive the driver by half a minute and more.
+        """
         for task in self._follow_tasks:
             task.cancel()
         for task in self._follow_tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for supervisor in self.supervisors.values() if self.owns_supervisors else ():
-            with contextlib.suppress(Exception):
-                await supervisor.stop.remote()
+        owned = list(self.supervisors.values()) if self.owns_supervisors else []
+        results = await asyncio.gather(
+            *(asyncio.wait_for(s.stop.remote(), POOL_STOP_TIMEOUT_S) for s in owned), return_exceptions=True
+        )
+        for supervisor, result in zip(owned, results, strict=True):
+            if isinstance(result, TimeoutError):
+                logger.warning("a supervisor did not stop its instances within %.0f s", POOL_STOP_TIMEOUT_S)
             with contextlib.suppress(Exception):
                 ray.kill(supervisor, no_restart=True)
         if self.started_ray:
+            processes = _ray_processes()  # before the shutdown: afterwards the workers have no parent
             ray.shutdown()
+            await _reap(processes, RAY_EXIT_WAIT_S)
 
+
+POOL_STOP_TIMEOUT_S = 30.0
+"""Longest wait for a supervisor to stop its instances on shutdown (a vLLM engine takes a few
+seconds); past it the instances go down with Ray instead of in order."""
+
+RAY_EXIT_WAIT_S = 5.0
+"""How long the processes of a Ray this process started may take to exit after ``ray.shutdown``
+before they are killed (they normally go within a second of their raylet)."""
 
 RAY_START_ATTEMPTS = 3
 """Local Ray start-ups tried before giving up: Ray waits a fixed 30 s for its raylet to
@@ -124,15 +149,16 @@ def _init_ray(specs: Sequence[PoolSpec], *, ray_address: str | None, num_cpus: i
     """
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
-            ray.init(
-                address=ray_address,
-                num_cpus=num_cpus if ray_address is None else None,
-                include_dashboard=False,
-                namespace="switchyard",
-                runtime_env={"env_vars": engine_environment(specs)},
-                logging_level=logging.WARNING,
-                log_to_driver=True,
-            )
+            with _keep_signal_handlers(), _loopback_node(ray_address is None):
+                ray.init(
+                    address=ray_address,
+                    num_cpus=num_cpus if ray_address is None else None,
+                    include_dashboard=False,
+                    namespace="switchyard",
+                    runtime_env={"env_vars": engine_environment(specs)},
+                    logging_level=logging.WARNING,
+                    log_to_driver=True,
+                )
             return
         except Exception as exc:
             if ray_address is not None or attempt == RAY_START_ATTEMPTS:
@@ -143,7 +169,136 @@ def _init_ray(specs: Sequence[PoolSpec], *, ray_address: str | None, num_cpus: i
             _kill_half_started_ray()
 
 
+@contextlib.contextmanager
+def _loopback_node(local: bool) -> Iterator[None]:
+    """Start a local Ray (``local``) as a loopback-only node: every port it opens binds 127.0.0.1.
+
+    Why: a Ray started on Linux takes the machine's routable IP as its node address and then
+    binds its ports to it or to every interface: the metrics exporters of its dashboard agent,
+    dashboard and autoscaler monitor (``0.0.0.0``), the GCS, raylet and worker gRPC servers
+    (``::``), the agents' HTTP and gRPC ports. None of that is authenticated (docs/security.md),
+    and a local ``serve`` is one machine that nobody else joins. Ray has no bind-address option
+    for these; each binds loopback exactly when the node address is a loopback one, which Ray
+    picks only where multi-node clusters are off (its macOS/Windows default,
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). That setting is read into
+    ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` when Ray is imported, so it is switched
+    off here for the start-up alone; the daemons get the loopback address from the driver on
+    their command lines. A joined cluster (Kubernetes) is left as it is: its nodes must reach
+    each other.
+    """
+    constants = ray._private.ray_constants
+    if not local or not hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    before = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = before
+
+
+_SIGNALS_KEPT = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """Keep the SIGTERM/SIGINT handlers this process installed in place while Ray starts.
+
+    ``ray.init`` replaces the process's SIGTERM handling twice: in Python (a handler that calls
+    ``sys.exit``) and, when its core worker starts, in C++ (a crash handler that dumps a stack
+    and aborts). In ``switchyard serve`` that replaced the event loop's handler: on SIGTERM a
+    ``SystemExit`` surfaced wherever the loop happened to be (or the process aborted), streams
+    were cut without an error event, nothing was stopped in order, and Ray's agents outlived the
+    process by a minute.
+
+    So while Ray starts its daemons (seconds), its Python installer
+    (``ray._private.utils.set_sigterm_handler``) does nothing, and a SIGTERM arriving then
+    reaches the loop once ``ray.init`` returns; afterwards the process's handlers are installed
+    again, unconditionally, since Python cannot see the C++ one (``signal.getsignal`` still
+    reports the old handler). Only handlers the process installed itself are kept: one that
+    had none (a library user) keeps Ray's, which at least cleans Ray up.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread can set handlers, and Ray sets none from elsewhere
+        return
+    before = {sig: signal.getsignal(sig) for sig in _SIGNALS_KEPT}
+    own = {sig: handler for sig, handler in before.items() if handler not in (None, signal.SIG_DFL)}
+    utils = ray._private.utils
+    installer = getattr(utils, "set_sigterm_handler", None)
+    if signal.SIGTERM in own and installer is not None:
+        utils.set_sigterm_handler = _ignore_ray_handler
+    try:
+        yield
+    finally:
+        if installer is not None:
+            utils.set_sigterm_handler = installer
+        for sig, handler in own.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_ray_handler(handler: Callable[..., Any]) -> None:
+    logger.debug("not installing Ray's SIGTERM handler %r: the process has its own", handler)
+
+
 _RAY_DAEMONS = frozenset({"gcs_server", "raylet"})
+
+
+def _ray_processes() -> list[Any]:
+    """The processes of the Ray this process started: its daemons and everything below them.
+
+    Ray's daemons are this process's children (the GCS, the raylet, Python scripts of the
+    ``ray`` package: monitor, log monitor, dashboard, reaper); its workers, their agents and the
+    engine processes the workers start are the raylet's descendants.
+    """
+    import psutil  # type: ignore[import-untyped]  # ships with vLLM and Ray
+
+    ray_dir = os.path.dirname(ray.__file__) + os.sep
+    found: dict[int, Any] = {}
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if child.name() in _RAY_DAEMONS or any(arg.startswith(ray_dir) for arg in child.cmdline()):
+                found[child.pid] = child
+                found.update((p.pid, p) for p in child.children(recursive=True))
+    return list(found.values())
+
+
+async def _reap(processes: Sequence[Any], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for ``processes`` to exit, then kill the rest (logged)."""
+    import psutil
+
+    alive = await asyncio.to_thread(_wait_gone, processes, timeout_s)
+    names = []
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            names.append(proc.name())
+            proc.kill()
+    if names:
+        logger.warning("killed %d Ray processes still running %.0f s after ray.shutdown: %s",
+                       len(names), timeout_s, ", ".join(sorted(names)))  # fmt: skip
+        await asyncio.to_thread(_wait_gone, alive, 5.0)
+
+
+def _wait_gone(processes: Sequence[Any], timeout_s: float) -> list[Any]:
+    """Poll until every process has exited or ``timeout_s`` passed; the ones still running.
+
+    A zombie counts as gone (``psutil.wait_procs`` would wait for it): it holds no memory, and
+    one whose new parent reaps nothing (a container's PID 1) would never disappear.
+    """
+    import psutil
+
+    def running(proc: Any) -> bool:
+        try:
+            return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    alive = [p for p in processes if running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if running(p)]
+    return alive
 
 
 def _kill_half_started_ray() -> None:
@@ -153,14 +308,12 @@ def _kill_half_started_ray() -> None:
     and ``ray.shutdown`` cannot reach its processes; they would hold CPU and memory until this
     process exits. Only called while this process runs no Ray, so every such child is stale.
     """
-    import psutil  # type: ignore[import-untyped]  # ships with vLLM and Ray
+    import psutil
 
-    stale = []
-    for child in psutil.Process().children():
+    stale = _ray_processes()
+    for proc in stale:
         with contextlib.suppress(psutil.Error):
-            if child.name() in _RAY_DAEMONS or "ray_process_reaper" in " ".join(child.cmdline()):
-                child.kill()
-                stale.append(child)
+            proc.kill()
     psutil.wait_procs(stale, timeout=10)
 
 
@@ -244,45 +397,37 @@ async def start_local_pools(
     # On a joined cluster (Kubernetes) every router replica attaches to the same detached,
     # named supervisors and brings them to its spec; the first one starts the instances.
     shared = ray_address is not None
+    # Whatever this call started is undone by the pool's own stop if the start fails or is
+    # cancelled (SIGTERM while the engines load): its supervisors, then the Ray it started.
+    pool = LocalPool(supervisors={}, memberships={}, started_ray=started, owns_supervisors=not shared)
     try:
         given = internal_token or next((s.internal_token for s in specs if s.internal_token), None)
-        token = await _cluster_token(specs, given, shared=shared)
-    except BaseException:
-        if started:
-            ray.shutdown()
-        raise
-    specs = [s.model_copy(update={"internal_token": token}) for s in specs]
-    options: dict[str, Any] = {"lifetime": "detached", "get_if_exists": True} if shared else {}
-    if not shared:
-        for spec in specs:
-            _kill_stale_supervisor(f"supervisor-{spec.name}")
-    supervisors = {
-        s.name: Supervisor.options(name=f"supervisor-{s.name}", **options).remote(s) for s in specs
-    }
-    if shared:
-        await asyncio.gather(
-            *(sup.apply.remote(s) for s, sup in zip(specs, supervisors.values(), strict=True))
+        pool.internal_token = token = await _cluster_token(specs, given, shared=shared)
+        specs = [s.model_copy(update={"internal_token": token}) for s in specs]
+        options: dict[str, Any] = {"lifetime": "detached", "get_if_exists": True} if shared else {}
+        if not shared:
+            for spec in specs:
+                _kill_stale_supervisor(f"supervisor-{spec.name}")
+        supervisors = pool.supervisors
+        for s in specs:
+            supervisors[s.name] = Supervisor.options(name=f"supervisor-{s.name}", **options).remote(s)
+        if shared:
+            await asyncio.gather(
+                *(sup.apply.remote(s) for s, sup in zip(specs, supervisors.values(), strict=True))
+            )
+        results = await asyncio.gather(
+            *(sup.start.remote() for sup in supervisors.values()), return_exceptions=True
         )
-    results = await asyncio.gather(
-        *(sup.start.remote() for sup in supervisors.values()), return_exceptions=True
-    )
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:
-        for sup in supervisors.values() if not shared else ():
-            with contextlib.suppress(Exception):
-                await sup.stop.remote()
-            ray.kill(sup, no_restart=True)
-        if started:
-            ray.shutdown()
-        raise errors[0]
-    memberships = {name: m for name, m in zip(supervisors, results, strict=True) if isinstance(m, Membership)}
-    return LocalPool(
-        supervisors=supervisors,
-        memberships=memberships,
-        started_ray=started,
-        owns_supervisors=not shared,
-        internal_token=token,
-    )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+    except BaseException:
+        await pool.stop()
+        raise
+    pool.memberships = {
+        name: m for name, m in zip(supervisors, results, strict=True) if isinstance(m, Membership)
+    }
+    return pool
 
 
 async def start_local_pool(

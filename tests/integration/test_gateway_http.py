@@ -48,7 +48,7 @@ class FakeCore:
     def __init__(self, tok: TokenizerAdapter) -> None:
         self.tok = tok
         self.info = InstanceInfo("fake-0", "127.0.0.1:1", MODEL, max_model_len=CONTEXT)
-        self.ready = True
+        self.unready_reason: str | None = None
         self.membership = Membership(version=3, instances=(self.info,))
         self.script = Script()
         self.raise_on_generate: Exception | None = None
@@ -520,10 +520,10 @@ async def test_models_lists_served_models(gw: Gateway) -> None:
 async def test_health_follows_core_readiness(gw: Gateway) -> None:
     async with httpx.AsyncClient() as http:
         ok = await http.get(f"{gw.url}/health")
-        gw.core.ready = False
+        gw.core.unready_reason = "all drained"
         down = await http.get(f"{gw.url}/health")
     assert ok.status_code == 200 and ok.json()["status"] == "ok" and ok.json()["membership_version"] == 3
-    assert down.status_code == 503 and down.json()["reason"] == "the router core is not ready"
+    assert down.status_code == 503 and down.json()["reason"] == "all drained"
 
 
 async def test_metrics_and_debug_routing(gw: Gateway) -> None:

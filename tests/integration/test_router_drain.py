@@ -252,6 +252,34 @@ async def test_admin_endpoints_and_cli(fleet: Fleet) -> None:
     await h.core.close()
 
 
+async def test_health_is_unavailable_while_every_instance_is_drained(fleet: Fleet) -> None:
+    """/health (the router pods' readiness probe) answers 503 with the reason once no instance
+    can take new work (every one drained, or none left), and 200 again after an undrain."""
+    core = RouterCore(RouterConfig(policy="round_robin", load_report_interval_s=0.02))
+    core.apply_membership(Membership(1, tuple(i for _, i, _ in fleet.values())))
+    await core.start()
+    reg = core.registry
+    await until(lambda: all((s := reg.get(i)) is not None and s.report for i in fleet), "every report")
+    app = build_gateway_app(core, tokenizers={}, config=GatewayConfig())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        assert (await client.get("/health")).status_code == 200
+        for iid in ("w0", "w1"):
+            r = await client.post("/admin/drain", json={"instance": iid, "timeout_s": 5})
+            assert r.status_code == 200, r.text
+        assert (await client.get("/health")).status_code == 200, "w2 still takes new work"
+        assert (await client.post("/admin/drain", json={"instance": "w2", "timeout_s": 5})).status_code == 200
+        drained = await client.get("/health")
+        await client.post("/admin/undrain", json={"instance": "w1"})
+        undrained = await client.get("/health")
+        await core.close()
+        gone = await client.get("/health")
+    assert drained.status_code == 503, drained.text
+    assert drained.json()["status"] == "unavailable" and drained.json()["instances"] == 3
+    assert drained.json()["reason"] == "every live engine instance is draining (3 of 3)"
+    assert undrained.status_code == 200 and undrained.json()["status"] == "ok"
+    assert gone.status_code == 503 and gone.json()["reason"] == "no live engine instances"
+
+
 def test_cli_prints_result(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed request in the result is exit status 1."""
 

@@ -9,6 +9,7 @@ import pytest
 
 from switchyard.cli import _build_parser, _serve_config, main
 from switchyard.config import ServeConfig
+from switchyard.errors import ConfigError
 
 
 def _config(*argv: str) -> ServeConfig:
@@ -50,12 +51,86 @@ def test_flags_override_config_file(tmp_path: Path) -> None:
     assert all(p.engine is not None and p.engine.kind == "sim" for p in pools)
 
 
-def test_api_key_from_environment_is_added(monkeypatch: pytest.MonkeyPatch) -> None:
-    """SWITCHYARD_API_KEY joins the --api-key values, so keys need not appear in process lists."""
+def _keys(config: ServeConfig) -> list[str]:
+    return [k.get_secret_value() for k in config.gateway.api_keys]
+
+
+def test_api_keys_from_a_file_the_environment_or_flags_never_two_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """API keys come from one place: --api-key-file/SWITCHYARD_API_KEY_FILE (one key a line, so a
+    Secret can hold the old and the new key), SWITCHYARD_API_KEY or --api-key (which ps shows);
+    any of them overrides --config's gateway.api_keys, and none of their values reach a repr."""
+    monkeypatch.delenv("SWITCHYARD_API_KEY", raising=False)
+    monkeypatch.delenv("SWITCHYARD_API_KEY_FILE", raising=False)
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("  key-old \n\nkey-new\n")
+    config = _config("--api-key-file", str(keyfile))
+    assert _keys(config) == ["key-old", "key-new"] and "key-old" not in repr(config)
+    assert _keys(_config("--api-key", "a", "--api-key", "b")) == ["a", "b"]
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"gateway": {"api_keys": ["from-config"]}}))
+    assert _keys(_config("--config", str(path))) == ["from-config"]
     monkeypatch.setenv("SWITCHYARD_API_KEY", "from-env")
-    config = _config("--api-key", "from-flag")
-    assert sorted(k.get_secret_value() for k in config.gateway.api_keys) == ["from-env", "from-flag"]
-    assert "from-env" not in repr(config)
+    assert _keys(_config("--config", str(path))) == ["from-env"]
+    monkeypatch.delenv("SWITCHYARD_API_KEY")
+    monkeypatch.setenv("SWITCHYARD_API_KEY_FILE", str(keyfile))
+    assert _keys(_config("--config", str(path))) == ["key-old", "key-new"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--api-key", "a"], {"SWITCHYARD_API_KEY": "b"}, "--api-key, SWITCHYARD_API_KEY"),
+        (
+            ["--api-key-file", "KEYS"],
+            {"SWITCHYARD_API_KEY_FILE": "KEYS"},
+            "--api-key-file, SWITCHYARD_API_KEY_FILE",
+        ),
+        (["--api-key-file", "KEYS"], {"SWITCHYARD_API_KEY": "b"}, "--api-key-file, SWITCHYARD_API_KEY"),
+        (["--api-key", "a", "--api-key-file", "KEYS"], {}, "--api-key, --api-key-file"),
+    ],
+)
+def test_api_keys_given_two_ways_are_refused_naming_both(
+    argv: list[str],
+    env: dict[str, str],
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("key-in-file\n")
+    monkeypatch.delenv("SWITCHYARD_API_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(keyfile) if value == "KEYS" else value)
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", *[str(keyfile) if a == "KEYS" else a for a in argv]])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"switchyard serve: API keys are given more than once ({named}); give one of them" in err
+    assert "key-in-file" not in err
+
+
+def test_a_bad_api_key_file_exits_2_naming_the_file_not_its_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty key file must not turn auth off; an unreadable one is named, never echoed."""
+    monkeypatch.delenv("SWITCHYARD_API_KEY", raising=False)
+    keyfile = tmp_path / "keys"
+    keyfile.write_text("\n  \n")
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--api-key-file", str(keyfile)])
+    assert exc.value.code == 2
+    assert f"the API key file {keyfile} holds no key" in capsys.readouterr().err
+    keyfile.write_bytes("s\u00e9cret\n".encode())
+    with pytest.raises(SystemExit):
+        main(["serve", "--api-key-file", str(keyfile)])
+    err = capsys.readouterr().err
+    assert f"cannot read the API key file {keyfile}: not ASCII" in err and "cret" not in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--api-key-file", str(tmp_path / "missing")])
+    assert f"cannot read the API key file {tmp_path / 'missing'}: No such file" in capsys.readouterr().err
 
 
 TOKEN = "internal-token-from-a-secret-0123"
@@ -78,7 +153,10 @@ def test_internal_token_from_environment_or_file_never_a_flag_value(
     assert (config.internal_token, config.internal_token_file) == (None, tmp_path / "tok")
     monkeypatch.setenv("SWITCHYARD_INTERNAL_TOKEN_FILE", "/run/secrets/token")
     assert _config().internal_token_file == Path("/run/secrets/token")
-    with pytest.raises(SystemExit, match="the internal token is given twice"):
+    twice = (
+        r"the internal token is given more than once \(--internal-token-file, SWITCHYARD_INTERNAL_TOKEN_FILE"
+    )
+    with pytest.raises(ConfigError, match=twice):
         _config("--internal-token-file", str(tmp_path / "tok"))
 
 
@@ -99,6 +177,7 @@ def test_a_bad_internal_token_exits_2_without_showing_it(
         (["--instances", "0"], "instances"),
         (["--port", "70000"], "gateway.port"),
         (["--engine", "sim", "--model", "/x"], "engine.model"),
+        (["--shutdown-grace-s", "-1"], "shutdown_grace_s"),
     ],
 )
 def test_bad_options_exit_2_naming_the_option(
@@ -129,6 +208,15 @@ def test_unreadable_config_file_is_named(tmp_path: Path) -> None:
     bad.write_text("{nope")
     with pytest.raises(SystemExit, match="not valid JSON"):
         main(["serve", "--config", str(bad)])
+
+
+def test_shutdown_grace_flag_overrides_the_config_file(tmp_path: Path) -> None:
+    """How long open requests may finish on SIGTERM/SIGINT: 5 s unless the file or the flag says."""
+    assert _config().shutdown_grace_s == 5.0
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"shutdown_grace_s": 20}))
+    assert _config("--config", str(path)).shutdown_grace_s == 20.0
+    assert _config("--config", str(path), "--shutdown-grace-s", "0.5").shutdown_grace_s == 0.5
 
 
 def test_migration_and_rebalance_flags() -> None:

@@ -79,6 +79,29 @@ def test_ready_needs_a_report_from_a_live_instance() -> None:
     assert not registry.ready
 
 
+def test_not_ready_once_every_instance_is_drained_or_down_with_the_reason() -> None:
+    """A drained instance takes no new work, so a fleet of drained ones is not ready (a
+    readiness probe must fail), and the reason says which case it is."""
+    registry = make_registry(2)
+    assert registry.unready_reason() == "none of the 2 engine instances reports its load (starting, or down)"
+    registry.on_load_report("w0", make_report("w0"))
+    registry.on_load_report("w1", make_report("w1"))
+    assert registry.ready and registry.unready_reason() is None
+    registry.set_draining("w0", True)
+    assert registry.ready, "w1 still takes work"
+    registry.set_draining("w1", True)
+    assert not registry.ready
+    assert registry.unready_reason() == "every live engine instance is draining (2 of 2)"
+    registry.set_draining("w1", False)
+    assert registry.ready
+    registry.mark_down("w1")
+    assert registry.unready_reason() == "every live engine instance is draining (1 of 2)"
+    registry.mark_down("w0")
+    assert registry.unready_reason() == "none of the 2 engine instances reports its load (starting, or down)"
+    registry.apply(Membership(version=registry.membership.version + 1))
+    assert registry.unready_reason() == "no live engine instances"
+
+
 def test_dispatches_are_pending_until_a_report_supersedes_them() -> None:
     """Dispatched requests add to the reported queue; the next report resets the pending part."""
     clock = FakeClock()

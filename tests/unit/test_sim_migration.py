@@ -66,9 +66,10 @@ def run_migration(
     cut: int = 8,
     migration: MigrationConfig | None = None,
     dst: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> Run:
     fleet = SimFleet(
-        [make_instance("src"), make_instance("dst", **(dst or {}))],
+        [make_instance("src", seed=seed), make_instance("dst", **{"seed": seed, **(dst or {})})],
         kv_transfer=KV,
         migration=migration or MigrationConfig(),
     )
@@ -120,6 +121,15 @@ def test_migrated_request_continues_the_same_tokens_without_loss_or_duplication(
     for inst in run.fleet.instances.values():  # nothing left behind, every block released
         load = inst.load(0.0)
         assert not inst.has_work and load.kv_blocks_used == 0 and load.waiting_prefill_tokens == 0
+
+
+def test_a_seeded_request_continues_its_seeds_tokens_after_a_move() -> None:
+    """Instances of one pool share the engine seed, so a moved request goes on with the
+    sequence of that seed, not of the default one."""
+    run = run_migration(300, max_tokens=40, cut=10, seed=7)
+    assert run.outcome.status == "moved", run.outcome
+    assert run.tokens() == [simulated_token_id("r", i, VOCAB, seed=7) for i in range(40)]
+    assert run.tokens() != expected_tokens("r", 40)
 
 
 def test_destination_does_not_recompute_the_moved_prefix() -> None:

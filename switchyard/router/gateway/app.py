@@ -86,7 +86,7 @@ class RouterCoreLike(Protocol):
     """What the gateway needs from the router core (``switchyard.router.core.RouterCore``)."""
 
     @property
-    def ready(self) -> bool: ...
+    def unready_reason(self) -> str | None: ...
     @property
     def membership(self) -> Membership: ...
     def served_models(self) -> dict[str, InstanceInfo]: ...
@@ -251,9 +251,9 @@ class _Gateway:
             "membership_version": membership.version,
             "instances": len(membership.instances),
         }
-        if self.core.ready:
+        reason = self.core.unready_reason  # all drained or none live: a readiness probe must fail
+        if reason is None:
             return JSONResponse({"status": "ok", **body})
-        reason = "no live engine instances" if not membership.instances else "the router core is not ready"
         return JSONResponse({"status": "unavailable", "reason": reason, **body}, status_code=503)
 
     async def metrics(self, request: Request) -> Response:

@@ -23,8 +23,9 @@ calibrated ``StepCostModel``:
 Time is not read here: ``step()`` returns the modeled duration and the caller advances its own
 clock (``SimEngine`` sleeps it, ``SimFleet`` adds it to a virtual clock). A step's effects are
 applied when it is computed; callers deliver its outputs after its duration. Emitted token IDs
-are a deterministic function of (request_id, position), so a recomputed or migrated request
-produces the same tokens. Per-step work is proportional to the batch, never to all requests.
+are a deterministic function of (engine seed, request_id, position), so a recomputed or migrated
+request produces the same tokens, and another ``EngineConfig.seed`` other ones. Per-step work is
+proportional to the batch, never to all requests.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class SimInstance:
         max_num_batched_tokens: int = 8192,
         vocab_size: int = 32000,
         enable_prefix_caching: bool = True,
+        seed: int = 0,
     ) -> None:
         if max_model_len > num_kv_blocks * block_size:
             raise ConfigError(
@@ -91,6 +93,8 @@ class SimInstance:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.seed = seed
+        """``EngineConfig.seed``: with the request id, it decides the emitted token IDs."""
         self._cost = cost
         self._max_num_seqs = max_num_seqs
         self._max_num_batched_tokens = max_num_batched_tokens
@@ -109,7 +113,7 @@ class SimInstance:
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, *, instance_id: str = "sim-0") -> SimInstance:
-        """Build from ``EngineConfig`` (its ``sim`` section, block size, context and prefix caching)."""
+        """Build from ``EngineConfig`` (its ``sim`` section, block size, context, prefix caching, seed)."""
         sim = cfg.sim
         profile = load_profile(sim.profile)
         num_blocks = sim.num_kv_blocks or profile.engine.kv_cache_tokens // cfg.block_size
@@ -123,6 +127,7 @@ class SimInstance:
             max_num_batched_tokens=sim.max_num_batched_tokens or profile.engine.max_num_batched_tokens,
             vocab_size=sim.vocab_size,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            seed=cfg.seed,
         )
 
     @property
@@ -171,7 +176,7 @@ class SimInstance:
             raise InvalidRequestError("the prompt must hold at least one token", param="prompt")
         if n > self.max_model_len:
             raise ContextLengthError(f"prompt of {n} tokens exceeds max_model_len {self.max_model_len}")
-        sreq = SimRequestState.of(req)
+        sreq = SimRequestState.of(req, self.seed)
         self._requests[req.request_id] = sreq
         self._waiting.append(sreq)
         self._num_waiting += 1
@@ -240,7 +245,7 @@ class SimInstance:
         """
         if state.request_id in self._requests:
             raise EngineRequestError(f"request {state.request_id!r} is already in {self.instance_id}")
-        sreq = SimRequestState.resumed(state)
+        sreq = SimRequestState.resumed(state, self.seed)
         total, bs = len(sreq.tokens), self.block_size
         computed = min(state.num_computed, total - 1)
         pulled = 0

@@ -1,9 +1,10 @@
 """Per-request state of the simulated vLLM instance, and the tokens the simulator emits.
 
 Kept apart from the scheduler (``sim.instance``) because two things outlive one instance: the
-emitted token IDs, a pure function of (request id, output index) so a request continues the
-same sequence wherever it runs, and ``SimSuspended``, the state a migration carries from one
-instance to another (the simulator's ``SuspendedRequest``).
+emitted token IDs, a pure function of (engine seed, request id, output index) so a request
+continues the same sequence wherever it runs (instances of one pool share the seed), and
+``SimSuspended``, the state a migration carries from one instance to another (the simulator's
+``SuspendedRequest``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,21 @@ _MASK64 = (1 << 64) - 1
 _ROOT_HASH = 0x5157_4954_4348_5944  # parent of the first block in every hash chain
 
 
-def simulated_token_id(request_id: str, index: int, vocab_size: int) -> int:
-    """The ``index``-th output token the simulator emits for ``request_id``."""
-    return token_at(request_seed(request_id), index, vocab_size)
+def simulated_token_id(request_id: str, index: int, vocab_size: int, seed: int = 0) -> int:
+    """The ``index``-th output token the simulator emits for ``request_id`` under engine ``seed``."""
+    return token_at(request_seed(request_id, seed), index, vocab_size)
 
 
-def request_seed(request_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little")
+def request_seed(request_id: str, seed: int = 0) -> int:
+    """The start of ``request_id``'s token sequence under the engine's ``seed`` (``EngineConfig.seed``).
+
+    The seed is part of the hash, so that, as with vLLM, the same seed repeats a run and another
+    seed gives other tokens (a different stop-token hit, other prefix-cache keys for outputs).
+    Seed 0, the default, hashes the request id alone, so that runs and recorded benchmark
+    results from before the seed counted keep their token IDs.
+    """
+    data = request_id.encode() if seed == 0 else f"{seed}\0{request_id}".encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 def token_at(seed: int, index: int, vocab_size: int) -> int:
@@ -118,7 +127,8 @@ class SimRequestState:
     hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks of tokens
 
     @classmethod
-    def of(cls, req: EngineRequest) -> SimRequestState:
+    def of(cls, req: EngineRequest, seed: int = 0) -> SimRequestState:
+        """A new request's state; ``seed`` is the engine's (``EngineConfig.seed``)."""
         s = req.sampling
         prompt = list(req.prompt_token_ids)
         return cls(
@@ -128,12 +138,13 @@ class SimRequestState:
             s.max_tokens,
             s.min_tokens,
             _stop_ids(s),
-            request_seed(req.request_id),
+            request_seed(req.request_id, seed),
         )
 
     @classmethod
-    def resumed(cls, s: SimSuspended) -> SimRequestState:
-        """A suspended request as a fresh waiting request (no KV yet); same seed, same prompt origin."""
+    def resumed(cls, s: SimSuspended, seed: int = 0) -> SimRequestState:
+        """A suspended request as a fresh waiting request (no KV yet) on an instance with engine
+        ``seed``: the same seed as its source's (one pool), so the same tokens continue."""
         return cls(
             s.request_id,
             [*s.prompt, *s.outputs],
@@ -141,7 +152,7 @@ class SimRequestState:
             s.max_tokens,
             s.min_tokens,
             s.stop_ids,
-            request_seed(s.request_id),
+            request_seed(s.request_id, seed),
             num_cached_tokens=s.num_cached_tokens,
         )
 
