@@ -360,6 +360,12 @@ class GatewayConfig(StrictModel):
     max_stop_strings: int = Field(default=16, ge=0)
     """Most stop strings per request."""
 
+    max_chat_messages: int = Field(default=4096, ge=1)
+    """Most messages in one chat completion request (400 above it). Why a cap: parsing and
+    templating cost per message, and a 4 MiB body holds 110,000 small ones (0.3-0.9 s of CPU).
+    Each message is a few tokens of template markup even when empty, so 4,096 is already
+    16,000+ tokens of markup alone."""
+
     gc_young_threshold: int = Field(default=10_000, ge=0)
     """Allocations between two young-generation garbage collections in the gateway process
     (Python's default is 700; 0 keeps it). Why raised: at 1,000 open streams the default made

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 import switchyard.router.gateway as gateway
 from switchyard.errors import ContextLengthError, InvalidRequestError
@@ -134,6 +135,24 @@ def test_chat_message_rejections(messages: list[Any], param: str, fragment: str)
     err = rejected(chat, messages=messages)
     assert fragment in err.message
     assert err.param == param
+
+
+def test_message_count_is_capped_before_messages_are_validated() -> None:
+    messages = [{"role": "user", "content": "hi"}] * 5
+    body = json.dumps({"model": "m", "messages": messages}).encode()
+    with pytest.raises(InvalidRequestError, match="at most 4 messages are allowed, got 5") as err:
+        parse_request(ChatCompletionRequest, body, max_stop_strings=4, max_chat_messages=4)
+    assert err.value.param == "messages"
+    assert len(parse_request(ChatCompletionRequest, body, max_stop_strings=4).messages) == 5  # no cap given
+
+
+def test_bad_messages_stop_validation_at_the_first() -> None:
+    """The first bad message ends it: 20,000 empty objects cost 40,000 error records before."""
+    body = json.dumps({"model": "m", "messages": [{}] * 20_000}).encode()
+    with pytest.raises(InvalidRequestError, match=r"messages\.0\.role") as err:
+        parse_request(ChatCompletionRequest, body, max_stop_strings=4)
+    cause = err.value.__cause__
+    assert isinstance(cause, ValidationError) and cause.error_count() == 2  # the first message's two
 
 
 def test_chat_logprobs_rejected() -> None:

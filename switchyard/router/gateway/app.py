@@ -16,6 +16,11 @@ Decisions a reader should know:
   ``min(16, that)`` for completions (OpenAI's legacy default). An explicit value that does
   not fit is a 400 stating the context, the prompt tokens and the request, never a silent
   clamp, because the client asked for something we cannot give.
+* **Nothing proportional to a large body runs on the event loop**, so one hostile request
+  cannot freeze every open stream: large bodies are parsed in a helper process
+  (``parsing.py``), chats are capped at ``max_chat_messages``, a prompt that cannot fit is
+  refused by its length before tokenizing, and long prompts are tokenized in a thread that
+  releases the GIL (``tokenizer.py``).
 * **Aborts.** The engine request is aborted (``aclose()`` on the core's stream, which the
   core turns into an engine abort) when a stop string or ``max_tokens`` ends it early, and
   when the client disconnects, streaming or not. :class:`EventStream` watches for the
@@ -30,7 +35,6 @@ Decisions a reader should know:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import hmac
@@ -60,8 +64,9 @@ from switchyard.messages import EngineOutput, InstanceInfo, Membership, RoutingR
 from switchyard.metrics import render_latest
 from switchyard.router.gateway import admin
 from switchyard.router.gateway.detokenizer import OutputDecoder
+from switchyard.router.gateway.parsing import BodyParser
 from switchyard.router.gateway.responses import ChunkEncoder, chat_completion_response, completion_response
-from switchyard.router.gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_request
+from switchyard.router.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from switchyard.router.gateway.streaming import (
     SHUTTING_DOWN,
     EventStream,
@@ -77,9 +82,6 @@ from switchyard.router.gateway.tokenizer import TokenizerAdapter
 logger = logging.getLogger(__name__)
 
 __all__ = ["RouterCoreLike", "build_gateway_app"]
-
-#: Bodies larger than this are parsed in a worker thread (a 1 MiB token-ID list takes ~100 ms).
-PARSE_OFFLOAD_BYTES = 64 * 1024
 
 
 class RouterCoreLike(Protocol):
@@ -106,6 +108,10 @@ class _Gateway:
         self._started = int(time.time())
         self.stopping = StopSignal()
         """Set by ``server.stop_gateway`` once the grace period is over: open requests end now."""
+        self.parser = BodyParser(
+            max_stop_strings=config.max_stop_strings, max_chat_messages=config.max_chat_messages
+        )
+        """Parses request bodies, large ones in a helper process that ``stop_gateway`` ends."""
 
     def endpoint(
         self, handler: Callable[[Request], Awaitable[Response]], *, auth: bool = True
@@ -176,24 +182,20 @@ class _Gateway:
 
     async def _generate(self, request: Request, *, chat: bool) -> Response:
         body = await self._read_body(request)
-        limit = self.config.max_stop_strings
-
-        def parse() -> CompletionRequest | ChatCompletionRequest:
-            if chat:
-                return parse_request(ChatCompletionRequest, body, max_stop_strings=limit)
-            return parse_request(CompletionRequest, body, max_stop_strings=limit)
-
-        # Parsing is CPU work on the loop: a big body (a long token-ID list) parses in a thread.
-        req = await asyncio.to_thread(parse) if len(body) > PARSE_OFFLOAD_BYTES else parse()
+        req: CompletionRequest | ChatCompletionRequest
+        if chat:
+            req = await self.parser.parse(ChatCompletionRequest, body)
+        else:
+            req = await self.parser.parse(CompletionRequest, body)
         tok, info = self._resolve_model(req.model)
         if isinstance(req, ChatCompletionRequest):
-            prompt = await tok.encode_messages([m.for_template() for m in req.messages])
+            messages = [m.for_template() for m in req.messages]
+            prompt = await tok.encode_messages(messages, context=info.max_model_len)
+        elif isinstance(req.prompt, str):
+            prompt = await tok.encode_prompt(req.prompt, context=info.max_model_len)
         else:
-            if isinstance(req.prompt, str):
-                prompt = await tok.encode_prompt(req.prompt)
-            else:
-                tok.check_token_ids(req.prompt, param="prompt")
-                prompt = list(req.prompt)
+            tok.check_token_ids(req.prompt, param="prompt")
+            prompt = list(req.prompt)
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param=req.prompt_param)
         sampling = req.sampling_options(len(prompt), info.max_model_len)
@@ -292,6 +294,7 @@ def build_gateway_app(
     hot_routes = {path: gw.endpoint(handler) for path, handler in hot.items()}
     app = _GatewayApp(hot_routes, routes=routes, exception_handlers={HTTPException: http_error})
     app.state.stopping = gw.stopping
+    app.state.body_parser = gw.parser
     return app
 
 

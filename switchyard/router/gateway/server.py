@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 from switchyard.config import GatewayConfig
 from switchyard.errors import ConfigError
 from switchyard.metrics import unwatch_gc_pauses, watch_gc_pauses
+from switchyard.router.gateway.parsing import BodyParser
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class _Server(uvicorn.Server):  # type: ignore[misc]  # uvicorn is untyped here
 
     grace_s = 5.0
     stopping: asyncio.Event | None = None
+    body_parser: BodyParser | None = None
     froze_gc = False
     gc_thresholds: tuple[int, int, int] | None = None  # Python's, to restore on stop
 
@@ -74,6 +76,7 @@ async def serve_gateway(
     )
     server = _Server(uv_config)
     server.grace_s, server.stopping = graceful_shutdown_s, getattr(app.state, "stopping", None)
+    server.body_parser = getattr(app.state, "body_parser", None)
 
     async def run() -> None:
         try:
@@ -112,6 +115,9 @@ async def stop_gateway(server: uvicorn.Server, task: asyncio.Task[None]) -> None
     if pending and stopping is not None:
         stopping.set()
     await task
+    parser = getattr(server, "body_parser", None)
+    if parser is not None:  # the request-parsing helper process, if one was started
+        await parser.aclose()
     if getattr(server, "froze_gc", False):  # back to normal collection, and a normal interpreter exit
         gc.unfreeze()
     if getattr(server, "gc_thresholds", None) is not None:
