@@ -355,7 +355,22 @@ class GatewayConfig(StrictModel):
     ``SWITCHYARD_API_KEY`` or ``--api-key`` (which ``ps`` shows)."""
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    """Largest request body accepted (413 above it); 4 MiB fits any prompt the context allows."""
+    """Largest request body accepted (413 above it, and the connection closed once the client
+    has read it); 4 MiB fits any prompt the context allows."""
+
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    """Largest request header block (request line, names and values) accepted; above it a 431
+    and the connection is closed. The HTTP parser has no limit of its own, and grows a long
+    header by copying it, so without one a client holds as much memory as it sends."""
+
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """Longest time a request's headers may take to arrive, from their first byte (for a new
+    connection, from its opening); then a 408 and a close. Without it a client sending headers
+    a byte at a time (slowloris) holds its connection forever."""
+
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest time a request's body may take to arrive after its headers; then a 408 and a
+    close. 60 s lets a 4 MiB body through a 1 Mbit/s link."""
 
     max_stop_strings: int = Field(default=16, ge=0)
     """Most stop strings per request."""

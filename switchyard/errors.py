@@ -14,6 +14,8 @@ parser), with ``raise ... from exc``. Outgoing translation also happens once per
     │   ├── NotFoundError           the request names something that does not exist (404)
     │   │   └── ModelNotFoundError      unknown model name
     │   ├── RequestTooLargeError    body over the configured limit (413)
+    │   ├── HeadersTooLargeError    request headers over the configured limit (431)
+    │   ├── RequestTimeoutError     headers or body not received in time (408)
     │   ├── ConflictError           the request id is already in use (409)
     │   ├── AuthenticationError     missing or wrong API key or internal token (401)
     │   └── PermissionDeniedError   authenticated, but not the owner of that request (403)
@@ -34,12 +36,14 @@ __all__ = [
     "ContextLengthError",
     "EngineDeadError",
     "EngineRequestError",
+    "HeadersTooLargeError",
     "InvalidRequestError",
     "MigrationError",
     "ModelNotFoundError",
     "NotFoundError",
     "PermissionDeniedError",
     "RequestError",
+    "RequestTimeoutError",
     "RequestTooLargeError",
     "SwitchyardError",
     "grpc_code_name",
@@ -86,6 +90,14 @@ class ModelNotFoundError(NotFoundError):
 
 class RequestTooLargeError(RequestError):
     """The request body is over the configured size limit."""
+
+
+class HeadersTooLargeError(RequestError):
+    """The request's headers are over the configured size limit."""
+
+
+class RequestTimeoutError(RequestError):
+    """The client did not send its request's headers or body within the configured time."""
 
 
 class ConflictError(RequestError):
@@ -135,6 +147,8 @@ class ConfigError(SwitchyardError):
 _HTTP_STATUS: tuple[tuple[type[SwitchyardError], int], ...] = (
     (NotFoundError, 404),
     (RequestTooLargeError, 413),
+    (HeadersTooLargeError, 431),
+    (RequestTimeoutError, 408),
     (ConflictError, 409),
     (AuthenticationError, 401),
     (PermissionDeniedError, 403),

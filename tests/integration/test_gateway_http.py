@@ -10,9 +10,12 @@ into an engine abort.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
+import socket
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -540,6 +543,181 @@ async def test_body_over_the_limit_is_413(start_gateway: StartGateway) -> None:
     for resp in (declared, streamed):
         assert resp.status_code == 413
         assert "limit" in error_of(resp)["message"] and "2048" in error_of(resp)["message"]
+
+
+# -- connection limits: raw sockets -----------------------------------------------------------
+
+
+async def open_raw(gw: Gateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+
+
+async def read_until_closed(reader: asyncio.StreamReader, *, within_s: float) -> bytes:
+    """Everything the server sends until it closes the connection (a reset after it counts too)."""
+    data = b""
+    async with asyncio.timeout(within_s):
+        try:
+            while chunk := await reader.read(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data
+
+
+def raw_error(data: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"connection: close" in head.lower()
+    err: dict[str, Any] = json.loads(body)["error"]
+    return status, err
+
+
+async def test_slow_headers_are_cut_after_the_header_timeout(start_gateway: StartGateway) -> None:
+    """A client sending its headers a byte at a time gets a 408 and a close at the deadline;
+    one that connects and sends nothing is closed too."""
+    gw = await start_gateway(header_timeout_s=0.5)
+    reader, writer = await open_raw(gw)
+    idle_reader, idle_writer = await open_raw(gw)
+    start = time.perf_counter()
+
+    async def trickle() -> None:
+        for byte in b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.05)
+
+    sender = asyncio.create_task(trickle())
+    data = await read_until_closed(reader, within_s=5)
+    took = time.perf_counter() - start
+    sender.cancel()
+    assert 0.4 < took < 2.0
+    status, err = raw_error(data)
+    assert status == 408 and err["code"] == "request_timeout"
+    assert err["message"] == "the request headers did not arrive within 0.5 s"
+    assert await read_until_closed(idle_reader, within_s=5) == b""
+    writer.close()
+    idle_writer.close()
+
+
+async def test_the_timeouts_spare_slow_responses_and_idle_keep_alive(start_gateway: StartGateway) -> None:
+    """The header timer runs only while headers arrive: a response slower than it, and a pause
+    between two requests on one kept-alive connection, are fine."""
+    gw = await start_gateway(header_timeout_s=0.3, body_timeout_s=0.3)
+    gw.core.script = Script(pieces=["a", "b", "c", "d"], delay_s=0.2)
+    async with httpx.AsyncClient() as http:
+        first = await http.post(f"{gw.url}/v1/completions", json=COMPLETION)
+        await asyncio.sleep(0.6)
+        second = await http.post(f"{gw.url}/v1/completions", json=COMPLETION)
+    assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"] == "abcd"
+    assert first.extensions["network_stream"] is second.extensions["network_stream"]  # one connection
+
+
+async def test_a_trickling_body_is_cut_after_the_body_timeout(start_gateway: StartGateway) -> None:
+    gw = await start_gateway(body_timeout_s=0.5)
+    reader, writer = await open_raw(gw)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    start = time.perf_counter()
+
+    async def trickle() -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            writer.write(b" ")
+
+    sender = asyncio.create_task(trickle())
+    data = await read_until_closed(reader, within_s=5)
+    took = time.perf_counter() - start
+    sender.cancel()
+    assert 0.4 < took < 2.0
+    status, err = raw_error(data)
+    assert status == 408 and err["message"] == "the request body did not arrive within 0.5 s"
+    assert gw.core.requests == []
+    writer.close()
+
+
+async def test_oversized_headers_get_431_without_being_buffered(start_gateway: StartGateway) -> None:
+    """Headers over max_header_bytes get a 431; the server does not hold what the client sends
+    (it used to grow one header value by copying it, to however much arrived)."""
+    gw = await start_gateway(max_header_bytes=4096)
+    async with httpx.AsyncClient() as http:
+        fits = await http.post(f"{gw.url}/v1/completions", json=COMPLETION, headers={"X-Pad": "a" * 3000})
+        over = await http.post(f"{gw.url}/v1/completions", json=COMPLETION, headers={"X-Pad": "a" * 5000})
+    assert fits.status_code == 200
+    assert over.status_code == 431 and error_of(over)["code"] == "request_header_fields_too_large"
+    assert error_of(over)["message"] == "request headers exceed the limit of 4096 bytes"
+
+    reader, writer = await open_raw(gw)
+    chunk = b"a" * 65536
+    tracemalloc.start()
+    try:
+
+        async def send_huge_header() -> None:
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Big: ")
+            for _ in range(128):  # 8 MiB, never ending the header
+                writer.write(chunk)
+                await writer.drain()
+
+        sender = asyncio.create_task(send_huge_header())
+        data = await read_until_closed(reader, within_s=10)
+        with contextlib.suppress(ConnectionError):
+            await sender
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    status, _ = raw_error(data)
+    assert status == 431
+    assert peak < 2 * 1024 * 1024, f"{peak / 2**20:.1f} MiB held while 8 MiB of header arrived"
+    writer.close()
+
+
+async def test_an_early_413_is_read_by_a_client_still_sending(start_gateway: StartGateway) -> None:
+    """A body declared over max_body_bytes gets its 413 at once; the connection then discards
+    input for a while (so the client reads the 413, not a reset) and closes, instead of reading
+    the client's body for as long as it sends one."""
+    gw = await start_gateway(max_body_bytes=2048)
+    reader, writer = await open_raw(gw)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000000\r\n\r\n")
+    start = time.perf_counter()
+
+    async def send_forever() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b"x" * 65536)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+
+    sender = asyncio.create_task(send_forever())
+    data = await read_until_closed(reader, within_s=10)
+    took = time.perf_counter() - start
+    sender.cancel()
+    status, err = raw_error(data)
+    assert status == 413 and "100000000000 bytes; the limit is 2048 bytes" in err["message"]
+    assert took < 5.0  # the linger (2 s), not the client, decides when it ends
+    writer.close()
+
+
+async def test_an_early_413_does_not_reset_a_client_that_sends_its_whole_body_first(
+    start_gateway: StartGateway,
+) -> None:
+    """Most clients send the whole body before reading. Closing at once with their data unread
+    made the kernel reset the connection under them (a send error after ~4 MB of 20 MB)."""
+    gw = await start_gateway(max_body_bytes=2048)
+    port = int(gw.url.rsplit(":", 1)[1])
+
+    def send_all_then_read() -> bytes:
+        total = 20_000_000
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % total)
+            chunk = b"x" * 65536
+            for _ in range(total // len(chunk)):
+                sock.sendall(chunk)
+            sock.sendall(b"x" * (total % len(chunk)))
+            sock.settimeout(5)
+            data = b""
+            while block := sock.recv(65536):
+                data += block
+            return data
+
+    status, err = raw_error(await asyncio.to_thread(send_all_then_read))
+    assert status == 413 and err["code"] == "request_too_large"
 
 
 # -- auth and the operational endpoints -----------------------------------------------------

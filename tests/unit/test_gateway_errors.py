@@ -21,11 +21,13 @@ from switchyard.errors import (
     ContextLengthError,
     EngineDeadError,
     EngineRequestError,
+    HeadersTooLargeError,
     InvalidRequestError,
     MigrationError,
     ModelNotFoundError,
     NotFoundError,
     PermissionDeniedError,
+    RequestTimeoutError,
     RequestTooLargeError,
     SwitchyardError,
 )
@@ -49,6 +51,13 @@ CASES: list[tuple[SwitchyardError, int, str, str | None]] = [
         "invalid_request_error",
         None,
     ),
+    (
+        HeadersTooLargeError("headers too big"),
+        431,
+        "invalid_request_error",
+        "request_header_fields_too_large",
+    ),
+    (RequestTimeoutError("too slow"), 408, "invalid_request_error", "request_timeout"),
     (AuthenticationError("no key"), 401, "authentication_error", "invalid_api_key"),
     (PermissionDeniedError("not yours"), 403, "permission_error", None),
     (CapacityError("busy"), 503, "service_unavailable", "capacity_exceeded"),
@@ -68,6 +77,8 @@ def test_each_error_class_keeps_its_status_type_code_message_and_param(
     response = error_response(exc)
     assert response.status_code == status and json.loads(bytes(response.body)) == body
     assert (response.headers.get("www-authenticate") == "Bearer") == (status == 401)
+    # a 408 or 413 may leave the body unread: the connection closes after it
+    assert (response.headers.get("connection") == "close") == (status in (408, 413))
     event = error_event(exc)
     assert event.startswith(b"data: ") and event.endswith(b"\n\n")
     assert json.loads(event.removeprefix(b"data: ")) == body

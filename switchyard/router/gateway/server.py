@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 from switchyard.config import GatewayConfig
 from switchyard.errors import ConfigError
 from switchyard.metrics import unwatch_gc_pauses, watch_gc_pauses
+from switchyard.router.gateway.connection import limited_protocol
 from switchyard.router.gateway.parsing import BodyParser
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ async def serve_gateway(
         app,
         host=config.host,
         port=config.port,
+        http=limited_protocol(config),  # header/body timeouts and size limits, lingering close
+        ws="none",
         lifespan="off",
         log_config=None,
         access_log=False,

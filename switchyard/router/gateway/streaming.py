@@ -29,8 +29,10 @@ from switchyard.errors import (
     ContextLengthError,
     EngineDeadError,
     EngineRequestError,
+    HeadersTooLargeError,
     InvalidRequestError,
     ModelNotFoundError,
+    RequestTimeoutError,
     RequestTooLargeError,
     SwitchyardError,
     http_status,
@@ -67,6 +69,8 @@ _ERROR_CODES: tuple[tuple[type[SwitchyardError], str], ...] = (
     (ModelNotFoundError, "model_not_found"),
     (AuthenticationError, "invalid_api_key"),
     (RequestTooLargeError, "request_too_large"),
+    (HeadersTooLargeError, "request_header_fields_too_large"),
+    (RequestTimeoutError, "request_timeout"),
     (CapacityError, "capacity_exceeded"),
     (EngineDeadError, "engine_unavailable"),
 )
@@ -97,9 +101,15 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any]]:
 
 
 def error_response(exc: BaseException) -> Response:
+    """The error as a JSON response. A 413 or 408 may leave the request's body unread, so it
+    closes the connection (``server.py`` lingers so the client reads it rather than a reset)."""
     status, body = error_payload(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = _ERROR_HEADERS.get(status)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+_CLOSE = {"Connection": "close"}
+_ERROR_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 408: _CLOSE, 413: _CLOSE}
 
 
 def error_event(exc: BaseException) -> bytes:
