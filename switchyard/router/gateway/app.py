@@ -72,6 +72,7 @@ from switchyard.router.gateway.streaming import (
     EventStream,
     StopSignal,
     collect,
+    disconnect_future,
     error_response,
     events,
     until_disconnect,
@@ -222,7 +223,8 @@ class _Gateway:
             return EventStream(events(stream, state, enc), stopping=self.stopping, headers=headers)
         parts: list[str] = []
         work = functools.partial(collect, stream, state, parts)
-        outcome = await until_disconnect(request.receive, work, self.stopping)
+        gone = disconnect_future(request.scope)
+        outcome = await until_disconnect(request.receive, work, self.stopping, gone)
         if outcome == "stopping":
             raise CapacityError(SHUTTING_DOWN)
         if outcome == "disconnected":

@@ -20,6 +20,10 @@ uvicorn bounds none of these, and each lets one client hold a connection, or mem
   the response is flushed, the write side shut down, and input discarded until the client
   closes or :data:`LINGER_S` passes, the way nginx's lingering close does.
 
+The protocol also offers the scope extension ``streaming.DISCONNECT_EXTENSION`` (a future
+resolved when the client is gone), so a handler watches for a disconnect without a task of
+its own (``streaming.until_disconnect``).
+
 Errors raised here are answered with the gateway's one error body, ``streaming.error_payload``.
 Timers cost a request nothing in the common case: the header timer is armed per connection
 and only re-armed for a request whose headers span reads, and the body timer only for a body
@@ -38,7 +42,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from switchyard.config import GatewayConfig
 from switchyard.errors import HeadersTooLargeError, RequestTimeoutError, SwitchyardError
-from switchyard.router.gateway.streaming import error_payload
+from switchyard.router.gateway.streaming import DISCONNECT_EXTENSION, error_payload
 
 __all__ = ["LINGER_S", "limited_protocol"]
 
@@ -91,6 +95,9 @@ class _LimitedProtocol(HttpToolsProtocol):  # type: ignore[misc]  # uvicorn is u
         self._close_timer: asyncio.TimerHandle | None = None  # ends lingering
         self._lingering = False
         self._cycle_transport: _CycleTransport | None = None
+        self._lost = False  # the client is gone (or the connection is being closed)
+        self._disconnect_waiters: set[asyncio.Future[None]] = set()
+        self._extensions = {DISCONNECT_EXTENSION: self._disconnect_future}
 
     # -- connection ------------------------------------------------------------------------
 
@@ -101,7 +108,26 @@ class _LimitedProtocol(HttpToolsProtocol):  # type: ignore[misc]  # uvicorn is u
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        self._client_gone()
         super().connection_lost(exc)
+
+    def _disconnect_future(self) -> asyncio.Future[None]:
+        """The scope extension ``DISCONNECT_EXTENSION``: a future resolved when the client is
+        gone, so a handler watches for it without a task reading ``receive()``. Cancel it when
+        no longer interested."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        if self._lost:
+            fut.set_result(None)
+        else:
+            self._disconnect_waiters.add(fut)
+            fut.add_done_callback(self._disconnect_waiters.discard)
+        return fut
+
+    def _client_gone(self) -> None:
+        self._lost = True
+        for fut in self._disconnect_waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
@@ -136,6 +162,7 @@ class _LimitedProtocol(HttpToolsProtocol):  # type: ignore[misc]  # uvicorn is u
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = self._began = True
+        self.scope["extensions"] = self._extensions
 
     def on_headers_complete(self) -> None:
         if not 0 < self._header_bytes <= self.max_header_bytes:  # else they fit in what was read
@@ -193,6 +220,7 @@ class _LimitedProtocol(HttpToolsProtocol):  # type: ignore[misc]  # uvicorn is u
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
+            self._client_gone()
         self._linger()
 
     def close_after_response(self) -> None:
