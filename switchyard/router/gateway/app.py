@@ -40,8 +40,8 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -65,7 +65,12 @@ from switchyard.metrics import render_latest
 from switchyard.router.gateway import admin
 from switchyard.router.gateway.detokenizer import OutputDecoder
 from switchyard.router.gateway.parsing import BodyParser
-from switchyard.router.gateway.responses import ChunkEncoder, chat_completion_response, completion_response
+from switchyard.router.gateway.responses import (
+    ChunkEncoder,
+    CompactJSONResponse,
+    chat_completion_response,
+    completion_response,
+)
 from switchyard.router.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from switchyard.router.gateway.streaming import (
     SHUTTING_DOWN,
@@ -200,7 +205,7 @@ class _Gateway:
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param=req.prompt_param)
         sampling = req.sampling_options(len(prompt), info.max_model_len)
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(16)}"  # uuid4().hex: 5x the cost
         state = OutputDecoder(
             tok.detokenizer(prompt),
             num_prompt_tokens=len(prompt),
@@ -231,7 +236,7 @@ class _Gateway:
             return Response(status_code=499)  # the client is gone; nobody reads this
         build = chat_completion_response if chat else completion_response
         result = build(request_id, req.model, created, "".join(parts), state.finish_reason, usage_of(state))
-        return JSONResponse(result, headers=headers)
+        return CompactJSONResponse(result, headers=headers)
 
     async def models(self, request: Request) -> Response:
         served = self.core.served_models()

@@ -72,6 +72,7 @@ async def serve_gateway(
         port=config.port,
         http=limited_protocol(config),  # header/body timeouts and size limits, lingering close
         ws="none",
+        proxy_headers=False,  # nothing reads the client address; the middleware cost every request
         lifespan="off",
         log_config=None,
         access_log=False,
