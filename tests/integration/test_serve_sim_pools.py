@@ -7,9 +7,13 @@ membership the router follows, and the OpenAI gateway in front.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
 
 import grpc
+import httpx
 import openai
 import pytest
 import pytest_asyncio
@@ -84,3 +88,57 @@ async def test_serve_secures_every_grpc_service_with_a_generated_token(stack: Ru
             assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
             reply = await worker.GetInstanceInfo(worker_pb2.InstanceInfoRequest(), metadata=good)
             assert reply.instance_id == info.instance_id
+
+
+async def test_hostile_requests_do_not_stall_a_simulated_stream(stack: RunningStack) -> None:
+    """Issue #16 item 3, through ``serve`` on the simulator: while a stream decodes, a 4 MB
+    prompt and a 110,000-message chat get precise 400s, and the stream's largest gap between two
+    chunks stays under 50 ms (the gateway stalled it ~4 s tokenizing the prompt on its loop)."""
+    url = f"http://127.0.0.1:{stack.gateway_port}/v1"
+    huge_prompt = json.dumps({"model": stack.model_name, "prompt": "the quick brown fox " * 199_990})
+    many_messages = json.dumps(
+        {"model": stack.model_name, "messages": [{"role": "user", "content": "hi"}] * 110_000}
+    )
+    body = {
+        "model": stack.model_name,
+        "prompt": "hello",
+        "stream": True,
+        "max_tokens": 4000,
+        "ignore_eos": True,
+    }
+    gaps: list[float] = []
+    async with (
+        httpx.AsyncClient(timeout=60) as http,
+        http.stream("POST", f"{url}/completions", json=body) as stream,
+    ):
+        lines = stream.aiter_lines()
+        await anext(lines)
+
+        async def watch() -> None:
+            last = time.perf_counter()
+            async for line in lines:
+                if line:
+                    now = time.perf_counter()
+                    gaps.append(now - last)
+                    last = now
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.2)
+        quiet = len(gaps)
+        prompt_resp = await http.post(f"{url}/completions", content=huge_prompt)
+        chat_resp = await http.post(f"{url}/chat/completions", content=many_messages)
+        await asyncio.sleep(0.2)
+        watcher.cancel()
+    assert quiet > 5 and len(gaps) > quiet + 5, "the simulated stream should keep flowing"
+    worst = max(gaps[quiet:])
+    assert worst < 0.05, (
+        f"the stream stalled {worst * 1000:.0f} ms (before them: {max(gaps[:quiet]) * 1000:.0f} ms)"
+    )
+    assert prompt_resp.status_code == 400
+    prompt_error = prompt_resp.json()["error"]
+    assert (
+        prompt_error["code"] == "context_length_exceeded" and "3999800 characters" in prompt_error["message"]
+    )
+    assert chat_resp.status_code == 400
+    chat_error = chat_resp.json()["error"]
+    assert chat_error["param"] == "messages" and "got 110000" in chat_error["message"]

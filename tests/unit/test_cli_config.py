@@ -10,6 +10,7 @@ import pytest
 from switchyard.cli import _build_parser, _serve_config, main
 from switchyard.config import ServeConfig
 from switchyard.errors import ConfigError
+from switchyard.router.gateway.connection import limited_protocol
 
 
 def _config(*argv: str) -> ServeConfig:
@@ -49,6 +50,27 @@ def test_flags_override_config_file(tmp_path: Path) -> None:
         ("decode", "decode", 3),
     ]
     assert all(p.engine is not None and p.engine.kind == "sim" for p in pools)
+
+
+def test_gateway_connection_limits_from_the_config_file_reach_the_protocol(tmp_path: Path) -> None:
+    """The README's ``gateway:`` limits survive a --config plus flags, and become the attributes
+    the connection protocol enforces (issue #16 item 5)."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("gateway: {max_header_bytes: 8192, header_timeout_s: 5, body_timeout_s: 30}\n")
+    config = _config("--config", str(path), "--port", "9001")
+    gateway = config.gateway
+    assert (gateway.port, gateway.max_header_bytes, gateway.header_timeout_s, gateway.body_timeout_s) == (
+        9001,
+        8192,
+        5.0,
+        30.0,
+    )
+    protocol = limited_protocol(gateway)
+    assert (protocol.max_header_bytes, protocol.header_timeout_s, protocol.body_timeout_s) == (  # type: ignore[attr-defined]
+        8192,
+        5.0,
+        30.0,
+    )
 
 
 def _keys(config: ServeConfig) -> list[str]:
