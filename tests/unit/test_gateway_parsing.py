@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -63,3 +64,21 @@ async def test_a_dead_helper_fails_its_waiters_and_is_replaced(parser: BodyParse
     assert replacement is not None
     await parser.aclose()
     assert replacement.proc.returncode is not None  # aclose() ended it
+
+
+async def test_the_helper_outlasts_a_group_signal_until_the_gateway_closes_it(parser: BodyParser) -> None:
+    """SIGINT and SIGTERM sent to the whole process group (Ctrl-C; systemd's control-group
+    stop) start the gateway's graceful stop; the helper keeps parsing large bodies for the
+    requests in their grace period, and ends when the gateway closes it."""
+    body = padded({"model": "m", "prompt": "hi"})
+    await parser.parse(CompletionRequest, body)
+    helper = parser._helper
+    assert helper is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        helper.proc.send_signal(sig)
+    await asyncio.sleep(0.3)
+    assert helper.proc.returncode is None
+    req = await parser.parse(CompletionRequest, body)
+    assert req.prompt == "hi" and parser._helper is helper
+    await parser.aclose()
+    assert helper.proc.returncode == 0

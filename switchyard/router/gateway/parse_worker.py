@@ -46,7 +46,11 @@ def main() -> None:
     from switchyard.errors import SwitchyardError
     from switchyard.router.gateway.schemas import parse_request
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway owns shutdown; Ctrl-C is for it
+    # The gateway owns shutdown, and SIGTERM means a graceful stop for `serve` as Ctrl-C does:
+    # a signal sent to the whole group (Ctrl-C, systemd's control-group kill) must not end the
+    # helper under large requests still in their grace period. It exits when stdin closes.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print() from a library must not corrupt the frames
     stdin = sys.stdin.buffer
