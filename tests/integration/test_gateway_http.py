@@ -16,7 +16,6 @@ import json
 import socket
 import time
 import tracemalloc
-from asyncio import selector_events
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -544,49 +543,6 @@ async def test_body_over_the_limit_is_413(start_gateway: StartGateway) -> None:
     for resp in (declared, streamed):
         assert resp.status_code == 413
         assert "limit" in error_of(resp)["message"] and "2048" in error_of(resp)["message"]
-
-
-async def test_responses_leave_in_few_socket_writes(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A non-streamed response is one write (head and body together); a stream's end (finish
-    chunk, usage, [DONE], the chunked terminator) is one more. Each write costs a loopback
-    receiver's processing on the gateway's CPU: it was 2 writes, and 4 at a stream's end."""
-    gw.core.script = Script(pieces=["a", "b"])
-    sent: list[tuple[object, bytes]] = []
-    real_write = selector_events._SelectorSocketTransport.write
-
-    def counting_write(transport: Any, data: bytes) -> None:
-        sent.append((transport, bytes(data)))
-        real_write(transport, data)
-
-    monkeypatch.setattr(selector_events._SelectorSocketTransport, "write", counting_write)
-    reader, writer = await open_raw(gw)
-    server = gw.server[0]
-    while not server.server_state.connections:  # noqa: ASYNC110  # uvicorn offers no event for it
-        await asyncio.sleep(0.01)
-    (protocol,) = server.server_state.connections
-
-    def server_writes() -> list[bytes]:
-        return [data for transport, data in sent if transport is protocol.transport]
-
-    async def post(body: dict[str, Any]) -> bytes:
-        payload = json.dumps(body).encode()
-        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(payload)
-        sent.clear()
-        writer.write(head + payload)
-        if body.get("stream"):
-            return await reader.readuntil(b"0\r\n\r\n")
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        return head + await reader.readexactly(length)
-
-    plain = await post(COMPLETION)
-    assert plain.startswith(b"HTTP/1.1 200") and server_writes() == [plain]
-    streamed = await post({**COMPLETION, "stream": True, "stream_options": {"include_usage": True}})
-    assert streamed.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
-    writes = server_writes()
-    # the head, "a", "b" (a turn each: the fake engine yields between deltas), then the end
-    assert len(writes) == 4 and writes[-1].count(b"data: ") == 3
-    writer.close()
 
 
 # -- connection limits: raw sockets -----------------------------------------------------------

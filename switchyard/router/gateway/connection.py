@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -66,54 +65,18 @@ def _error_bytes(exc: SwitchyardError) -> bytes:
 
 
 class _CycleTransport:
-    """The transport request cycles write through. Two differences from the real one:
+    """The transport a request cycle writes through: the real one, except that the cycle's
+    ``close()`` (a ``Connection: close`` response) becomes a lingering close when the request's
+    body has not all arrived."""
 
-    * A response's head (its first write) is held until its next write in the same event-loop
-      turn, or the end of the turn, so a whole non-streamed response, or a stream's head and
-      first event, leave in one ``send()``. Why: on loopback each ``send()`` also runs the
-      receiver's TCP processing and wake-up on the sender's CPU, so a write saved is CPU
-      saved on a box the gateway shares with its clients. Later writes (a stream's tokens) go
-      straight through, with no indirection; held data always leaves before anything written
-      after it.
-    * ``close()`` (a ``Connection: close`` response) becomes a lingering close when the
-      request's body has not all arrived.
-    """
-
-    __slots__ = ("_held", "_loop", "_protocol", "_transport", "is_closing", "write")
+    __slots__ = ("_protocol", "is_closing", "write")
 
     def __init__(self, protocol: _LimitedProtocol, transport: asyncio.Transport) -> None:
         self._protocol = protocol
-        self._transport = transport
-        self._loop = protocol.loop
-        self._held: bytes | None = None
+        self.write = transport.write  # per token: no indirection
         self.is_closing = transport.is_closing
-        self.write: Callable[[bytes], None] = transport.write
-
-    def next_response(self) -> None:
-        """A new request's cycle starts: hold its response's head."""
-        if self._held is None:
-            self.write = self._hold
-
-    def _hold(self, data: bytes) -> None:
-        self._held = data
-        self.write = self._release
-        self._loop.call_soon(self.flush)
-
-    def _release(self, data: bytes) -> None:
-        held, self._held = self._held, None
-        self.write = self._transport.write
-        self._transport.write(held + data if held is not None else data)
-
-    def flush(self) -> None:
-        """Write what is held, if anything, and pass writes straight through from now on."""
-        held, self._held = self._held, None
-        if self.write != self._hold:
-            self.write = self._transport.write
-        if held is not None:
-            self._transport.write(held)
 
     def close(self) -> None:
-        self.flush()
         self._protocol.close_after_response()
 
 
@@ -211,10 +174,7 @@ class _LimitedProtocol(HttpToolsProtocol):  # type: ignore[misc]  # uvicorn is u
             self._header_timer.cancel()
             self._header_timer = None
         super().on_headers_complete()
-        transport = self._cycle_transport
-        assert transport is not None  # made with the connection
-        self.cycle.transport = transport
-        transport.next_response()
+        self.cycle.transport = self._cycle_transport
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -254,8 +214,6 @@ class _LimitedProtocol(HttpToolsProtocol):  # type: ignore[misc]  # uvicorn is u
         """Answer ``exc`` without the application and close the connection, lingering. A
         request whose body is still awaited by its handler sees a disconnect."""
         self.logger.info("rejected a request: %s", exc.message)
-        if self._cycle_transport is not None:
-            self._cycle_transport.flush()  # what a cycle wrote goes first
         cycle = self.cycle
         if cycle is None or cycle.response_complete or not cycle.response_started:
             self.transport.write(_error_bytes(exc))

@@ -48,7 +48,6 @@ __all__ = [
     "DISCONNECT_EXTENSION",
     "SHUTTING_DOWN",
     "EventStream",
-    "LastEvents",
     "StopSignal",
     "close_stream",
     "collect",
@@ -244,13 +243,6 @@ async def until_disconnect(
 SHUTTING_DOWN = "the gateway is shutting down; retry the request"
 
 
-class LastEvents(bytes):
-    """The last SSE bytes of a stream (what ends it: ``[DONE]`` or an error event), so that
-    :class:`EventStream` sends them with the end of the body in one write."""
-
-    __slots__ = ()
-
-
 class EventStream(StreamingResponse):
     """An SSE response that notices a client disconnect at once and always closes its body.
 
@@ -258,21 +250,7 @@ class EventStream(StreamingResponse):
     request however the response ends (Starlette's own leaves a body suspended mid-``send``
     open until garbage collection). When the gateway stops, the stream ends with an error
     event instead of being cancelled under uvicorn.
-
-    The stream's end (finish chunk, usage, ``[DONE]`` and the chunked body's terminator) goes
-    out in one ``send()`` rather than four: each is a socket write, and on loopback a write
-    also runs the receiver's TCP processing on our CPU (see ``connection._CycleTransport``).
     """
-
-    async def stream_response(self, send: Send) -> None:
-        """Starlette's, except that :class:`LastEvents` ends the body in the same message."""
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        async for chunk in self.body_iterator:
-            last = type(chunk) is LastEvents
-            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-            if last:
-                return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def __init__(self, body: AsyncIterator[bytes], *, stopping: StopSignal, headers: dict[str, str]):
         super().__init__(body, media_type="text/event-stream", headers=headers)
@@ -300,8 +278,7 @@ def usage_of(state: OutputDecoder) -> dict[str, Any]:
 async def events(
     stream: AsyncIterator[EngineOutput], state: OutputDecoder, enc: ChunkEncoder
 ) -> AsyncIterator[bytes]:
-    """The SSE body: chunks as text becomes ready, then the finish chunk, usage and ``[DONE]``
-    together, as :class:`LastEvents` (or an error event, as :class:`LastEvents` too)."""
+    """The SSE body: chunks as text becomes ready, the finish chunk, usage, ``[DONE]``."""
     try:
         role = enc.role()
         if role:
@@ -317,12 +294,12 @@ async def events(
         await close_stream(stream)  # aborts the engine request if we ended it early
         if state.finish_reason is None:
             raise EngineRequestError("the engine stream ended before the request finished")
-        end = enc.finish(state.finish_reason)
+        yield enc.finish(state.finish_reason)
         if enc.include_usage:
-            end += enc.usage(usage_of(state))
-        yield LastEvents(end + DONE)
+            yield enc.usage(usage_of(state))
+        yield DONE
     except Exception as exc:
-        yield LastEvents(error_event(exc))
+        yield error_event(exc)
     finally:
         await close_stream(stream)
 
