@@ -200,6 +200,12 @@ class TtftEstimator:
         fit = inst.fit
         return fit.a + fit.b * _K * tokens + self._c * uncached_tokens * uncached_tokens + step
 
+    def prefill_s(self, state: InstanceState, uncached_tokens: int) -> float:
+        """The part of :meth:`estimate` that is the request's own prefill: the compute the fleet
+        spends on it wherever it waits (without the fixed and queue terms)."""
+        fit = self._instance(state.info.instance_id, state.info.model).fit
+        return fit.b * _K * uncached_tokens + self._c * uncached_tokens * uncached_tokens
+
     def load_terms(self, state: InstanceState) -> tuple[float, float]:
         """``(queued_tokens, step_s)`` as :meth:`estimate` uses them: what to remember at dispatch
         so that a measured TTFT can later be attributed (:meth:`observe_ttft`)."""

@@ -88,7 +88,7 @@ def test_affinity_picks_the_candidate_with_the_lower_estimated_ttft() -> None:
     assert decision.candidates == (c2, c1)
     est = dict(decision.estimates)
     assert set(est) == {c1, c2} and 0 < est[c2] < est[c1] < 1.0
-    assert "lower estimated TTFT" in decision.reason
+    assert "lower estimated TTFT plus recompute" in decision.reason
 
 
 def test_cache_aware_choice_sends_a_shared_prefix_to_the_warm_candidate() -> None:
@@ -106,6 +106,27 @@ def test_cache_aware_choice_sends_a_shared_prefix_to_the_warm_candidate() -> Non
     assert decision.instance_id == c2 and decision.outcome is RoutingOutcome.AFFINITY
     est = dict(decision.estimates)
     assert est[c2] < est[c1]
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_recompute_weight_keeps_a_conversation_on_its_cache_over_a_shorter_queue(weight: float) -> None:
+    """``recompute_weight`` reaches the choice: a conversation cached on c2 behind a short queue
+    stays there at weight 1 although the cold c1 has the lower TTFT estimate (weight 0 takes it),
+    because moving it would make the fleet recompute the whole history."""
+    registry = make_registry(4)
+    policy = dualmap(recompute_weight=weight)
+    history = tokens(4096)
+    first = request(tokens(4096, prefix=history), "turn-1")
+    c1, c2 = ring_pair(policy.choose(first, registry.fleet("m")))
+    load(registry, c1, waiting_tokens=50_000)  # the first turn goes to c2
+    assert send(policy, registry, first).instance_id == c2
+    load(registry, c1, waiting_tokens=0)
+    load(registry, c2, waiting_tokens=5_000)  # c2 now has a short queue; c1 is idle and cold
+    decision = policy.choose(request(tokens(4200, prefix=history), "turn-2"), registry.fleet("m"))
+    est = dict(decision.estimates)
+    assert est[c1] < est[c2] < 1.0  # by TTFT alone c1 is faster ...
+    assert decision.outcome is RoutingOutcome.AFFINITY
+    assert decision.instance_id == (c1 if weight == 0 else c2)  # ... but costs a recompute
 
 
 def test_slo_switch_when_both_candidates_are_overloaded() -> None:
@@ -136,7 +157,7 @@ def test_over_the_slo_everywhere_a_fastest_candidate_keeps_the_request() -> None
     c1, _ = ring_pair(policy.choose(req, registry.fleet("m")))
     decision = policy.choose(req, registry.fleet("m"))
     assert decision.instance_id == c1 and decision.outcome is RoutingOutcome.AFFINITY
-    assert "still the fastest" in decision.reason
+    assert "still the cheapest" in decision.reason
 
 
 def test_two_policy_instances_with_the_same_membership_give_the_same_candidates() -> None:
