@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from pydantic import Field, SecretStr
-from ray.exceptions import RayActorError
+from pydantic import Field, SecretStr, ValidationError
+from ray.exceptions import RayActorError, RayError
 
 from switchyard.config import EngineConfig, InternalToken, PoolConfig, ServeConfig, StrictModel
 from switchyard.errors import EngineDeadError
@@ -172,27 +172,39 @@ class _SupervisorImpl:
         return self._incarnation.get(instance_id, -1) + 1
 
     async def _recovered(self) -> None:
-        """Wait until the instances already running have been adopted (every entry point does)."""
-        if self._recovery is None:
-            self._recovery = asyncio.create_task(self._recover())
-        await asyncio.shield(self._recovery)
+        """Wait until the instances already running have been adopted (every entry point does).
+
+        A recovery that failed (Ray's GCS unreachable, say) is tried again by the next call, and
+        its error reaches the caller meanwhile: answering with an empty membership instead would
+        make routers drop instances that are serving. ``follow_membership`` retries.
+        """
+        task = self._recovery
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._recovery = asyncio.create_task(self._recover())
+        await asyncio.shield(task)
 
     async def _recover(self) -> None:
         """Resume the recorded spec if this is a restart of this actor, then adopt the running
-        instances; a failure is logged, and the supervisor carries on with what it has."""
+        instances."""
         if not ray.is_initialized():
             return  # not a Ray actor: nothing can be running
+        raw = await asyncio.to_thread(_read_record, self._spec.name)
+        saved = None
         try:
-            raw = await asyncio.to_thread(_read_record, self._spec.name)
             saved = SupervisorRecord.model_validate_json(raw) if raw is not None else None
-            if saved is not None and saved.actor_id == ray.get_runtime_context().get_actor_id():
-                self._spec = saved.spec.model_copy(update={"internal_token": self._spec.internal_token})
-                self._incarnation.update(saved.incarnations)
-                self._started = True
-                logger.warning("supervisor of pool %s restarted; adopting its instances", self._spec.name)
+        except ValidationError:
+            # Written by another version: resume as a new supervisor would (adopt what serves).
+            logger.warning("supervisor of pool %s: ignoring an unreadable record", self._spec.name)
+        if saved is not None and saved.actor_id == ray.get_runtime_context().get_actor_id():
+            self._spec = saved.spec.model_copy(update={"internal_token": self._spec.internal_token})
+            self._incarnation.update(saved.incarnations)
+            self._started = True
+            logger.warning("supervisor of pool %s restarted; adopting its instances", self._spec.name)
+        try:
             await self._adopt()
         except Exception:
-            logger.exception("supervisor of pool %s: adopting running instances failed", self._spec.name)
+            logger.exception("supervisor of pool %s: adopting its running instances failed", self._spec.name)
+            raise
 
     async def _adopt(self) -> None:
         found, handles = await self._find_instances()
@@ -255,7 +267,7 @@ class _SupervisorImpl:
     def _register(self, instance_id: str, actor: Any, info: InstanceInfo, *, bump: bool = True) -> None:
         self._actors[instance_id] = actor
         self._infos[instance_id] = info
-        self._incarnation[instance_id] = info.incarnation
+        self._incarnation[instance_id] = max(self._incarnation.get(instance_id, 0), info.incarnation)
         self._watchers[instance_id] = asyncio.create_task(self._watch_instance(instance_id, actor))
         if bump:
             self._bump()
@@ -517,6 +529,10 @@ async def follow_membership(
             membership: Membership = await supervisor.watch.remote(version)
         except RayActorError:
             logger.warning("supervisor unreachable (restarting?); retrying in %.1f s", retry_s)
+            await asyncio.sleep(retry_s)
+            continue
+        except RayError as exc:  # it runs but cannot answer yet (its recovery failed): ask again
+            logger.warning("supervisor failed to answer (%s); retrying in %.1f s", exc, retry_s)
             await asyncio.sleep(retry_s)
             continue
         if membership.version != version:
