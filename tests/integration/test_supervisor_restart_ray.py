@@ -22,9 +22,10 @@ import pytest_asyncio
 import ray
 
 from switchyard.config import EngineConfig, GatewayConfig, RouterConfig, ServeConfig
-from switchyard.messages import InstanceInfo, Membership
+from switchyard.messages import InstanceInfo
 from switchyard.serve import RunningStack
 from tests.helpers.stack import running_stack
+from tests.helpers.supervisor import membership_after_restart
 from tests.helpers.waiting import eventually
 
 pytestmark = [pytest.mark.ray, pytest.mark.asyncio(loop_scope="module")]
@@ -81,6 +82,7 @@ async def _kill_supervisor_during_streams(stack: RunningStack, kill: Callable[[]
     stream completes, the supervisor comes back with the same instances, and serving goes on."""
     before = _infos(stack)
     assert len(before) == 2
+    last = await stack.pool.supervisor.membership.remote()
     client = _client(stack)
     started = [asyncio.Event() for _ in range(STREAMS)]
     tasks = [asyncio.create_task(_stream(client, stack.model_name, ev)) for ev in started]
@@ -91,7 +93,7 @@ async def _kill_supervisor_during_streams(stack: RunningStack, kill: Callable[[]
     assert results == [(TOKENS, "length")] * STREAMS, "every in-flight stream must complete"
 
     # The restarted supervisor adopted the running instances instead of starting new ones.
-    membership = await _supervisor_membership(stack)
+    membership = await membership_after_restart(stack.pool.supervisor, last)
     assert set(membership.instances) == before, "same instances, incarnations and addresses"
     assert _infos(stack) == before
 
@@ -104,21 +106,6 @@ async def _kill_supervisor_during_streams(stack: RunningStack, kill: Callable[[]
         health = await http.get(f"http://127.0.0.1:{stack.gateway_port}/health")
     assert health.status_code == 200, health.text
     await client.close()
-
-
-async def _supervisor_membership(stack: RunningStack, within_s: float = 60.0) -> Membership:
-    """The supervisor's membership once it answers again: calls fail while Ray restarts it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while True:
-        try:
-            membership: Membership = await stack.pool.supervisor.membership.remote()
-        except ray.exceptions.RayActorError:
-            if loop.time() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-            continue
-        return membership
 
 
 def _supervisor_pid() -> int:
@@ -144,7 +131,6 @@ async def test_streams_complete_while_ray_kills_and_restarts_the_supervisor(stac
 async def test_streams_complete_when_the_supervisor_process_is_killed(stack: RunningStack) -> None:
     """SIGKILL of the supervisor's process (a crash, the OOM killer): the same as above, and the
     supervisor really is a new process afterwards."""
-    await _supervisor_membership(stack)  # up, after the previous test's restart
     pid = _supervisor_pid()
     await _kill_supervisor_during_streams(stack, lambda: os.kill(pid, signal.SIGKILL))
     assert _supervisor_pid() != pid
