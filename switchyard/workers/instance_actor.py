@@ -9,6 +9,13 @@ supervisor keeps one call of it outstanding per actor; when the actor process di
 OOM, engine crash that ends the actor) the call raises ``RayActorError`` at once, with no
 polling interval to wait out. When the engine dies but the process lives, the actor notices
 through its own health loop and exits, which turns into the same signal.
+
+Lifetime: the supervisor starts instances as *detached*, named actors (``adoption.InstanceName``),
+not as actors it owns. Ray kills an owned actor with its owner, which made the supervisor a
+single point of failure: one crash of it cut every stream of the pool. Detached, an instance
+keeps serving while its supervisor is down; the supervisor Ray restarts finds it by name and
+asks ``adoptable_info`` whether to adopt it. The price is that nothing stops a detached actor
+implicitly, so whoever stops a pool kills its instances by name (``supervisor.kill_pool_instances``).
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ class _InstanceActorImpl:
         self._info: InstanceInfo | None = None
         self._stopped = asyncio.Event()
         self._health_task: asyncio.Task[None] | None = None
+        self._token: str | None = None
+        self._stopping = False
 
     async def start(
         self,
@@ -100,6 +109,7 @@ class _InstanceActorImpl:
         from switchyard.workers.worker_server import start_worker_server
 
         path = Path(model_dir) if model_dir else None
+        self._token = internal_token.get_secret_value() if internal_token is not None else None
         bind = advertised = host or ray.util.get_node_ip_address()
         cfg = with_reachable_kv_endpoint(cfg, advertised)
         self._engine = await build_engine(cfg, instance_id=instance_id, model_dir=path)
@@ -139,12 +149,25 @@ class _InstanceActorImpl:
         report = self._engine.load()
         return report.num_running + report.num_waiting > 0
 
+    async def adoptable_info(self, internal_token: SecretStr | None) -> InstanceInfo | None:
+        """What this instance serves, if a supervisor holding ``internal_token`` may adopt it.
+
+        None while the engine is still starting or the instance is stopping (the supervisor
+        replaces it), and when the instance requires another token: the routers that supervisor
+        serves would be refused by it.
+        """
+        token = internal_token.get_secret_value() if internal_token is not None else None
+        if self._info is None or self._stopping or token != self._token:
+            return None
+        return self._info
+
     async def ping(self) -> str:
         """Liveness probe: the instance id once started."""
         return self._info.instance_id if self._info else ""
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop serving: the gRPC server first (in-flight streams get ``grace_s``), then the engine."""
+        self._stopping = True
         if self._health_task is not None:
             self._health_task.cancel()
         if self._server is not None:
@@ -172,5 +195,6 @@ class _InstanceActorImpl:
 
 # ``ray.remote`` is applied here rather than as a decorator so the plain class stays importable
 # and typed; num_cpus=0 because the engine's own processes do the work (and a 2-core machine
-# must host several instances).
+# must host several instances). Started detached (see the module docstring), never restarted by
+# Ray: the supervisor decides about replacements, with a new incarnation and address.
 InstanceActor: Any = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1000)(_InstanceActorImpl)

@@ -27,7 +27,7 @@ from switchyard.cache import CACHE_DIR_VAR, cache_dir
 from switchyard.errors import ConfigError
 from switchyard.messages import Membership
 from switchyard.workers.membership import MembershipMerger
-from switchyard.workers.supervisor import PoolSpec, Supervisor, follow_membership
+from switchyard.workers.supervisor import PoolSpec, Supervisor, follow_membership, kill_pool_instances
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ class LocalPool:
         :data:`RAY_EXIT_WAIT_S` after ``ray.shutdown`` before they are killed. ``ray.shutdown``
         stops only Ray's daemons; its workers (and the engine processes they started) notice on
         their own, and were seen to outlive the driver by half a minute and more.
+
+        Instance actors are detached (they outlive a supervisor that dies, so it can re-adopt
+        them), so nothing kills them with their supervisor: after the supervisors, every instance
+        of an owned pool still named in Ray is killed, whether or not Ray is shut down next.
         """
         for task in self._follow_tasks:
             task.cancel()
@@ -123,6 +127,15 @@ class LocalPool:
                 logger.warning("a supervisor did not stop its instances within %.0f s", POOL_STOP_TIMEOUT_S)
             with contextlib.suppress(Exception):
                 ray.kill(supervisor, no_restart=True)
+        if owned and ray.is_initialized():
+            pools = list(self.supervisors)
+            try:
+                leftovers = await asyncio.to_thread(kill_pool_instances, pools)
+            except Exception:
+                logger.exception("could not look for instances of pools %s left running", pools)
+                leftovers = []
+            if leftovers:
+                logger.warning("killed instances their supervisor had not stopped: %s", ", ".join(leftovers))
         if self.started_ray:
             processes = _ray_processes()  # before the shutdown: afterwards the workers have no parent
             ray.shutdown()
@@ -317,19 +330,27 @@ def _kill_half_started_ray() -> None:
     psutil.wait_procs(stale, timeout=10)
 
 
-def _kill_stale_supervisor(name: str) -> None:
-    """Remove a supervisor of that name left in this process's own Ray by an owner that died.
+def _kill_stale_pool(pool: str) -> None:
+    """Remove the supervisor of ``pool``, and its instances, left in this process's own Ray by an
+    owner that died.
 
     Only for a Ray this process owns (not a joined cluster, whose named supervisors are
     shared on purpose): an owner killed mid-start (a test past its timeout) skips its
-    ``stop``, and the leftover name would make every later start fail.
+    ``stop``, and the leftover name would make every later start fail. Its instances are
+    detached and would outlive it; they serve a pool this owner no longer knows (and require
+    the old owner's token), so they are killed rather than adopted.
     """
+    name = f"supervisor-{pool}"
     try:
         stale = ray.get_actor(name, namespace="switchyard")
     except ValueError:
-        return
-    logger.warning("killing stale supervisor %s left by an earlier owner in this process", name)
-    ray.kill(stale, no_restart=True)
+        stale = None
+    if stale is not None:
+        logger.warning("killing stale supervisor %s left by an earlier owner in this process", name)
+        ray.kill(stale, no_restart=True)
+    leftovers = kill_pool_instances([pool])
+    if leftovers:
+        logger.warning("killed instances left by an earlier owner in this process: %s", ", ".join(leftovers))
 
 
 async def _cluster_token(specs: Sequence[PoolSpec], given: SecretStr | None, *, shared: bool) -> SecretStr:
@@ -407,7 +428,7 @@ async def start_local_pools(
         options: dict[str, Any] = {"lifetime": "detached", "get_if_exists": True} if shared else {}
         if not shared:
             for spec in specs:
-                _kill_stale_supervisor(f"supervisor-{spec.name}")
+                _kill_stale_pool(spec.name)
         supervisors = pool.supervisors
         for s in specs:
             supervisors[s.name] = Supervisor.options(name=f"supervisor-{s.name}", **options).remote(s)

@@ -6,6 +6,7 @@ Real Ray, simulated engines (a performance model, so an instance starts in about
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 
 import pytest
@@ -18,6 +19,7 @@ from switchyard.messages import EngineRequest, SamplingOptions
 from switchyard.router.worker_client import WorkerClient
 from switchyard.workers.local_cluster import LocalPool, start_local_pool
 from switchyard.workers.supervisor import PoolSpec, Supervisor
+from tests.helpers.supervisor import membership_after_restart
 from tests.helpers.waiting import eventually
 
 pytestmark = [pytest.mark.ray, pytest.mark.asyncio(loop_scope="module")]
@@ -118,3 +120,39 @@ async def test_a_supervisor_left_by_a_dead_owner_does_not_block_a_new_start(pool
     finally:
         await fresh.stop()
     assert ray.is_initialized(), "stopping a pool that joined Ray leaves Ray to its owner"
+
+
+async def test_a_restarted_supervisor_resumes_the_spec_applied_after_its_start(pool: LocalPool) -> None:
+    """Ray restarts an actor with its constructor's arguments (2 instances here); the supervisor
+    resumes the spec applied since (3) and adopts all three running instances unchanged."""
+    await pool.supervisor.apply.remote(SPEC.model_copy(update={"instances": 3}))
+    before = await pool.supervisor.membership.remote()
+    assert [i.instance_id for i in before.instances] == ["sc-0", "sc-1", "sc-2"]
+    ray.kill(pool.supervisor, no_restart=False)
+    after = await membership_after_restart(pool.supervisor, before)
+    assert after.instances == before.instances, "adopted as they were: none drained, none replaced"
+
+
+def _instance_actors(pool_name: str) -> list[str]:
+    return [n for n in ray.util.list_named_actors() if n.startswith(f"instance/{pool_name}-")]
+
+
+def _no_instance_actors(pool_name: str) -> bool:
+    return not _instance_actors(pool_name)
+
+
+async def test_stopping_a_pool_leaves_no_detached_instance_behind(pool: LocalPool) -> None:
+    """Instances are detached (they outlive their supervisor), so stopping a pool must kill them
+    itself: after a normal stop, and after a stop whose supervisor was already dead, no instance
+    actor of the pool is left in the (still running) Ray."""
+    for name, kill_supervisor_first in (("tidy", False), ("orphans", True)):
+        spec = PoolSpec(name=name, instances=2, engine=EngineConfig(kind="sim"), served_model_name="m")
+        started = await start_local_pool(spec)
+        assert len(_instance_actors(name)) == 2
+        if kill_supervisor_first:
+            ray.kill(started.supervisor, no_restart=True)
+            await asyncio.sleep(1.0)
+            assert len(_instance_actors(name)) == 2, "detached instances outlive their supervisor"
+        await started.stop()
+        assert ray.is_initialized(), "the module's Ray keeps running"
+        await eventually(functools.partial(_no_instance_actors, name), within_s=10)

@@ -9,7 +9,9 @@ Children (names prefixed with the service name ``S``):
 The router pods run ``switchyard serve --config /etc/switchyard/serve.json`` with
 ``ray_address`` set in the file. The config is read once, so a pod-template hash of it rolls
 the router when pools change; supervisors are detached named actors every router replica
-attaches to, so extra replicas do not start extra engines.
+attaches to, so extra replicas do not start extra engines. Their instance actors are detached
+and named as well, so a supervisor that Ray restarts re-adopts them (nothing in the rendered
+objects depends on it); the Ray head's deletion with the service ends them all.
 """
 
 from __future__ import annotations
