@@ -164,7 +164,9 @@ def _init_ray(specs: Sequence[PoolSpec], *, ray_address: str | None, num_cpus: i
         try:
             with _keep_signal_handlers(), _loopback_node(ray_address is None):
                 ray.init(
-                    address=ray_address,
+                    # "local": a new Ray even where another cluster runs on this machine (a
+                    # `ray start` or RAY_ADDRESS would otherwise be joined, unasked).
+                    address=ray_address or "local",
                     num_cpus=num_cpus if ray_address is None else None,
                     include_dashboard=False,
                     namespace="switchyard",

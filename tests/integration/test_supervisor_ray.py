@@ -6,6 +6,7 @@ code path hosts vLLM instances (exercised in tests/e2e).
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -33,7 +34,16 @@ async def pool_and_core() -> AsyncIterator[tuple[LocalPool, RouterCore]]:
         served_model_name=MODEL,
         restart_backoff_s=0.2,
     )
-    pool = await start_local_pool(spec, num_cpus=2)
+    # A local start must not join another cluster it finds (RAY_ADDRESS, or a `ray start` on this
+    # machine): with one that nothing listens on, joining it would fail the start.
+    saved, os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS"), "127.0.0.1:9"
+    try:
+        pool = await start_local_pool(spec, num_cpus=2)
+    finally:
+        if saved is None:
+            del os.environ["RAY_ADDRESS"]
+        else:
+            os.environ["RAY_ADDRESS"] = saved
     core = RouterCore(
         RouterConfig(policy="round_robin", load_report_interval_s=0.05), internal_token=pool.internal_token
     )
