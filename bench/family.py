@@ -34,7 +34,7 @@ from typing import Any
 
 from bench import routing
 
-__all__ = ["WORKLOADS", "Workload", "main", "summarize"]
+__all__ = ["WORKLOADS", "Workload", "main", "summarize", "summarize_routers"]
 
 _TRACES = "../shared/traces"
 _MOONCAKE: tuple[str, ...] = ("--trace", f"{_TRACES}/mooncake_synthetic_trace.jsonl", "--format", "mooncake")
@@ -104,16 +104,30 @@ _BY_NAME = {w.name: w for w in WORKLOADS}
 _BASELINES_EXCLUDE = ("dualmap", "oracle")
 _ROUTER_COUNTS = (1, 2, 4, 8)
 _ROUTER_POLICIES = "consistent_hash,dualmap,least_load,prefix_tree"
+_ROUTER_REFERENCE_SCALE = {"mooncake": 3.0, "sessions": 25.0}
+"""Where the multi-router table reads hit rate and agreement: a load every policy but
+``consistent_hash`` carries at one router, on both the family's and the study's rate grids."""
 
 
-def _rates(w: Workload, n: int) -> str:
+def _rates(w: Workload, n: int, rates: Sequence[float] | None = None) -> str:
     factor = n / 8
-    return ",".join(f"{r * factor:g}" for r in w.rates)
+    return ",".join(f"{r * factor:g}" for r in (rates or w.rates))
 
 
-def run(w: Workload, n: int, out: Path, jobs: int, *, routers: int = 1, policies: str = "all") -> Path:
+def run(
+    w: Workload,
+    n: int,
+    out: Path,
+    jobs: int,
+    *,
+    routers: int = 1,
+    policies: str = "all",
+    rates: Sequence[float] | None = None,
+) -> Path:
+    """One ``bench.routing`` run of ``w`` at ``n`` instances (``rates``: the grid at 8 instances,
+    instead of the workload's own)."""
     target = out / (f"{w.name}-{n}" if routers == 1 else f"{w.name}-{n}-routers{routers}")
-    argv = [*w.args, "--instances", str(n), "--rates", _rates(w, n), "--policies", policies]
+    argv = [*w.args, "--instances", str(n), "--rates", _rates(w, n, rates), "--policies", policies]
     argv += ["--out", str(target), "--jobs", str(jobs), "--routers", str(routers)]
     print(
         f"== {w.name} at {n} instances, {routers} router(s): python -m bench.routing {' '.join(argv)}",
@@ -170,6 +184,10 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _pct(x: float | None, digits: int) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f} %"
+
+
 def summarize(out: Path) -> dict[str, Any]:
     """Rows for every ``<workload>-<n>/results.json`` under ``out``; writes summary.{json,md,png}."""
     rows = []
@@ -208,6 +226,61 @@ def summarize(out: Path) -> dict[str, Any]:
     return doc
 
 
+def summarize_routers(out: Path) -> dict[str, Any]:
+    """The multi-router table from ``<w>-8/`` (one router) and ``<w>-8-routers<R>/``: per policy
+    and replica count, capacity, hit rate and how often all replicas agree, at the reference scale."""
+    rows = []
+    for name, at in _ROUTER_REFERENCE_SCALE.items():
+        for r in _ROUTER_COUNTS:
+            path = out / (f"{name}-8" if r == 1 else f"{name}-8-routers{r}") / "results.json"
+            if not path.exists():
+                continue
+            pols = json.loads(path.read_text(encoding="utf-8"))["policies"]
+            for policy in _ROUTER_POLICIES.split(","):
+                entry = pols.get(policy)
+                if entry is None:
+                    continue
+                run_at = next((x for x in entry["runs"] if x["scale"] == at), None)
+                agreement = (run_at or {}).get("replica_agreement") or {}
+                rows.append(
+                    {
+                        "workload": name,
+                        "routers": r,
+                        "policy": policy,
+                        "capacity_scale": _capacity(entry),
+                        "at_grid_top": _saturated(entry),
+                        "reference_scale": at,
+                        "prefix_hit_rate": run_at["prefix_hit_rate"] if run_at else None,
+                        "slo_attainment": run_at["slo_attainment"] if run_at else None,
+                        "agree_instance": agreement.get("instance"),
+                        "agree_candidates": agreement.get("candidates"),
+                    }
+                )
+    doc = {"rows": rows}
+    (out / "routers.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    lines = [
+        "# Many routers: each replica sees a random share of the requests and only its own view",
+        "",
+        "Capacity as in `summary.md`; hit rate, SLO attainment and agreement (share of sampled",
+        "requests on which every replica would choose the same instance / the same candidates) at the",
+        "reference scale.",
+        "",
+        "| workload | routers | policy | capacity | hit rate | SLO met | agree: instance "
+        "| agree: candidates |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for x in rows:
+        cap = ("≥" if x["at_grid_top"] else "") + _fmt(x["capacity_scale"])
+        pct = [_pct(x["prefix_hit_rate"], 1), _pct(x["slo_attainment"], 1)]
+        agree = [_pct(x["agree_instance"], 0), _pct(x["agree_candidates"], 0)]
+        lines.append(
+            f"| {x['workload']} (x{x['reference_scale']:g}) | {x['routers']} | {x['policy']} | {cap} | "
+            f"{pct[0]} | {pct[1]} | {agree[0]} | {agree[1]} |"
+        )
+    (out / "routers.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return doc
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     if not rows:
         return
@@ -243,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--summarize", action="store_true", help="only rebuild the summary from existing runs")
     p.add_argument("--routers", action="store_true", help="the multi-router study instead (see above)")
+    p.add_argument("--router-counts", default=",".join(map(str, _ROUTER_COUNTS)), help="with --routers")
+    p.add_argument("--rates", default=None, help="comma list: the rate grid at 8 instances for every run")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,16 +325,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if n not in _BY_NAME]
     if unknown:
         raise SystemExit(f"unknown workloads {unknown}; known: {', '.join(_BY_NAME)}")
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else None
     if args.routers:
         for name in ("mooncake", "sessions") if not args.only else names:
-            for r in _ROUTER_COUNTS:
-                run(_BY_NAME[name], 8, out, args.jobs, routers=r, policies=_ROUTER_POLICIES)
+            for r in (int(c) for c in args.router_counts.split(",")):
+                run(_BY_NAME[name], 8, out, args.jobs, routers=r, policies=_ROUTER_POLICIES, rates=rates)
+        summarize_routers(out)
         return 0
     if not args.summarize:
         for n in (int(s) for s in args.sizes.split(",")):
             for name in names:
-                run(_BY_NAME[name], n, out, args.jobs)
+                run(_BY_NAME[name], n, out, args.jobs, rates=rates)
     summarize(out)
+    summarize_routers(out)
     return 0
 
 

@@ -37,3 +37,26 @@ def test_rows_compare_dualmap_with_the_best_baseline_and_the_oracle(tmp_path: Pa
     assert not azure["within_one_rate_step_of_best"]  # 0.8 is more than one step (1) below 2.0
     assert (tmp_path / "summary.md").read_text().count("| mooncake | 8 |") == 1
     assert (tmp_path / "capacity_vs_oracle.png").exists()
+
+
+def test_router_table_reads_each_replica_count_at_the_reference_scale(tmp_path: Path) -> None:
+    """One router from ``<w>-8/``, R routers from ``<w>-8-routers<R>/``; hit rate and agreement
+    at the workload's reference scale, missing values shown as such."""
+    at = family._ROUTER_REFERENCE_SCALE["mooncake"]
+
+    def doc(hit: float, agree: float | None) -> dict[str, object]:
+        run = {"scale": at, "prefix_hit_rate": hit, "slo_attainment": 0.9, "replica_agreement": {}}
+        if agree is not None:
+            run["replica_agreement"] = {"instance": agree, "candidates": 1.0}
+        return {"policies": {"dualmap": {"capacity_scale_interp": 3.0, "runs": [run]}}}
+
+    for name, d in (("mooncake-8", doc(0.30, None)), ("mooncake-8-routers4", doc(0.25, 0.5))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(d))
+    rows = {r["routers"]: r for r in family.summarize_routers(tmp_path)["rows"]}
+    assert set(rows) == {1, 4}
+    assert rows[1]["prefix_hit_rate"] == 0.30 and rows[1]["agree_instance"] is None
+    assert rows[4]["prefix_hit_rate"] == 0.25 and rows[4]["agree_candidates"] == 1.0
+    table = (tmp_path / "routers.md").read_text()
+    assert "| mooncake (x3) | 4 | dualmap | 3.00 | 25.0 % | 90.0 % | 50 % | 100 % |" in table
+    assert "| mooncake (x3) | 1 | dualmap | 3.00 | 30.0 % | 90.0 % | — | — |" in table
