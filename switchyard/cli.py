@@ -62,7 +62,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--port", type=int, help="gateway port (default 8000)")
     serve.add_argument("--router-port", type=int, help="router gRPC port (default: any free)")
-    serve.add_argument("--policy", help="routing policy (default least_load)")
+    serve.add_argument("--policy", help="routing policy (default dualmap)")
     serve.add_argument(
         "--slo-ttft-ms", type=float, help="TTFT objective in ms the routing policy steers by (default 2000)"
     )

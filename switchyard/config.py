@@ -295,8 +295,11 @@ def check_ttft_slo(policy_params: Mapping[str, Any], ttft_slo_ms: float) -> None
 class RouterConfig(StrictModel):
     """The router core: which policy decides, and how it learns instance load."""
 
-    policy: str = "least_load"
-    """Registered policy name (``round_robin``, ``least_load``, ...)."""
+    policy: str = "dualmap"
+    """Registered policy name (``dualmap``, ``least_load``, ``prefix_tree``, ...). ``dualmap`` by
+    default: on the routing benchmark's workload family (``bench/results/family/``, 8 instances)
+    it had the highest capacity of all policies on every prefix-heavy workload but multi-turn
+    sessions, where ``prefix_tree`` leads by less than one rate step (README, Performance)."""
 
     policy_params: dict[str, Any] = Field(default_factory=dict)
     """Parameters of the chosen policy, validated by the policy's own model."""

@@ -18,10 +18,10 @@ def _config(*argv: str) -> ServeConfig:
 
 
 def test_no_flags_gives_the_model_defaults() -> None:
-    """Defaults live in ServeConfig: two vLLM instances, least_load, 127.0.0.1:8000, no auth."""
+    """Defaults live in ServeConfig: two vLLM instances, dualmap, 127.0.0.1:8000, no auth."""
     config = _config()
     assert config == ServeConfig()
-    assert (config.instances, config.engine.kind, config.router.policy) == (2, "vllm", "least_load")
+    assert (config.instances, config.engine.kind, config.router.policy) == (2, "vllm", "dualmap")
     assert (config.gateway.host, config.gateway.port, config.gateway.api_keys) == ("127.0.0.1", 8000, ())
 
 

@@ -358,12 +358,14 @@ class DualMapPolicy(PolicyBase):
         pair = ((c1, first.e), (c2, second.e))
         if best.e <= self._switch_s:
             return self._decide(d, share, best, RoutingOutcome.AFFINITY, cands, pair, _REASON_BETTER)
-        # Over the SLO on both: the lowest cost fleet-wide (ties: lowest id, as sorted).
+        # Over the SLO on both: the lowest cost fleet-wide (ties: the candidate stays, else the
+        # lowest id, so every replica breaks them alike).
         # The hot loop of the switch path: _score inlined, a _Score built for the winner only.
         estimate, prefill_s, kw = self.estimator.estimate, self.estimator.prefill_s, self._kw
         records, trust = self._records, self._trust
         fps, n = d.fingerprints, d.num_tokens
-        low_e, low_iid, low_state = best.cost, best.iid, best.state
+        best_state = best.state
+        low_e, low_iid, low_state = best.cost, best.iid, best_state
         for s in self._switch_pool(fleet.instances, key):
             if s is s1 or s is s2:
                 continue
@@ -375,7 +377,7 @@ class DualMapPolicy(PolicyBase):
             e = estimate(s, uncached)
             if kw:
                 e += kw * prefill_s(s, uncached)
-            if e < low_e or (e == low_e and iid < low_iid):
+            if e < low_e or (e == low_e and low_state is not best_state and iid < low_iid):
                 low_e, low_iid, low_state = e, iid, s
         low = best if low_state is best.state else self._score(low_state, d)
         if low is best:
