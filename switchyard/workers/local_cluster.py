@@ -129,6 +129,17 @@ class LocalPool:
             await _reap(processes, RAY_EXIT_WAIT_S)
 
 
+SUPERVISOR_RESOURCES = {"node:__internal_head__": 0.001}
+"""Where supervisors run: on the Ray head node, never on a worker node.
+
+Why: a supervisor owns its pool's instance actors, and Ray kills the actors an actor owns when
+it dies. A supervisor takes no CPU (``num_cpus=0``), so Ray was free to place it on any node;
+one placed on a worker node that was then lost (a node killed in the fault-matrix test, a
+preempted Kubernetes worker pod) took every instance of the pool with it, the ones on the
+surviving nodes too, and the service answered 503 from then on. The head node holds the GCS:
+if it goes, the whole cluster goes anyway, so pinning adds no failure. (Ray Train pins its
+state actor the same way.)"""
+
 POOL_STOP_TIMEOUT_S = 30.0
 """Longest wait for a supervisor to stop its instances on shutdown (a vLLM engine takes a few
 seconds); past it the instances go down with Ray instead of in order."""
@@ -410,7 +421,9 @@ async def start_local_pools(
                 _kill_stale_supervisor(f"supervisor-{spec.name}")
         supervisors = pool.supervisors
         for s in specs:
-            supervisors[s.name] = Supervisor.options(name=f"supervisor-{s.name}", **options).remote(s)
+            supervisors[s.name] = Supervisor.options(
+                name=f"supervisor-{s.name}", resources=SUPERVISOR_RESOURCES, **options
+            ).remote(s)
         if shared:
             await asyncio.gather(
                 *(sup.apply.remote(s) for s, sup in zip(specs, supervisors.values(), strict=True))
