@@ -156,13 +156,20 @@ register, which a loaded 2-core machine has been seen to miss (CI, once)."""
 def _init_ray(specs: Sequence[PoolSpec], *, ray_address: str | None, num_cpus: int | None) -> None:
     """Start a local Ray (or join ``ray_address``); retry a local start that timed out.
 
-    Joining is not retried: a wrong address should fail at once and loudly.
+    Joining is not retried: a wrong address should fail at once and loudly. Without
+    ``ray_address`` a new local Ray always starts: ``switchyard serve`` joins a cluster only when
+    told to (``--ray-address``). Ray's own default would join the cluster a ``ray start`` on this
+    machine last recorded, or ``$RAY_ADDRESS``; a fault-matrix test that killed its Ray head left
+    that record behind, and the next ``serve`` hung at start-up retrying the dead GCS.
     """
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
             with _keep_signal_handlers(), _loopback_node(ray_address is None):
                 ray.init(
-                    address=ray_address,
+                    # "local", not None: None joins whatever cluster the machine knows of
+                    # (``RAY_ADDRESS``, or the last ``ray start`` recorded in
+                    # /tmp/ray/ray_current_cluster, even a dead one, where start-up then hangs).
+                    address=ray_address if ray_address is not None else "local",
                     num_cpus=num_cpus if ray_address is None else None,
                     include_dashboard=False,
                     namespace="switchyard",

@@ -19,9 +19,11 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -101,7 +103,7 @@ def gone_within(procs: list[psutil.Process], within_s: float) -> list[str]:
 
 
 async def test_killed_router_process_closes_client_streams_and_a_new_serve_starts_clean(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGKILL of serve with 5 streams open: every client sees the connection end without
     ``[DONE]`` within a second or two (curl reports "transfer closed"); no request hangs. The
@@ -109,7 +111,11 @@ async def test_killed_router_process_closes_client_streams_and_a_new_serve_start
     port starts and answers.
 
     Measured, not asserted: Ray's dashboard and runtime-env agents outlive the kill by a minute
-    or more (they try to flush their logs to the dead GCS first); they exit on their own."""
+    or more (they try to flush their logs to the dead GCS first); they exit on their own.
+
+    ``RAY_ADDRESS`` names a dead cluster: serve starts its own Ray all the same (before the
+    fix in ``local_cluster._init_ray`` it tried to join it, and hung at start-up)."""
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
     port = free_port()
     with serving(port, log=tmp_path / "serve1.log") as serve:
         await serve.wait_healthy()
@@ -178,15 +184,24 @@ def tail(log: Path, size: int = 2000) -> str:
 
 @pytest.fixture
 async def ray_head(tmp_path: Path) -> AsyncIterator[str]:
-    """A local Ray head (2 CPUs, resource ``slot0``) that serve joins with ``--ray-address``."""
+    """A local Ray head (2 CPUs, resource ``slot0``) that serve joins with ``--ray-address``.
+
+    In a temp dir of its own: ``ray start`` records its address in ``<temp dir>/ray_current_cluster``,
+    and Ray's default ``ray.init()`` joins what /tmp/ray's copy names, even once the head is
+    dead; a record left there would capture every other Ray user on the machine. (Short path:
+    Ray's socket paths live below it.)"""
     port = free_port()
     log = tmp_path / "head.log"
-    with ray_node(
-        "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", '--resources={"slot0": 1}',
-        log=log,
-    ) as head:  # fmt: skip
-        await wait_for_node(log, head)
-        yield f"127.0.0.1:{port}"
+    temp_dir = tempfile.mkdtemp(prefix="syr-", dir="/tmp")
+    try:
+        with ray_node(
+            "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+            '--resources={"slot0": 1}', f"--temp-dir={temp_dir}", log=log,
+        ) as head:  # fmt: skip
+            await wait_for_node(log, head)
+            yield f"127.0.0.1:{port}"
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def all_instance_pids() -> set[int]:
