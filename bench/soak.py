@@ -21,7 +21,8 @@ What a run does:
   every ``--sample-every-s`` seconds;
 * stops serve with SIGINT and records its exit status and how long it took.
 
-Writes ``results.json`` and ``soak.png`` into ``--out``; exits 1 if any request was lost.
+Writes ``results.json`` and ``soak.png`` into ``--out`` (and ``serve.log``, serve's output, which
+is not committed); exits 1 if any request was lost.
 
     python -m bench.soak --streams 100 --minutes 2 --kill-every-s 30 --out bench/results/soak
 """
@@ -406,28 +407,44 @@ class SoakRun:
             await asyncio.sleep(self.args.sample_every_s)
 
     async def killer(self, end: float) -> None:
+        """Kill one instance process at ``k * --kill-every-s`` (k = 1, 2, ...) on a fixed
+        schedule, each kill watched until the fleet is whole again (concurrently: a slow restore
+        does not delay the next kill)."""
         if self.args.kill_every_s <= 0:
             return
         rng = random.Random(self.args.seed)
+        watchers = []
+        k = 0
         while True:
-            await asyncio.sleep(self.args.kill_every_s)
-            if time.monotonic() >= end - 1.0:
-                return
+            k += 1
+            at = self.t0 + k * self.args.kill_every_s
+            if at >= end - 1.0:
+                break
+            await asyncio.sleep(at - time.monotonic())
             victims = await asyncio.to_thread(instance_processes, self.serve.pid)
             if not victims:
                 continue
             victim = rng.choice(sorted(victims, key=lambda p: p.pid))
-            before, at = len(victims), self.now()
+            title = ""
             with contextlib.suppress(psutil.Error):
-                title = " ".join(victim.cmdline())
+                title = " ".join(victim.cmdline()).strip()
                 victim.kill()
-            restored = None
-            while time.monotonic() < end:  # until the supervisor's replacement runs
-                await asyncio.sleep(0.25)
-                if len(await asyncio.to_thread(instance_processes, self.serve.pid)) >= before:
-                    restored = self.now() - at
-                    break
-            self.kills.append(KillEvent(at, victim.pid, title.strip(), before, restored))
+            watchers.append(
+                asyncio.create_task(self._watch_restore(self.now(), victim.pid, title, len(victims), end))
+            )
+        for kill in await asyncio.gather(*watchers):
+            self.kills.append(kill)
+
+    async def _watch_restore(self, at: float, pid: int, title: str, before: int, end: float) -> KillEvent:
+        """The kill's record once as many instance processes run as before it (or the run ended)."""
+        restored = None
+        while time.monotonic() < end:
+            await asyncio.sleep(0.25)
+            running = await asyncio.to_thread(instance_processes, self.serve.pid)
+            if len(running) >= before and pid not in {p.pid for p in running}:
+                restored = self.now() - at
+                break
+        return KillEvent(at, pid, title, before, restored)
 
     async def run(self) -> None:
         self.t0 = time.monotonic()
