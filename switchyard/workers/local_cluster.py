@@ -142,6 +142,17 @@ class LocalPool:
             await _reap(processes, RAY_EXIT_WAIT_S)
 
 
+SUPERVISOR_RESOURCES = {"node:__internal_head__": 0.001}
+"""Where supervisors run: on the Ray head node, never on a worker node.
+
+Why: a supervisor owns its pool's instance actors, and Ray kills the actors an actor owns when
+it dies. A supervisor takes no CPU (``num_cpus=0``), so Ray was free to place it on any node;
+one placed on a worker node that was then lost (a node killed in the fault-matrix test, a
+preempted Kubernetes worker pod) took every instance of the pool with it, the ones on the
+surviving nodes too, and the service answered 503 from then on. The head node holds the GCS:
+if it goes, the whole cluster goes anyway, so pinning adds no failure. (Ray Train pins its
+state actor the same way.)"""
+
 POOL_STOP_TIMEOUT_S = 30.0
 """Longest wait for a supervisor to stop its instances on shutdown (a vLLM engine takes a few
 seconds); past it the instances go down with Ray instead of in order."""
@@ -158,15 +169,20 @@ register, which a loaded 2-core machine has been seen to miss (CI, once)."""
 def _init_ray(specs: Sequence[PoolSpec], *, ray_address: str | None, num_cpus: int | None) -> None:
     """Start a local Ray (or join ``ray_address``); retry a local start that timed out.
 
-    Joining is not retried: a wrong address should fail at once and loudly.
+    Joining is not retried: a wrong address should fail at once and loudly. Without
+    ``ray_address`` a new local Ray always starts: ``switchyard serve`` joins a cluster only when
+    told to (``--ray-address``). Ray's own default would join the cluster a ``ray start`` on this
+    machine last recorded, or ``$RAY_ADDRESS``; a fault-matrix test that killed its Ray head left
+    that record behind, and the next ``serve`` hung at start-up retrying the dead GCS.
     """
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
             with _keep_signal_handlers(), _loopback_node(ray_address is None):
                 ray.init(
-                    # "local": a new Ray even where another cluster runs on this machine (a
-                    # `ray start` or RAY_ADDRESS would otherwise be joined, unasked).
-                    address=ray_address or "local",
+                    # "local", not None: None joins whatever cluster the machine knows of
+                    # (``RAY_ADDRESS``, or the last ``ray start`` recorded in
+                    # /tmp/ray/ray_current_cluster, even a dead one, where start-up then hangs).
+                    address=ray_address if ray_address is not None else "local",
                     num_cpus=num_cpus if ray_address is None else None,
                     include_dashboard=False,
                     namespace="switchyard",
@@ -433,7 +449,9 @@ async def start_local_pools(
                 _kill_stale_pool(spec.name)
         supervisors = pool.supervisors
         for s in specs:
-            supervisors[s.name] = Supervisor.options(name=f"supervisor-{s.name}", **options).remote(s)
+            supervisors[s.name] = Supervisor.options(
+                name=f"supervisor-{s.name}", resources=SUPERVISOR_RESOURCES, **options
+            ).remote(s)
         if shared:
             await asyncio.gather(
                 *(sup.apply.remote(s) for s, sup in zip(specs, supervisors.values(), strict=True))

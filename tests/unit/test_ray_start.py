@@ -67,6 +67,14 @@ def test_a_local_start_gives_up_after_the_last_attempt(flaky: _FlakyInit) -> Non
     assert len(flaky.calls) == local_cluster.RAY_START_ATTEMPTS
 
 
+def test_a_local_start_never_joins_a_cluster_this_machine_knows_of(flaky: _FlakyInit) -> None:
+    """``address="local"``: Ray's default (None) would join ``$RAY_ADDRESS`` or the last
+    ``ray start`` recorded in /tmp/ray, even a dead one (serve then hung at start-up)."""
+    local_cluster._init_ray([], ray_address=None, num_cpus=2)
+    local_cluster._init_ray([], ray_address="ray://head:10001", num_cpus=None)
+    assert [call["address"] for call in flaky.calls] == ["local", "ray://head:10001"]
+
+
 def test_joining_a_cluster_is_not_retried(flaky: _FlakyInit) -> None:
     """A wrong address should fail at once, not after three waits."""
     flaky.failures = 1
