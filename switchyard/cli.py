@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from switchyard import event_loop
 from switchyard.config import ServeConfig, read_api_key_file
@@ -120,7 +120,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     drain.add_argument("instance", help="instance id (as in the membership)")
     drain.add_argument("--url", required=True, help="the gateway, e.g. http://127.0.0.1:8000")
-    drain.add_argument("--api-key", default=None, help="bearer key (default: SWITCHYARD_API_KEY, if set)")
+    drain.add_argument("--api-key", default=None, help="bearer key (visible in `ps`: prefer --api-key-file)")
+    drain.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="file whose first key is sent (default: SWITCHYARD_API_KEY_FILE, else SWITCHYARD_API_KEY)",
+    )
     drain.add_argument("--timeout-s", type=float, default=60.0, help="drain deadline (default 60)")
     drain.add_argument("--undrain", action="store_true", help="route to the instance again instead")
 
@@ -365,7 +371,17 @@ def _drain(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    key = args.api_key or os.environ.get(API_KEY_ENV)
+    given: dict[str, Any] = {"api_key": [args.api_key]} if args.api_key else {}
+    if args.api_key_file is not None:
+        given["api_key_file"] = args.api_key_file
+    try:  # the same sources, one at a time, as serve's keys; a client sends the first
+        keys = _api_key_source(given, os.environ)
+    except ConfigError as exc:
+        print(f"switchyard drain: {exc.message}", file=sys.stderr)
+        return 2
+    key = None
+    if keys:
+        key = keys[0].get_secret_value() if isinstance(keys[0], SecretStr) else str(keys[0])
     body: dict[str, Any] = {"instance": args.instance}
     if not args.undrain:
         body["timeout_s"] = args.timeout_s

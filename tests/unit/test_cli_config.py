@@ -300,3 +300,50 @@ def test_operator_flags_are_validated(capsys: pytest.CaptureFixture[str]) -> Non
         main(["operator", "--router-url", "http://{nope}:1"])
     assert exc.value.code == 2
     assert "router_url" in capsys.readouterr().err
+
+
+def _admin_server() -> tuple[str, list[str | None], object]:
+    """A real HTTP server on loopback that records each request's Authorization header."""
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b'{"moved": [], "failed": []}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", seen, server
+
+
+def test_drain_sends_the_key_from_a_file_and_refuses_two_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``switchyard drain --api-key-file`` keeps the key out of ``ps``; like ``serve``, one source."""
+    url, seen, server = _admin_server()
+    try:
+        monkeypatch.delenv("SWITCHYARD_API_KEY", raising=False)
+        monkeypatch.delenv("SWITCHYARD_API_KEY_FILE", raising=False)
+        keys = tmp_path / "keys"
+        keys.write_text("\n  k-new  \nk-old\n")
+        assert main(["drain", "w0", "--url", url, "--api-key-file", str(keys)]) == 0
+        monkeypatch.setenv("SWITCHYARD_API_KEY_FILE", str(keys))
+        assert main(["drain", "w0", "--url", url]) == 0
+        assert seen == ["Bearer k-new", "Bearer k-new"]
+        assert main(["drain", "w0", "--url", url, "--api-key", "k-flag"]) == 2
+        err = capsys.readouterr().err
+        assert "--api-key" in err and "SWITCHYARD_API_KEY_FILE" in err and "k-flag" not in err
+        assert len(seen) == 2  # nothing was sent
+    finally:
+        server.shutdown()  # type: ignore[attr-defined]
