@@ -234,6 +234,12 @@ def assert_complete(result: Result, rid: str, *, failed_over: bool = False) -> N
     assert result.tokens == expected, "a token was lost or repeated"
 
 
+def outcome_of(result: Result) -> tuple[str, str]:
+    """``(status, reason)`` of the migration the test started."""
+    assert result.outcome is not None
+    return result.outcome.status, result.outcome.reason
+
+
 async def test_destination_killed_during_precopy_the_request_stays_on_the_source(fleet: Fleet) -> None:
     """The destination dies while it pulls a pre-copy stage: the move is abandoned and the
     request finishes on the source, every token once."""
@@ -241,10 +247,7 @@ async def test_destination_killed_during_precopy_the_request_stays_on_the_source
     fleet.arm("w1", "shadow_pull", "w1")
     result = await migrate_mid_stream(core, fleet, "dst-precopy")
     assert_complete(result, "dst-precopy")
-    assert result.outcome is not None and (result.outcome.status, result.outcome.reason) == (
-        "stayed",
-        "precopy_failed",
-    )
+    assert outcome_of(result) == ("stayed", "precopy_failed")
     assert set(result.instances) == {"w0"}
     await core.close()
 
@@ -282,10 +285,7 @@ async def test_source_killed_right_after_suspend_still_completes(fleet: Fleet) -
     fleet.arm("w0", "suspend", "w0", after_real_step=True)
     result = await migrate_mid_stream(core, fleet, "src-suspend")
     assert_complete(result, "src-suspend", failed_over=True)
-    assert result.outcome is not None and (result.outcome.status, result.outcome.reason) == (
-        "lost",
-        "suspend_failed",
-    )
+    assert outcome_of(result) == ("lost", "suspend_failed")
     assert result.instances[-1] in ("w1", "w2")
     await core.close()
 
@@ -323,9 +323,6 @@ async def test_destination_out_of_kv_blocks_refuses_and_the_request_stays(fleet:
     core = await start_core(fleet)
     result = await migrate_mid_stream(core, fleet, "full")
     assert_complete(result, "full")
-    assert result.outcome is not None and (result.outcome.status, result.outcome.reason) == (
-        "stayed",
-        "destination_full",
-    )
+    assert outcome_of(result) == ("stayed", "destination_full")
     assert set(result.instances) == {"w0"}
     await core.close()

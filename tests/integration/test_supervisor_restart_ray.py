@@ -122,6 +122,17 @@ def _supervisor_pid() -> int:
     return int(found[0])
 
 
+async def _replaced(stack: RunningStack, old: InstanceInfo, *, within_s: float) -> None:
+    """Wait until the router's membership has a later incarnation of ``old``'s instance."""
+    await eventually(
+        lambda: any(
+            i.instance_id == old.instance_id and i.incarnation > old.incarnation
+            for i in stack.core.membership.instances
+        ),
+        within_s=within_s,
+    )
+
+
 async def test_streams_complete_while_ray_kills_and_restarts_the_supervisor(stack: RunningStack) -> None:
     """ray.kill(supervisor, no_restart=False) mid-stream: every stream completes, the restarted
     supervisor re-adopts both instances, and new requests are served."""
@@ -141,13 +152,7 @@ async def test_the_restarted_supervisor_still_replaces_a_dead_instance(stack: Ru
     replaced (next incarnation), and the router follows."""
     before = {i.instance_id: i for i in stack.core.membership.instances}
     ray.kill(await stack.pool.instance_handle("pool-0"), no_restart=True)
-    await eventually(
-        lambda: any(
-            i.instance_id == "pool-0" and i.incarnation > before["pool-0"].incarnation
-            for i in stack.core.membership.instances
-        ),
-        within_s=30,
-    )
+    await _replaced(stack, before["pool-0"], within_s=30)
     assert next(i for i in stack.core.membership.instances if i.instance_id == "pool-1") == before["pool-1"]
     await eventually(lambda: stack.core.ready)
     client = _client(stack)
@@ -165,11 +170,5 @@ async def test_an_instance_that_died_while_the_supervisor_was_down_is_replaced(s
     victim = await stack.pool.instance_handle("pool-1")
     ray.kill(stack.pool.supervisor, no_restart=False)
     ray.kill(victim, no_restart=True)
-    await eventually(
-        lambda: any(
-            i.instance_id == "pool-1" and i.incarnation > before["pool-1"].incarnation
-            for i in stack.core.membership.instances
-        ),
-        within_s=60,
-    )
+    await _replaced(stack, before["pool-1"], within_s=60)
     assert next(i for i in stack.core.membership.instances if i.instance_id == "pool-0") == before["pool-0"]
