@@ -55,7 +55,7 @@ def source_tree(spec: str, scratch: Path) -> tuple[str, str]:
         git = ["git", "-C", spec]
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run([*git, "status", "--porcelain", "switchyard"], capture_output=True).stdout
-        label = f"{path.resolve()} at {head[:12]}{' + uncommitted changes' if dirty else ''}"
+        label = f"{path.resolve().name} at {head[:12]}{' + uncommitted changes' if dirty else ''}"
         return str(path.resolve()), label
     rev = subprocess.run(["git", "rev-parse", spec], capture_output=True, text=True, check=True)
     commit = rev.stdout.strip()
